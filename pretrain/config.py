@@ -1,0 +1,213 @@
+"""The one typed schema for everything (omegaconf structured dataclasses); defaults live here and nowhere else.
+
+Field names of ``ModelConfig`` follow transformers' ``PerceiverConfig`` where the two share a meaning, so converting
+between them is a rename, not arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+
+ATTENTION_BACKENDS = ("auto", "flash_attn", "varlen", "sdpa")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and what would fix it."""
+
+
+@dataclass
+class TextConfig:
+    """UTF-8 bytes in the paper's 262-id vocabulary (``pretrain.vocab``), or token ids of another vocabulary."""
+
+    vocab_size: int = 262
+    max_length: int = 2048
+
+
+@dataclass
+class ImageConfig:
+    """Images as non-overlapping patches with 2-D Fourier position features of the patch grid."""
+
+    size: List[int] = field(default_factory=lambda: [28, 28])
+    channels: int = 1
+    patch_size: int = 4
+    fourier_bands: int = 16
+
+
+@dataclass
+class AudioConfig:
+    """Mono waveforms of a fixed number of samples, cut into patches with 1-D Fourier features."""
+
+    num_samples: int = 16000
+    patch_size: int = 160
+    fourier_bands: int = 32
+
+
+@dataclass
+class VideoConfig:
+    """Clips of ``frames`` frames cut into space-time tubelets (t, h, w) with 3-D Fourier features."""
+
+    frames: int = 8
+    size: List[int] = field(default_factory=lambda: [32, 32])
+    channels: int = 3
+    tubelet: List[int] = field(default_factory=lambda: [2, 8, 8])
+    fourier_bands: int = 8
+
+
+@dataclass
+class ArrayConfig:
+    """Generic arrays of up to ``length`` elements with ``channels`` features each, 1-D Fourier positions."""
+
+    length: int = 64
+    channels: int = 16
+    fourier_bands: int = 16
+
+
+@dataclass
+class ModelConfig:
+    """A Perceiver IO: inputs of several modalities -> latents -> queries for the outputs wanted.
+
+    ``d_model`` is the channel count of the input array (every adapter projects to it) and of the decoder queries.
+    ``qk_channels``/``v_channels`` default to the query's channels (transformers' rules).
+    """
+
+    d_model: int = 768
+    num_latents: int = 256
+    d_latents: int = 1280
+    num_blocks: int = 1
+    num_self_attends_per_block: int = 26
+    num_self_attention_heads: int = 8
+    num_cross_attention_heads: int = 8
+    qk_channels: Optional[int] = None
+    v_channels: Optional[int] = None
+    cross_attention_shape_for_attention: str = "kv"
+    self_attention_widening_factor: int = 1
+    cross_attention_widening_factor: int = 1
+    use_query_residual: bool = True
+    attention_dropout: float = 0.1
+    decoder_num_heads: int = 8
+    decoder_qk_channels: int = 256
+    decoder_v_channels: Optional[int] = None
+    decoder_widening_factor: int = 1
+    decoder_use_query_residual: bool = False
+    num_classes: int = 0
+    init_std: float = 0.02
+    activation_checkpointing: bool = False
+    attention_backend: str = "auto"
+    text: Optional[TextConfig] = field(default_factory=TextConfig)
+    image: Optional[ImageConfig] = None
+    audio: Optional[AudioConfig] = None
+    video: Optional[VideoConfig] = None
+    array: Optional[ArrayConfig] = None
+
+    @property
+    def input_modalities(self) -> List[str]:
+        return [name for name in MODALITIES if getattr(self, name) is not None]
+
+    @property
+    def output_modalities(self) -> List[str]:
+        return self.input_modalities + (["label"] if self.num_classes > 0 else [])
+
+
+MODALITIES = ("text", "image", "audio", "video", "array")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _require_divides(value: int, by: int, key: str, by_key: str) -> None:
+    _require(by > 0, by_key, f"must be a positive integer, got {by}")
+    _require(value % by == 0, key, f"{value} is not divisible by {by_key}={by}; pick a multiple of {by}")
+
+
+def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
+    """Fail early, naming the key, for any value the model could not be built with."""
+    for key in ("d_model", "num_latents", "d_latents", "num_blocks", "num_self_attends_per_block"):
+        _require(getattr(cfg, key) > 0, f"{prefix}.{key}", f"must be a positive integer, got {getattr(cfg, key)}")
+    _require(
+        cfg.cross_attention_shape_for_attention in ("q", "kv"),
+        f"{prefix}.cross_attention_shape_for_attention",
+        f"must be 'q' or 'kv', got {cfg.cross_attention_shape_for_attention!r}",
+    )
+    _require(0.0 <= cfg.attention_dropout < 1.0, f"{prefix}.attention_dropout", "must be in [0, 1)")
+    _require(
+        cfg.attention_backend in ATTENTION_BACKENDS,
+        f"{prefix}.attention_backend",
+        f"must be one of {ATTENTION_BACKENDS}, got {cfg.attention_backend!r}",
+    )
+    _require(len(cfg.input_modalities) > 0, prefix, "enable at least one input modality (text, image, audio, ...)")
+    _require(cfg.num_classes >= 0, f"{prefix}.num_classes", "must be >= 0 (0 means no classification head)")
+
+    cross_qk = cfg.qk_channels or (cfg.d_model if cfg.cross_attention_shape_for_attention == "kv" else cfg.d_latents)
+    for heads_key, channels in (
+        ("num_cross_attention_heads", {"qk_channels": cross_qk, "v_channels": cfg.v_channels or cross_qk}),
+        (
+            "num_self_attention_heads",
+            {"qk_channels": cfg.qk_channels or cfg.d_latents, "v_channels": cfg.v_channels or cfg.d_latents},
+        ),
+        (
+            "decoder_num_heads",
+            {"decoder_qk_channels": cfg.decoder_qk_channels, "decoder_v_channels": cfg.decoder_v_channels or cfg.d_model},
+        ),
+    ):
+        for key, value in channels.items():
+            _require_divides(value, getattr(cfg, heads_key), f"{prefix}.{key}", f"{prefix}.{heads_key}")
+    if cfg.v_channels is not None:
+        _require(
+            cfg.v_channels == cfg.d_latents,
+            f"{prefix}.v_channels",
+            f"the latent self-attention adds its output to the latents, so v_channels must equal "
+            f"d_latents={cfg.d_latents} (or be left unset), got {cfg.v_channels}",
+        )
+    if cfg.decoder_use_query_residual and cfg.decoder_v_channels is not None:
+        _require(
+            cfg.decoder_v_channels == cfg.d_model,
+            f"{prefix}.decoder_v_channels",
+            f"with decoder_use_query_residual it must equal d_model={cfg.d_model}",
+        )
+    _validate_modalities(cfg, prefix)
+    return cfg
+
+
+def _validate_grid(size: List[int], block: List[int], key: str, block_key: str) -> None:
+    _require(len(size) == len(block), key, f"has {len(size)} dims but {block_key} has {len(block)}")
+    for dim, (n, b) in enumerate(zip(size, block)):
+        _require(n > 0 and b > 0, key, f"sizes must be positive, got {list(size)} and {block_key}={list(block)}")
+        _require(n % b == 0, f"{key}[{dim}]", f"{n} is not divisible by {block_key}[{dim}]={b}")
+
+
+def _validate_modalities(cfg: ModelConfig, prefix: str) -> None:
+    if cfg.text is not None:
+        _require(cfg.text.vocab_size > 0, f"{prefix}.text.vocab_size", "must be positive")
+        _require(cfg.text.max_length > 0, f"{prefix}.text.max_length", "must be positive")
+    if cfg.image is not None:
+        _require(len(cfg.image.size) == 2, f"{prefix}.image.size", f"must be [height, width], got {cfg.image.size}")
+        _validate_grid(cfg.image.size, [cfg.image.patch_size] * 2, f"{prefix}.image.size", "patch_size")
+        _require(cfg.image.channels > 0, f"{prefix}.image.channels", "must be positive")
+    if cfg.audio is not None:
+        _validate_grid([cfg.audio.num_samples], [cfg.audio.patch_size], f"{prefix}.audio.num_samples", "patch_size")
+    if cfg.video is not None:
+        v = cfg.video
+        _require(len(v.size) == 2, f"{prefix}.video.size", f"must be [height, width], got {v.size}")
+        _require(len(v.tubelet) == 3, f"{prefix}.video.tubelet", f"must be [t, h, w], got {v.tubelet}")
+        _validate_grid([v.frames, *v.size], list(v.tubelet), f"{prefix}.video.frames/size", "tubelet")
+    if cfg.array is not None:
+        _require(cfg.array.length > 0 and cfg.array.channels > 0, f"{prefix}.array", "length and channels > 0")
+
+
+def model_config_from_dict(values: dict) -> ModelConfig:
+    """Build and validate a ModelConfig from plain values (YAML, a checkpoint); unknown keys are an error."""
+    schema = OmegaConf.structured(ModelConfig)
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.create(values))
+    except Exception as exc:  # omegaconf raises several types; all mean a bad key or value
+        raise ConfigError(f"model config: {exc}") from exc
+    return validate_model_config(OmegaConf.to_object(merged))
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))

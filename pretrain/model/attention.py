@@ -1,0 +1,158 @@
+"""One attention entry point for every Perceiver layer, with the fastest backend the machine offers.
+
+Layout is ``[batch, length, heads, head_dim]`` throughout (what a linear projection gives after a ``view``), so the
+varlen kernels need no transposes and SDPA gets one.
+
+Backends, chosen by ``backend="auto"``:
+
+* ``flash_attn``: the flash-attn package on CUDA with bf16/fp16 inputs; padded keys are removed and the batch runs as
+  variable-length sequences (``cu_seqlens``).
+* ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` on CUDA (half precision, no dropout), the same unpadding.
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with a boolean key mask (flash/cuDNN kernels on CUDA
+  when there is no mask, the CPU flash kernel on CPU).
+
+Unequal query/key and value head dims are zero-padded to the larger one while the softmax scale stays
+``1/sqrt(qk_head_dim)``: the scores are unchanged and the fused kernels, which need equal dims, become eligible.
+
+A query whose keys are all masked returns exactly zero (it attends to nothing). transformers' Perceiver gives uniform
+attention over the padded keys there instead; that output is meaningless, ours is defined and finite on every backend.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "flash_attn", "varlen", "sdpa")
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def flash_attn_available() -> bool:
+    """True when the optional flash-attn package is importable (the ``flash`` extra on a CUDA machine)."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def torch_varlen_available() -> bool:
+    """True when this torch ships ``torch.nn.attention.varlen`` (2.10 and later)."""
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def available_backends(device: torch.device, dtype: torch.dtype, dropout_p: float = 0.0) -> list[str]:
+    """The concrete backends that can run on this device and dtype, fastest first."""
+    names = []
+    if device.type == "cuda" and dtype in _HALF:
+        if flash_attn_available():
+            names.append("flash_attn")
+        if torch_varlen_available() and dropout_p == 0.0:
+            names.append("varlen")
+    names.append("sdpa")
+    return names
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor]) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"attend: q, k, v must be 4-D [batch, length, heads, head_dim], got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"attend: k {tuple(k.shape)} and v {tuple(v.shape)} must agree on [batch, length, heads]")
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"attend: q {tuple(q.shape)} must match k {tuple(k.shape)} in batch, heads and head_dim"
+        )
+    if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != k.shape[:2]):
+        raise ValueError(
+            f"attend: key_mask must be a bool tensor of shape [batch, keys] = {tuple(k.shape[:2])}, "
+            f"got {key_mask.dtype} {tuple(key_mask.shape)}"
+        )
+
+
+def _pad_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    dqk, dv = q.shape[-1], v.shape[-1]
+    if dqk < dv:
+        q, k = F.pad(q, (0, dv - dqk)), F.pad(k, (0, dv - dqk))
+    elif dv < dqk:
+        v = F.pad(v, (0, dqk - dv))
+    return q, k, v
+
+
+def _sdpa(q, k, v, key_mask, scale, dropout_p):
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p, scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def _unpad(q, k, v, key_mask):
+    """Flatten to the varlen layout: queries [B*Q, H, D], kept keys [total, H, D], and their offsets."""
+    batch, num_q = q.shape[:2]
+    if key_mask is None:
+        key_lengths = torch.full((batch,), k.shape[1], device=k.device, dtype=torch.int32)
+        k_flat, v_flat = k.flatten(0, 1), v.flatten(0, 1)
+    else:
+        key_lengths = key_mask.sum(dim=1, dtype=torch.int32)
+        k_flat, v_flat = k[key_mask], v[key_mask]
+    cu_k = F.pad(key_lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_q = torch.arange(0, (batch + 1) * num_q, num_q, device=q.device, dtype=torch.int32)
+    return q.flatten(0, 1), k_flat, v_flat, cu_q, cu_k, num_q, k.shape[1]
+
+
+def _flash_attn(q, k, v, key_mask, scale, dropout_p):
+    from flash_attn import flash_attn_varlen_func
+
+    q_flat, k_flat, v_flat, cu_q, cu_k, max_q, max_k = _unpad(q, k, v, key_mask)
+    out = flash_attn_varlen_func(
+        q_flat, k_flat, v_flat, cu_q, cu_k, max_q, max_k, dropout_p=dropout_p, softmax_scale=scale
+    )
+    return out.view(q.shape[0], q.shape[1], *out.shape[1:])
+
+
+def _torch_varlen(q, k, v, key_mask, scale, dropout_p):
+    from torch.nn.attention.varlen import varlen_attn
+
+    q_flat, k_flat, v_flat, cu_q, cu_k, max_q, max_k = _unpad(q, k, v, key_mask)
+    out = varlen_attn(q_flat, k_flat, v_flat, cu_q, cu_k, max_q, max_k, scale=scale)
+    return out.view(q.shape[0], q.shape[1], *out.shape[1:])
+
+
+_KERNELS = {"flash_attn": _flash_attn, "varlen": _torch_varlen, "sdpa": _sdpa}
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: Optional[torch.Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v over the keys where ``key_mask`` is True.
+
+    q: [B, Q, H, Dqk], k: [B, K, H, Dqk], v: [B, K, H, Dv], key_mask: [B, K] bool or None (all keys valid).
+    Returns [B, Q, H, Dv]. ``scale`` defaults to 1/sqrt(Dqk).
+    """
+    _check_inputs(q, k, v, key_mask)
+    if backend not in BACKENDS:
+        raise ValueError(f"attend: backend must be one of {BACKENDS}, got {backend!r}")
+    names = available_backends(q.device, q.dtype, dropout_p)
+    if backend == "auto":
+        backend = names[0]
+    elif backend not in names:
+        raise ValueError(
+            f"attend: backend {backend!r} cannot run on {q.device.type} with {q.dtype} and dropout {dropout_p}; "
+            f"available here: {names}"
+        )
+    dv = v.shape[-1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = _KERNELS[backend](*_pad_head_dims(q, k, v), key_mask, scale, dropout_p)[..., :dv]
+    if key_mask is not None:
+        out = torch.where(key_mask.any(dim=1)[:, None, None, None], out, 0.0)
+    return out

@@ -1,0 +1,145 @@
+"""Conversion between our text MLM Perceiver and transformers' ``PerceiverForMaskedLM``, both ways, as rename tables.
+
+Needs no transformers at run time: configs are plain dicts (``config.json``) and weights plain state dicts, so a
+``save_pretrained`` directory of transformers loads here and ours loads there.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ..config import ConfigError, ModelConfig, TextConfig, validate_model_config
+
+# transformers' PerceiverForMaskedLM fixes its decoder to these values (modeling_perceiver.py).
+HF_DECODER = {
+    "decoder_num_heads": 8,
+    "decoder_qk_channels": 256,
+    "decoder_widening_factor": 1,
+    "decoder_use_query_residual": False,
+}
+# PerceiverConfig key -> ModelConfig key, for the keys that mean the same.
+SHARED_CONFIG_KEYS = (
+    "d_model",
+    "num_latents",
+    "d_latents",
+    "num_blocks",
+    "num_self_attends_per_block",
+    "num_self_attention_heads",
+    "num_cross_attention_heads",
+    "qk_channels",
+    "v_channels",
+    "cross_attention_shape_for_attention",
+    "self_attention_widening_factor",
+    "cross_attention_widening_factor",
+    "use_query_residual",
+)
+RENAMED_CONFIG_KEYS = {"attention_probs_dropout_prob": "attention_dropout", "initializer_range": "init_std"}
+
+# transformers parameter-name prefix -> ours. Layer prefixes (ending in a layer) continue with LAYER_NAMES.
+PREFIXES = {
+    "perceiver.embeddings.latents": "encoder.latents",
+    "perceiver.input_preprocessor.embeddings.": "adapters.text.embeddings.",
+    "perceiver.input_preprocessor.position_embeddings.": "adapters.text.position_embeddings.",
+    "perceiver.decoder.output_position_encodings.position_embeddings": "adapters.text.query_positions.weight",
+    "embedding_decoder.bias": "adapters.text.bias",
+    "perceiver.encoder.cross_attention.": "encoder.cross_attention.",
+    "perceiver.encoder.self_attends.": "encoder.self_attends.",
+    "perceiver.decoder.decoding_cross_attention.": "decoder.cross_attention.",
+}
+LAYER_NAMES = {
+    "attention.self.layernorm1.": "q_norm.",
+    "attention.self.layernorm2.": "kv_norm.",
+    "attention.self.query.": "query.",
+    "attention.self.key.": "key.",
+    "attention.self.value.": "value.",
+    "attention.output.dense.": "out.",
+    "layernorm.": "mlp_norm.",
+    "mlp.dense1.": "mlp.dense1.",
+    "mlp.dense2.": "mlp.dense2.",
+}
+
+
+def _rename(name: str, prefixes: Mapping[str, str], layer_names: Mapping[str, str]) -> str:
+    """Apply the prefix table, then (for attention layers) the layer table; both directions use this."""
+    for old, new in prefixes.items():
+        if not name.startswith(old):
+            continue
+        rest = name[len(old):]
+        if old.endswith("self_attends."):
+            index, _, rest = rest.partition(".")
+            new = f"{new}{index}."
+        elif not old.endswith("attention."):
+            return new + rest
+        for old_leaf, new_leaf in layer_names.items():
+            if rest.startswith(old_leaf):
+                return new + new_leaf + rest[len(old_leaf):]
+    raise KeyError(name)
+
+
+def _invert(table: Mapping[str, str]) -> dict[str, str]:
+    return {new: old for old, new in table.items()}
+
+
+def hf_to_state_dict(hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers ``PerceiverForMaskedLM`` state dict -> ours (the tied LM weight is the input embedding)."""
+    out = {}
+    for name, value in hf_state.items():
+        if name == "embedding_decoder.weight":
+            continue
+        try:
+            out[_rename(name, PREFIXES, LAYER_NAMES)] = value
+        except KeyError:
+            raise KeyError(f"transformers parameter {name!r} has no counterpart in our text MLM model") from None
+    return out
+
+
+def state_dict_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our text MLM state dict -> transformers ``PerceiverForMaskedLM``."""
+    prefixes, layer_names = _invert(PREFIXES), _invert(LAYER_NAMES)
+    out = {}
+    for name, value in state.items():
+        try:
+            out[_rename(name, prefixes, layer_names)] = value
+        except KeyError:
+            raise KeyError(
+                f"parameter {name!r} has no transformers counterpart: only a text-only MLM model "
+                f"(no other modality, num_classes=0) converts to PerceiverForMaskedLM"
+            ) from None
+    return out
+
+
+def config_from_hf(hf: Mapping) -> ModelConfig:
+    """A transformers ``PerceiverConfig`` (as a dict, e.g. ``config.json``) -> our ModelConfig."""
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise ConfigError(f"hidden_act: only 'gelu' is supported, got {hf['hidden_act']!r}")
+    values = {key: hf[key] for key in SHARED_CONFIG_KEYS if key in hf}
+    values.update({ours: hf[theirs] for theirs, ours in RENAMED_CONFIG_KEYS.items() if theirs in hf})
+    cfg = ModelConfig(**values, **HF_DECODER)
+    cfg.text = TextConfig(vocab_size=hf.get("vocab_size", 262), max_length=hf.get("max_position_embeddings", 2048))
+    return validate_model_config(cfg)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """Our ModelConfig -> ``PerceiverConfig`` keyword arguments; refuses what PerceiverForMaskedLM cannot express."""
+    if cfg.input_modalities != ["text"] or cfg.num_classes:
+        raise ConfigError(
+            f"model: only a text-only MLM model converts to transformers (inputs {cfg.input_modalities}, "
+            f"num_classes={cfg.num_classes})"
+        )
+    for key, value in HF_DECODER.items():
+        if getattr(cfg, key) != value:
+            raise ConfigError(f"model.{key}: PerceiverForMaskedLM fixes it to {value}, got {getattr(cfg, key)}")
+    if cfg.decoder_v_channels not in (None, cfg.d_model):
+        raise ConfigError(f"model.decoder_v_channels: PerceiverForMaskedLM fixes it to d_model={cfg.d_model}")
+    hf = {key: getattr(cfg, key) for key in SHARED_CONFIG_KEYS}
+    hf.update({theirs: getattr(cfg, ours) for theirs, ours in RENAMED_CONFIG_KEYS.items()})
+    hf.update(
+        vocab_size=cfg.text.vocab_size,
+        max_position_embeddings=cfg.text.max_length,
+        hidden_act="gelu",
+        model_type="perceiver",
+        architectures=["PerceiverForMaskedLM"],
+    )
+    return hf

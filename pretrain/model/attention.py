@@ -20,7 +20,9 @@ attention over the padded keys there instead; that output is meaningless, ours i
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import math
 from typing import Optional
 
@@ -113,11 +115,21 @@ def _flash_attn(q, k, v, key_mask, scale, dropout_p):
     return out.view(q.shape[0], q.shape[1], *out.shape[1:])
 
 
+@functools.lru_cache(maxsize=1)
+def _varlen_takes_scale() -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "scale" in inspect.signature(varlen_attn).parameters
+
+
 def _torch_varlen(q, k, v, key_mask, scale, dropout_p):
     from torch.nn.attention.varlen import varlen_attn
 
+    if not _varlen_takes_scale():  # torch 2.10/2.11: fold the scale into q, the kernel applies 1/sqrt(D)
+        q = q * (scale * math.sqrt(q.shape[-1]))
     q_flat, k_flat, v_flat, cu_q, cu_k, max_q, max_k = _unpad(q, k, v, key_mask)
-    out = varlen_attn(q_flat, k_flat, v_flat, cu_q, cu_k, max_q, max_k, scale=scale)
+    kwargs = {"scale": scale} if _varlen_takes_scale() else {}
+    out = varlen_attn(q_flat, k_flat, v_flat, cu_q, cu_k, max_q, max_k, **kwargs)
     return out.view(q.shape[0], q.shape[1], *out.shape[1:])
 
 

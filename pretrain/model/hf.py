@@ -131,6 +131,12 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     for key, value in HF_DECODER.items():
         if getattr(cfg, key) != value:
             raise ConfigError(f"model.{key}: PerceiverForMaskedLM fixes it to {value}, got {getattr(cfg, key)}")
+    if cfg.v_channels is None and cfg.qk_channels not in (None, cfg.d_latents):
+        raise ConfigError(
+            f"model.v_channels: transformers' latent self-attention would output qk_channels={cfg.qk_channels} "
+            f"channels, not d_latents={cfg.d_latents}; set v_channels={cfg.d_latents} explicitly (this also sets "
+            f"the encoder cross-attention's v width)"
+        )
     if cfg.decoder_v_channels not in (None, cfg.d_model):
         raise ConfigError(f"model.decoder_v_channels: PerceiverForMaskedLM fixes it to d_model={cfg.d_model}")
     hf = {key: getattr(cfg, key) for key in SHARED_CONFIG_KEYS}

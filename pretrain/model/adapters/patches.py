@@ -52,7 +52,7 @@ class PatchAdapter(nn.Module):
         """The raw tensor as [B, C, *sizes] for :func:`blocks_to_patches`."""
         raise NotImplementedError
 
-    def num_positions(self, x: torch.Tensor) -> int:
+    def num_positions(self, _x: Optional[torch.Tensor] = None) -> int:
         return math.prod(self.grid)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:

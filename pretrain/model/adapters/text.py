@@ -27,8 +27,9 @@ class TextAdapter(nn.Module):
         self.query_positions = nn.Embedding(cfg.max_length, d_model)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
-    def num_positions(self, ids: torch.Tensor) -> int:
-        return ids.shape[1]
+    def num_positions(self, ids: Optional[torch.Tensor]) -> int:
+        """Every position of the given text, or of ``max_length`` when decoding without text input."""
+        return self.max_length if ids is None else ids.shape[1]
 
     def embed(self, ids: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         check_tensor(ids, "text", (None, None), floating=False)

@@ -1,0 +1,1 @@
+"""Process and cluster environment -> torch.distributed settings; job submission helpers."""

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Installs everything the tests need, then runs the whole suite (slow tests included).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+python3 -m pytest -q -ra "$@"

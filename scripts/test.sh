@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+bash scripts/install_demo_sources.sh
 python3 -m pytest -q -ra "$@"

@@ -1,0 +1,164 @@
+"""The ``data_prep`` command line: ``shard``, ``build-demo``, ``validate``, ``stats``.
+
+Exit codes: 0 done; 1 the data is bad (too many rejects, problems found, nothing to build); 2 the command cannot run
+as asked (bad arguments, a non-empty output without ``--overwrite``, a missing manifest or index).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from data_prep.demo import SIZES, DemoSources, build_demo
+from data_prep.index import IndexFileError, ShardIndex
+from data_prep.manifest import shard_manifest
+from data_prep.schema import REJECTED_FILE
+from data_prep.sources import FASHION_DIR, INSTALL_SCRIPT, default_npm_cache
+from data_prep.stats import human_bytes, stats
+from data_prep.validate import validate
+from data_prep.writer import OutputError, ShardLimits
+
+MAX_PROBLEMS_SHOWN = 100
+
+
+def _default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _bounded(cast: Callable[[str], float], low: float, high: float = math.inf) -> Callable[[str], float]:
+    """An argparse type: ``cast`` the text and require ``low <= value <= high``."""
+    def parse(text: str) -> float:
+        value = cast(text)
+        if not low <= value <= high:
+            bounds = f"at least {low}" if high == math.inf else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+    return parse
+
+
+_fraction = _bounded(float, 0.0, 1.0)
+_positive = _bounded(int, 1)
+
+
+def _summarise(directory: Path, index: ShardIndex, max_reject_fraction: float) -> int:
+    """Print what was written; 1 when nothing was, or when more than the allowed fraction was rejected."""
+    total = index.samples + index.rejected
+    fraction = index.rejected / total if total else 0.0
+    where = f", reasons in {directory / REJECTED_FILE}" if index.rejected else ""
+    print(f"{directory}: wrote {index.samples} samples in {len(index.shards)} shards ({human_bytes(index.bytes)}); "
+          f"rejected {index.rejected} of {total} ({fraction:.1%}){where}")
+    if index.samples == 0:
+        print(f"error: {directory}: no sample was written", file=sys.stderr)
+        return 1
+    if fraction > max_reject_fraction:
+        print(f"error: {directory}: rejected {fraction:.1%} of the samples, more than --max-reject-fraction "
+              f"{max_reject_fraction}; fix the inputs listed in {directory / REJECTED_FILE} or raise the limit",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    if not args.manifest.is_file():
+        print(f"error: --manifest {args.manifest}: no such file", file=sys.stderr)
+        return 2
+    limits = ShardLimits(max_samples=args.max_samples_per_shard, max_bytes=int(args.max_shard_mb * 1_000_000))
+    index = shard_manifest(args.manifest, args.out, seed=args.seed, limits=limits, workers=args.workers,
+                           audio_rate=args.audio_rate, overwrite=args.overwrite)
+    return _summarise(args.out, index, args.max_reject_fraction)
+
+
+def _build_demo(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    sources = DemoSources(fashion_dir=args.fashion_dir, npm_cache=args.npm_cache, espeak=args.espeak)
+    result = build_demo(args.out, size=args.size, sources=sources, seed=args.seed, workers=args.workers,
+                        audio_rate=args.audio_rate, overwrite=args.overwrite)
+    for missing in result.missing:
+        print(f"missing source {missing}", file=sys.stderr)
+    if result.missing:
+        print(f"(every source at once: {INSTALL_SCRIPT})", file=sys.stderr)
+    if not result.indexes:
+        print("error: no demo source is installed, nothing was built", file=sys.stderr)
+        return 1
+    codes = [_summarise(args.out / split, index, args.max_reject_fraction) for split, index in result.indexes.items()]
+    print(f"built the {args.size} demo corpus in {time.perf_counter() - start:.1f} s")
+    return max(codes)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    report = validate(args.dir, workers=args.workers)
+    for problem in report.problems[:MAX_PROBLEMS_SHOWN]:
+        print(problem)
+    if len(report.problems) > MAX_PROBLEMS_SHOWN:
+        print(f"... and {len(report.problems) - MAX_PROBLEMS_SHOWN} more problems")
+    count = len(report.problems)
+    verdict = f"{count} problem{'s' * (count != 1)}" if count else "no problems"
+    print(f"{args.dir}: checked {report.shards} shards, {report.samples} samples: {verdict}")
+    return 1 if report.problems else 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    print(stats(args.dir))
+    return 0
+
+
+def _writing_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="output directory (must be empty or absent)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards of a non-empty --out")
+    parser.add_argument("--seed", type=int, default=0, help="sample order; equal seeds give byte-identical shards")
+    parser.add_argument("--workers", type=_positive, default=_default_workers(), help="processes that encode")
+    parser.add_argument("--audio-rate", type=_positive, default=16_000, help="sample rate of the stored FLAC audio")
+    parser.add_argument("--max-reject-fraction", type=_fraction, default=0.01,
+                        help="fail (exit 1) when more than this fraction of the samples is rejected")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand (each sets ``run``)."""
+    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    shard = commands.add_parser("shard", help="JSONL manifest -> checked WebDataset shards")
+    shard.add_argument("--manifest", type=Path, required=True,
+                       help='one JSON object a line: {"key"?, "text"?, "image"?, "audio"?, "video"?, "label"?, '
+                            '"meta"?}; media paths relative to the manifest')
+    shard.add_argument("--max-samples-per-shard", type=_positive, default=10_000)
+    shard.add_argument("--max-shard-mb", type=_bounded(float, 1e-6), default=1000.0,
+                       help="sample data per shard, in 10^6 bytes")
+    _writing_options(shard)
+    shard.set_defaults(run=_shard)
+
+    demo = commands.add_parser("build-demo", help="the demo corpus (train/ and val/) from installed packages")
+    demo.add_argument("--size", choices=sorted(SIZES), default="small")
+    demo.add_argument("--fashion-dir", type=Path, default=FASHION_DIR, help="Fashion-MNIST IDX files")
+    demo.add_argument("--npm-cache", type=Path, default=default_npm_cache(), help="where the npm packs are")
+    demo.add_argument("--espeak", default="espeak-ng", help="the espeak-ng program")
+    _writing_options(demo)
+    demo.set_defaults(run=_build_demo)
+
+    check = commands.add_parser("validate", help="decode every sample, check tars and index; exit 1 on problems")
+    check.add_argument("dir", type=Path, help="a shard directory, or a folder of them (build-demo's output)")
+    check.add_argument("--workers", type=_positive, default=_default_workers())
+    check.set_defaults(run=_validate)
+
+    summary = commands.add_parser("stats", help="samples and bytes per modality, from index.json")
+    summary.add_argument("dir", type=Path, help="a shard directory, or a folder of them (build-demo's output)")
+    summary.set_defaults(run=_stats)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (OutputError, IndexFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head`: stop quietly, and keep Python from complaining at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

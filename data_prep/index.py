@@ -1,0 +1,115 @@
+"""``DIR/index.json``: what a shard directory holds, so readers can plan and validate can check without opening tars."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_prep.schema import (
+    FIELD_MODALITY,
+    INDEX_FILE,
+    INDEX_FORMAT,
+    layout,
+    modalities,
+)
+
+
+@dataclass
+class ShardRecord:
+    """One shard: sample count, file size, samples per modality, payload bytes per modality, samples per layout."""
+
+    name: str
+    samples: int = 0
+    bytes: int = 0
+    modalities: dict[str, int] = field(default_factory=dict)
+    modality_bytes: dict[str, int] = field(default_factory=dict)
+    layouts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, sample: dict[str, Any]) -> None:
+        """Count one sample (``__key__`` plus encoded fields)."""
+        fields = [k for k in sample if not k.startswith("__")]
+        self.samples += 1
+        _bump(self.layouts, {layout(fields): 1})
+        _bump(self.modalities, {m: 1 for m in modalities(fields)})
+        for name in fields:
+            if name in FIELD_MODALITY:
+                _bump(self.modality_bytes, {FIELD_MODALITY[name]: len(sample[name])})
+
+
+def _bump(counts: dict[str, int], more: dict[str, int]) -> None:
+    for name, n in more.items():
+        counts[name] = counts.get(name, 0) + n
+
+
+@dataclass
+class ShardIndex:
+    """All shards of one directory plus how they were made (``info``) and how many inputs were rejected."""
+
+    shards: list[ShardRecord]
+    rejected: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def totals(self, attribute: str) -> dict[str, int]:
+        """Sum of one per-shard count dict (``"modalities"``, ``"modality_bytes"``, ``"layouts"``)."""
+        counts: dict[str, int] = {}
+        for shard in self.shards:
+            _bump(counts, getattr(shard, attribute))
+        return dict(sorted(counts.items()))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": INDEX_FORMAT,
+            "samples": self.samples,
+            "bytes": self.bytes,
+            "modalities": self.totals("modalities"),
+            "rejected": self.rejected,
+            "info": self.info,
+            "shards": [asdict(s) for s in self.shards],
+        }
+
+
+def write_index(directory: Path, index: ShardIndex) -> Path:
+    """Write ``directory/index.json`` (sorted keys, so equal inputs give equal bytes)."""
+    path = directory / INDEX_FILE
+    path.write_text(json.dumps(index.to_json(), indent=1, sort_keys=True) + "\n")
+    return path
+
+
+class IndexFileError(ValueError):
+    """``index.json`` is missing or malformed; the message names the file and what to do."""
+
+
+def read_index(directory: Path) -> ShardIndex:
+    """The index of a shard directory; raises :class:`IndexFileError` naming the file and the bad field."""
+    path = directory / INDEX_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise IndexFileError(f"{path}: not found; `python -m data_prep shard` writes shard directories") from None
+    except ValueError as e:
+        raise IndexFileError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+        raise IndexFileError(f"{path}: 'format' must be {INDEX_FORMAT!r}; rewrite the directory with data_prep shard")
+    try:
+        shards = [ShardRecord(**s) for s in data["shards"]]
+    except (KeyError, TypeError) as e:
+        raise IndexFileError(f"{path}: bad 'shards' list ({e}); rewrite the directory with data_prep shard") from None
+    return ShardIndex(shards, data.get("rejected", 0), data.get("info", {}))
+
+
+def shard_dirs(root: Path) -> list[Path]:
+    """``root`` if it holds an index, else its subdirectories that do (``build-demo`` writes ``train/``, ``val/``)."""
+    if (root / INDEX_FILE).exists() or not root.is_dir():
+        return [root]
+    found = sorted(p for p in root.iterdir() if (p / INDEX_FILE).exists())
+    return found or [root]

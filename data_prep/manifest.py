@@ -1,0 +1,133 @@
+"""``shard``: a JSONL manifest (one sample a line, media paths relative to it) -> checked, shuffled shards."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data_prep.index import ShardIndex
+from data_prep.media import (
+    audio_field,
+    check_field,
+    encode_json,
+    encode_label,
+    image_field,
+)
+from data_prep.schema import KEY_RE, KEY_RULE, Rejected
+from data_prep.writer import Job, Rejection, ShardLimits, prepare_output, write_shards
+
+CONTENT_FIELDS = ("text", "image", "audio", "video", "label")
+ALLOWED_FIELDS = ("key", *CONTENT_FIELDS, "meta")
+VIDEO_SUFFIXES = ("npy", "mp4")
+_TYPES = {"key": str, "text": str, "image": str, "audio": str, "video": str, "label": int, "meta": dict}
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One manifest sample; :meth:`fields` runs in a worker because reading and decoding media is the slow part."""
+
+    row: dict[str, Any]
+    base: Path
+    audio_rate: int
+
+    def fields(self) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        if "text" in self.row:
+            out["txt"] = self.row["text"].encode("utf-8")
+        if "image" in self.row:
+            ext, data = image_field(self._read("image"))
+            out[ext] = data
+        if "audio" in self.row:
+            out["flac"] = audio_field(self._read("audio"), self.audio_rate)
+        if "video" in self.row:
+            ext, data = self._video()
+            out[ext] = data
+        if "label" in self.row:
+            out["cls"] = encode_label(self.row["label"])
+        if "meta" in self.row:
+            out["json"] = encode_json(self.row["meta"])
+        return out
+
+    def _read(self, field: str) -> bytes:
+        path = self.base / self.row[field]
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise Rejected(field, f"file not found: {path} (paths are relative to the manifest's folder)") from None
+        except OSError as e:
+            raise Rejected(field, f"cannot read {path} ({e.strerror})") from None
+
+    def _video(self) -> tuple[str, bytes]:
+        ext = Path(self.row["video"]).suffix.lstrip(".").lower()
+        if ext not in VIDEO_SUFFIXES:
+            raise Rejected("video", f"unsupported video file {self.row['video']!r}; "
+                                    "use .npy (T, H, W, C uint8) or .mp4")
+        data = self._read("video")
+        try:
+            check_field(ext, data)
+        except Rejected as e:
+            raise Rejected("video", e.reason) from None
+        return ext, data
+
+
+def parse_row(line: bytes) -> dict[str, Any]:
+    """One manifest line as a checked dict; raises :class:`Rejected` naming the bad field."""
+    try:
+        row = json.loads(line)
+    except ValueError as e:
+        raise Rejected("line", f"not valid JSON ({e})") from None
+    if not isinstance(row, dict):
+        raise Rejected("line", f"must be a JSON object with fields {', '.join(ALLOWED_FIELDS)}")
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise Rejected("line", "holds a lone surrogate escape (like \\ud800) that is no Unicode text") from None
+    unknown = sorted(set(row) - set(ALLOWED_FIELDS))
+    if unknown:
+        raise Rejected(unknown[0], f"unknown field {unknown[0]!r}; allowed: {', '.join(ALLOWED_FIELDS)}")
+    for name, value in row.items():
+        wanted = _TYPES[name]
+        if not isinstance(value, wanted) or isinstance(value, bool):
+            raise Rejected(name, f"must be {wanted.__name__}, got {type(value).__name__}")
+    if not any(name in row for name in CONTENT_FIELDS):
+        raise Rejected("line", f"has no content; give at least one of {', '.join(CONTENT_FIELDS)}")
+    if "key" in row and not KEY_RE.match(row["key"]):
+        raise Rejected("key", f"{row['key']!r} is not a valid key: use {KEY_RULE}")
+    return row
+
+
+def read_manifest(path: Path, audio_rate: int) -> tuple[list[Job], list[Rejection]]:
+    """Jobs for the good lines and rejections for unparsable, ill-typed or duplicate ones (blank lines are skipped)."""
+    jobs: list[Job] = []
+    rejected: list[Rejection] = []
+    seen: set[str] = set()
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            origin = f"{path.name}:{number}"
+            try:
+                row = parse_row(line)
+            except Rejected as e:
+                rejected.append(Rejection(origin, None, e.field, e.reason))
+                continue
+            key = row.get("key", f"{number:09d}")
+            if key in seen:
+                rejected.append(Rejection(origin, key, "key", f"duplicate key {key!r}; keys must be unique"))
+                continue
+            seen.add(key)
+            jobs.append(Job(key, origin, ManifestRow(row, path.parent, audio_rate)))
+    return jobs, rejected
+
+
+def shard_manifest(manifest: Path, out: Path, *, seed: int = 0, limits: ShardLimits = ShardLimits(),
+                   workers: int = 1, audio_rate: int = 16_000, overwrite: bool = False) -> ShardIndex:
+    """Write the manifest's samples as shards in an order shuffled by ``seed`` (so each shard mixes the sources)."""
+    jobs, rejected = read_manifest(manifest, audio_rate)
+    prepare_output(out, overwrite)
+    random.Random(seed).shuffle(jobs)
+    info = {"command": "shard", "manifest": manifest.name, "seed": seed, "audio_rate": audio_rate}
+    return write_shards(out, jobs, limits=limits, workers=workers, rejected=rejected, info=info)

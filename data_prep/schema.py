@@ -1,0 +1,58 @@
+"""The shard format that writing, validation and stats share, so the three cannot drift apart."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+# Sample fields (webdataset extensions) and the modality each one carries.
+FIELD_MODALITY = {
+    "txt": "text",
+    "png": "image",
+    "jpg": "image",
+    "flac": "audio",
+    "wav": "audio",
+    "mp4": "video",
+    "npy": "video",
+    "cls": "label",
+    "json": "meta",
+}
+INDEX_FILE = "index.json"
+REJECTED_FILE = "rejected.jsonl"
+SHARD_PATTERN = "shard-%06d.tar"
+SHARD_GLOB = "shard-*.tar"
+INDEX_FORMAT = "perceiver-shards/1"
+# No dots (webdataset splits a member name at the first one) and short enough for a USTAR member name.
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+KEY_RULE = "1-64 letters, digits, '_' or '-' (a '.' would split the sample in two)"
+
+Sample = dict[str, "bytes | str"]  # "__key__" -> key, field -> encoded bytes
+
+
+class Rejected(Exception):
+    """A sample or member that cannot be used: ``field`` names the bad part, ``reason`` says why and what fixes it."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(field, reason)  # both in args, so the exception survives pickling between processes
+        self.field = field
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.reason}"
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """``"dir/key.a.b"`` -> ``("dir/key", "a.b")``, the way webdataset groups tar members into samples."""
+    head, _, tail = name.rpartition("/")
+    base, _, ext = tail.partition(".")
+    return (f"{head}/{base}" if head else base), ext
+
+
+def layout(fields: Iterable[str]) -> str:
+    """A sample's field set as one sorted string (``"cls.json.png.txt"``): the index counts samples per layout."""
+    return ".".join(sorted(fields))
+
+
+def modalities(fields: Iterable[str]) -> set[str]:
+    """The modalities present in a sample with these fields (unknown fields carry none)."""
+    return {FIELD_MODALITY[f] for f in fields if f in FIELD_MODALITY}

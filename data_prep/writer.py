@@ -1,0 +1,148 @@
+"""Encode jobs in parallel and write them with webdataset's ``ShardWriter``, plus ``index.json`` and ``rejected.jsonl``.
+
+Both ``shard`` and ``build-demo`` go through here, so the two produce the same format and the same checks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+from data_prep.index import ShardIndex, ShardRecord, write_index
+from data_prep.parallel import ordered_map
+from data_prep.schema import (
+    INDEX_FILE,
+    REJECTED_FILE,
+    SHARD_GLOB,
+    SHARD_PATTERN,
+    Rejected,
+    Sample,
+)
+
+
+class Encodable(Protocol):
+    """What a job carries: ``fields()`` reads, checks and encodes it in a worker process (the slow part)."""
+
+    def fields(self) -> dict[str, bytes]: ...
+
+
+@dataclass(frozen=True)
+class Job:
+    """One sample to write; ``origin`` ("manifest.jsonl:12") tells a person where a rejected sample came from."""
+
+    key: str
+    origin: str
+    payload: Encodable
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A skipped sample and why, one line of ``rejected.jsonl``."""
+
+    origin: str
+    key: str | None
+    field: str
+    reason: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class ShardLimits:
+    """A shard is closed once it holds ``max_samples`` samples or ``max_bytes`` bytes of sample data."""
+
+    max_samples: int = 10_000
+    max_bytes: int = 1_000_000_000
+
+
+class OutputError(Exception):
+    """The output directory cannot be used as it is; the message says what to do."""
+
+
+def prepare_output(directory: Path, overwrite: bool) -> None:
+    """Refuse to mix new shards with old ones; with ``overwrite``, delete only the files this tool writes."""
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(f"{directory} exists and is not a directory; pick another --out")
+    entries = sorted(directory.iterdir()) if directory.exists() else []
+    if entries and not overwrite:
+        raise OutputError(f"{directory} is not empty ({len(entries)} entries, e.g. {entries[0].name}); "
+                          "pass --overwrite to replace its shards, or pick another --out")
+    for path in [*directory.glob(SHARD_GLOB), directory / INDEX_FILE, directory / REJECTED_FILE]:
+        path.unlink(missing_ok=True)
+
+
+def _encode(job: Job) -> Sample | Rejection:
+    try:
+        return {"__key__": job.key, **job.payload.fields()}
+    except Rejected as e:
+        return Rejection(job.origin, job.key, e.field, e.reason)
+
+
+class _IndexedShardWriter:
+    """A thin wrapper over ``wds.ShardWriter`` that keeps a :class:`ShardRecord` per finished shard."""
+
+    def __init__(self, directory: Path, limits: ShardLimits) -> None:
+        self.records: list[ShardRecord] = []
+        self._current = ShardRecord(name="")
+        self._writer: Any = None  # a webdataset.ShardWriter once the first sample arrives
+        self._directory = directory
+        self._limits = limits
+
+    def write(self, sample: Sample) -> None:
+        if self._writer is None:  # opened on the first sample: ShardWriter would otherwise leave an empty shard
+            # Imported here, not at the top: webdataset imports torch (~2 s), and every spawned worker imports this
+            # module to run _encode.
+            import webdataset as wds
+
+            self._writer = wds.ShardWriter(
+                str(self._directory / SHARD_PATTERN), maxcount=self._limits.max_samples,
+                maxsize=self._limits.max_bytes, post=self._finished, verbose=0,
+                encoder=False, mtime=0.0,  # fixed mtime: the same samples give byte-identical tars
+            )
+        self._writer.write(sample)  # may close the previous shard first, calling _finished
+        self._current.add(sample)
+
+    def _finished(self, filename: str) -> None:
+        path = Path(filename)
+        self._current.name = path.name
+        self._current.bytes = path.stat().st_size
+        self.records.append(self._current)
+        self._current = ShardRecord(name="")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def write_shards(directory: Path, jobs: Sequence[Job], *, limits: ShardLimits = ShardLimits(), workers: int = 1,
+                 rejected: Sequence[Rejection] = (), info: dict[str, Any] | None = None,
+                 desc: str = "shard") -> ShardIndex:
+    """Encode ``jobs`` (in order, in ``workers`` processes) into ``directory``; ``rejected`` are earlier rejects to log.
+
+    The directory must have been through :func:`prepare_output`. Returns the index that was written.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    writer = _IndexedShardWriter(directory, limits)
+    count = len(rejected)
+    try:
+        with (directory / REJECTED_FILE).open("w", encoding="utf-8") as log, \
+                tqdm(total=len(jobs), desc=desc, unit=" samples", disable=None) as bar:
+            log.writelines(r.to_json() + "\n" for r in rejected)
+            for result in ordered_map(_encode, jobs, workers):
+                if isinstance(result, Rejection):
+                    log.write(result.to_json() + "\n")
+                    count += 1
+                else:
+                    writer.write(result)
+                bar.update()
+    finally:
+        writer.close()
+    index = ShardIndex(writer.records, rejected=count, info=info or {})
+    write_index(directory, index)
+    return index

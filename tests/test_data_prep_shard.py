@@ -1,0 +1,176 @@
+"""``python -m data_prep shard``: real manifests, real media and real tar shards in tmp_path."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from test_data_prep_media import (
+    HAS_AV,
+    audio_bytes,
+    garbage,
+    good_media,
+    image_bytes,
+    mp4_bytes,
+    write_manifest,
+)
+
+from data_prep.__main__ import main
+
+
+def read_tars(directory: Path) -> dict[str, dict[str, bytes]]:
+    """Every sample of every shard, read with webdataset itself (what the training stream uses)."""
+    import webdataset as wds
+
+    shards = sorted(str(p) for p in directory.glob("shard-*.tar"))
+    return {s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")}
+            for s in wds.WebDataset(shards, shardshuffle=False)}
+
+
+def folder_bytes(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> Path:
+    """8 good rows of every modality."""
+    return write_manifest(tmp_path / "manifest.jsonl", good_media(tmp_path / "media"))
+
+
+@pytest.fixture
+def bad_manifest(tmp_path: Path) -> Path:
+    """The 8 good rows plus 9 bad ones, one of each kind of damage."""
+    rows = good_media(tmp_path / "media")
+    (tmp_path / "media" / "garbage.png").write_bytes(garbage())
+    (tmp_path / "media" / "garbage.flac").write_bytes(b"fLaC" + garbage())
+    np.save(tmp_path / "media" / "float.npy", np.zeros((2, 4, 4, 3), np.float32))
+    rows += [
+        {"key": "missing", "image": "media/nope.png"},
+        {"key": "bad_png", "image": "media/garbage.png"},
+        {"key": "bad_flac", "audio": "media/garbage.flac", "text": "x"},
+        {"key": "unknown", "text": "x", "colour": "red"},
+        '{"text": "not closed"',
+        {"key": "png_cap", "text": "the key again"},
+        {"key": "bad_label", "text": "x", "label": "3"},
+        {"key": "bad_video", "video": "media/float.npy"},
+        '{"text": "\\ud800 is half a character"}',
+    ]
+    return write_manifest(tmp_path / "bad.jsonl", rows)
+
+
+def test_shard_writes_every_modality_readable_by_webdataset(manifest: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    assert main(["shard", "--manifest", str(manifest), "--out", str(out), "--workers", "1",
+                 "--max-samples-per-shard", "3", "--audio-rate", "8000"]) == 0
+    assert "wrote 8 samples in 3 shards" in capsys.readouterr().out
+    samples = read_tars(out)
+    assert len(samples) == 8
+    assert samples["png_cap"] == {"png": (manifest.parent / "media/a.png").read_bytes(),
+                                  "txt": b"a photo of noise", "cls": b"3"}
+    assert sorted(f for s in samples.values() for f in s) == sorted(
+        ["png", "txt", "cls", "jpg", "json", "png", "cls", "flac", "txt", "flac", "npy", "txt", "txt", "cls", "json"])
+    rates = {sf.info(io.BytesIO(s["flac"])).samplerate for s in samples.values() if "flac" in s}
+    assert rates == {8000}
+    index = json.loads((out / "index.json").read_text())
+    assert [s["samples"] for s in index["shards"]] == [3, 3, 2]
+    assert [s["bytes"] for s in index["shards"]] == [(out / s["name"]).stat().st_size for s in index["shards"]]
+    assert index["modalities"] == {"audio": 2, "image": 3, "label": 3, "meta": 2, "text": 4, "video": 1}
+    assert index["samples"] == 8 and index["rejected"] == 0
+    assert (out / "rejected.jsonl").read_text() == ""
+
+
+def test_bad_rows_are_rejected_with_reasons_and_the_exit_code_follows_the_limit(bad_manifest: Path, tmp_path: Path,
+                                                                               capsys):
+    out = tmp_path / "out"
+    assert main(["shard", "--manifest", str(bad_manifest), "--out", str(out), "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "rejected 52.9% of the samples, more than --max-reject-fraction 0.01" in err
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    reasons = {(r["key"], r["field"]): r["reason"] for r in rejected}
+    assert len(rejected) == 9
+    assert "file not found" in reasons["missing", "image"]
+    assert "cannot decode image" in reasons["bad_png", "image"]
+    assert "cannot decode audio" in reasons["bad_flac", "audio"]
+    assert "uint8" in reasons["bad_video", "video"]
+    assert "duplicate key" in reasons["png_cap", "key"]
+    assert "unknown field 'colour'" in reasons[None, "colour"]
+    assert "must be int, got str" in reasons[None, "label"]
+    assert {r["origin"]: r["reason"][:20] for r in rejected if r["field"] == "line"} == {
+        "bad.jsonl:13": "not valid JSON (Expe", "bad.jsonl:17": "holds a lone surroga"}
+    index = json.loads((out / "index.json").read_text())
+    assert (index["samples"], index["rejected"]) == (8, 9)
+    written = read_tars(out)
+    assert len(written) == 8 and not {"missing", "bad_png", "bad_flac", "bad_video", "bad_label"} & set(written)
+    assert written["png_cap"]["txt"] == b"a photo of noise"  # the first of the duplicate keys is kept
+
+    again = tmp_path / "again"
+    assert main(["shard", "--manifest", str(bad_manifest), "--out", str(again), "--workers", "1",
+                 "--max-reject-fraction", "0.6"]) == 0
+
+
+def test_same_seed_same_bytes_whatever_the_worker_count(manifest: Path, tmp_path: Path):
+    args = ["shard", "--manifest", str(manifest), "--max-samples-per-shard", "3", "--seed", "5"]
+    assert main([*args, "--out", str(tmp_path / "one"), "--workers", "1"]) == 0
+    assert main([*args, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    assert folder_bytes(tmp_path / "one") == folder_bytes(tmp_path / "two")
+    assert main([*args[:-1], "6", "--out", str(tmp_path / "other"), "--workers", "1"]) == 0
+    assert folder_bytes(tmp_path / "other") != folder_bytes(tmp_path / "one")
+    assert read_tars(tmp_path / "other") == read_tars(tmp_path / "one")  # the same samples, in another order
+
+
+def test_a_non_empty_output_is_refused_unless_overwrite(manifest: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    assert main(["shard", "--manifest", str(manifest), "--out", str(out), "--workers", "1",
+                 "--max-samples-per-shard", "1"]) == 0
+    before = folder_bytes(out)
+    assert main(["shard", "--manifest", str(manifest), "--out", str(out), "--workers", "1"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert folder_bytes(out) == before
+    (out / "notes.txt").write_text("mine")
+    assert main(["shard", "--manifest", str(manifest), "--out", str(out), "--workers", "1", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "notes.txt", "rejected.jsonl", "shard-000000.tar"]
+
+
+def test_max_shard_mb_closes_shards_by_size(manifest: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    assert main(["shard", "--manifest", str(manifest), "--out", str(out), "--workers", "1",
+                 "--max-shard-mb", "0.0002"]) == 0
+    shards = json.loads((out / "index.json").read_text())["shards"]
+    assert 1 < len(shards) < 8
+    assert all(sum(s["modality_bytes"].values()) >= 200 for s in shards[:-1])
+
+
+def test_an_empty_or_absent_manifest_is_an_error(tmp_path: Path, capsys):
+    assert main(["shard", "--manifest", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["shard", "--manifest", str(write_manifest(tmp_path / "empty.jsonl", [])),
+                 "--out", str(tmp_path / "o"), "--workers", "1"]) == 1
+    assert "no sample was written" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAS_AV, reason="PyAV not installed (scripts/install_demo_sources.sh installs it)")
+def test_mp4_video_is_checked_and_stored(tmp_path: Path):
+    (tmp_path / "clip.mp4").write_bytes(mp4_bytes())
+    (tmp_path / "cut.mp4").write_bytes(mp4_bytes()[:300])
+    manifest = write_manifest(tmp_path / "m.jsonl", [{"key": "ok", "video": "clip.mp4"},
+                                                     {"key": "cut", "video": "cut.mp4"}])
+    assert main(["shard", "--manifest", str(manifest), "--out", str(tmp_path / "o"), "--workers", "1",
+                 "--max-reject-fraction", "0.5"]) == 0
+    assert read_tars(tmp_path / "o") == {"ok": {"mp4": (tmp_path / "clip.mp4").read_bytes()}}
+    assert "cannot decode mp4" in (tmp_path / "o" / "rejected.jsonl").read_text()
+
+
+def test_the_module_and_its_exit_code_from_a_shell(tmp_path: Path):
+    (tmp_path / "x.png").write_bytes(image_bytes())
+    (tmp_path / "y.flac").write_bytes(audio_bytes())
+    manifest = write_manifest(tmp_path / "m.jsonl", [{"image": "x.png"}, {"audio": "y.flac"}, {"image": "z.png"}])
+    run = subprocess.run([sys.executable, "-m", "data_prep", "shard", "--manifest", str(manifest),
+                          "--out", str(tmp_path / "o"), "--workers", "2"], capture_output=True, text=True)
+    assert run.returncode == 1, run.stderr
+    assert "rejected 1 of 3 (33.3%)" in run.stdout

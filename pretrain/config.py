@@ -11,6 +11,8 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
+from .vocab import VOCAB_SIZE
+
 ATTENTION_BACKENDS = ("auto", "flash_attn", "varlen", "sdpa")
 
 
@@ -211,3 +213,94 @@ def model_config_from_dict(values: dict) -> ModelConfig:
 
 def model_config_to_dict(cfg: ModelConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+# --- Data ------------------------------------------------------------------------------------------------------------
+
+# webdataset keys the stream understands, per model modality (the first present one is used).
+DATA_KEYS = {"text": ("txt",), "image": ("png", "jpg", "jpeg"), "audio": ("flac", "wav"), "video": ("npy", "mp4")}
+LABEL_KEY = "cls"
+PIXEL_CHANNELS = (1, 3, 4)
+
+
+@dataclass
+class MaskingConfig:
+    """Fraction of each modality hidden from the encoder and predicted by the decoder; 0 makes it input-only.
+
+    Text is hidden in contiguous spans of ``text_mean_span`` bytes on average (T5-style), the others per patch.
+    """
+
+    text: float = 0.15
+    text_mean_span: float = 3.0
+    image: float = 0.5
+    audio: float = 0.5
+    video: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    """The training/validation stream. Shapes (text length, image size, ...) come from ``ModelConfig``.
+
+    Each entry of ``train_shards``/``val_shards`` is one dataset: a brace pattern (``/d/shard-{000000..000099}.tar``),
+    a directory holding ``index.json``, a ``pipe:`` command (brace patterns allowed), or several of these joined by
+    ``::``. Training datasets are mixed by ``weights`` (one per entry; empty = proportional to their sample counts).
+    An epoch is ``epoch_samples`` samples (0 = the sum of the index.json counts) over all ranks. ``require`` lists
+    sample keys without which a sample is skipped. ``random_crop`` crops long text and audio at a random offset (else
+    from the start). ``pixel_mean``/``pixel_std`` normalise image and video pixels scaled to [0, 1].
+    """
+
+    train_shards: List[str] = field(default_factory=list)
+    val_shards: List[str] = field(default_factory=list)
+    weights: List[float] = field(default_factory=list)
+    epoch_samples: int = 0
+    val_samples: int = 0
+    seed: int = 0
+    batch_size: int = 32
+    num_workers: int = 2
+    prefetch_factor: int = 4
+    pin_memory: bool = False
+    shuffle_buffer: int = 1000
+    resample: bool = False
+    require: List[str] = field(default_factory=list)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    random_crop: bool = True
+    audio_sample_rate: int = 16000
+    pixel_mean: List[float] = field(default_factory=lambda: [0.5])
+    pixel_std: List[float] = field(default_factory=lambda: [0.5])
+
+
+def validate_data_config(cfg: DataConfig, model: ModelConfig, prefix: str = "data") -> DataConfig:
+    """Fail early, naming the key, for any value the stream could not run with for this model."""
+    for key in ("batch_size", "audio_sample_rate", "prefetch_factor"):
+        _require(getattr(cfg, key) > 0, f"{prefix}.{key}", f"must be a positive integer, got {getattr(cfg, key)}")
+    for key in ("num_workers", "shuffle_buffer", "epoch_samples", "val_samples", "seed"):
+        _require(getattr(cfg, key) >= 0, f"{prefix}.{key}", f"must be >= 0, got {getattr(cfg, key)}")
+    if cfg.weights:
+        _require(
+            len(cfg.weights) == len(cfg.train_shards),
+            f"{prefix}.weights",
+            f"has {len(cfg.weights)} entries for {len(cfg.train_shards)} train_shards; give one per dataset or none",
+        )
+        _require(all(w >= 0 for w in cfg.weights) and sum(cfg.weights) > 0, f"{prefix}.weights",
+                 f"must be >= 0 with a positive sum, got {list(cfg.weights)}")
+    for name in ("text", "image", "audio", "video"):
+        ratio = getattr(cfg.masking, name)
+        _require(0.0 <= ratio <= 1.0, f"{prefix}.masking.{name}", f"must be in [0, 1], got {ratio}")
+    _require(cfg.masking.text_mean_span >= 1.0, f"{prefix}.masking.text_mean_span", "must be >= 1 (bytes)")
+    known = {key for keys in DATA_KEYS.values() for key in keys} | {LABEL_KEY, "json"}
+    for key in cfg.require:
+        _require(key in known, f"{prefix}.require", f"unknown sample key {key!r}; known keys: {sorted(known)}")
+    if model.text is not None:
+        _require(model.text.vocab_size >= VOCAB_SIZE, "model.text.vocab_size",
+                 f"the stream feeds UTF-8 byte ids, which need vocab_size >= {VOCAB_SIZE}, got {model.text.vocab_size}")
+    for name in ("image", "video"):
+        sub = getattr(model, name)
+        _require(sub is None or sub.channels in PIXEL_CHANNELS, f"model.{name}.channels",
+                 f"the stream makes grey (1), RGB (3) or RGBA (4) pixels, got {getattr(sub, 'channels', None)}")
+    channels = {c.channels for c in (model.image, model.video) if c is not None}
+    for key in ("pixel_mean", "pixel_std"):
+        values = getattr(cfg, key)
+        _require(len(values) == 1 or {len(values)} == channels, f"{prefix}.{key}",
+                 f"needs 1 value or one per image/video channel {sorted(channels)}, got {list(values)}")
+    _require(all(s > 0 for s in cfg.pixel_std), f"{prefix}.pixel_std", f"must be positive, got {list(cfg.pixel_std)}")
+    return cfg

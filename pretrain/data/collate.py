@@ -1,0 +1,174 @@
+"""Raw samples -> one batch of the contract in ``pretrain/data/__init__.py``: decode, transform, mask, stack.
+
+One builder call makes one batch from exactly ``batch_size`` raw samples. A sample whose media fail to decode keeps its
+row, empty (``valid`` False, every mask False, label -100): the row count never depends on decoding, which is what lets
+a resumed worker fast-forward by counting raw samples without decoding them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import vocab
+from ..config import DATA_KEYS, LABEL_KEY, DataConfig, ModelConfig
+from .decode import decode
+from .masking import hide, num_predicted, patch_positions, text_positions
+from .reader import Sample, SkipCounter
+from .transforms import crop_or_pad, resample, to_pixels, video_frames
+
+IGNORE_INDEX = -100
+
+
+class BatchBuilder:
+    """Knows the model's shapes and the masking ratios; turns a list of raw samples into tensors."""
+
+    def __init__(self, model: ModelConfig, data: DataConfig, random_crop: Optional[bool] = None):
+        self.model, self.data = model, data
+        self.random_crop = data.random_crop if random_crop is None else random_crop
+        self.modalities = [m for m in DATA_KEYS if getattr(model, m) is not None]
+        self.grid = {m: self._grid(m) for m in self.modalities if m != "text"}
+        self.slots = {m: num_predicted(getattr(data.masking, m), self._size(m)) for m in self.modalities}
+
+    def _grid(self, name: str) -> List[int]:
+        """Patches per axis, as the model's patch adapters cut them."""
+        cfg = getattr(self.model, name)
+        if name == "image":
+            return [n // cfg.patch_size for n in cfg.size]
+        if name == "audio":
+            return [cfg.num_samples // cfg.patch_size]
+        return [n // b for n, b in zip([cfg.frames, *cfg.size], cfg.tubelet)]
+
+    def _size(self, name: str) -> int:
+        return self.model.text.max_length if name == "text" else math.prod(self.grid[name])
+
+    def __call__(self, samples: List[Sample], rng: np.random.Generator, counter: SkipCounter) -> Dict[str, object]:
+        rows = [self._decode_row(sample, rng, counter) for sample in samples]
+        batch: Dict[str, object] = {"inputs": {}, "decode": {}, "decode_mask": {}, "targets": {}}
+        for name in self.modalities:
+            getattr(self, f"_stack_{name}")(rows, rng, batch)
+        if self.model.num_classes > 0:
+            labels = torch.tensor([IGNORE_INDEX if row is None else row.get("label", IGNORE_INDEX) for row in rows])
+            batch["targets"]["label"] = labels
+            batch["decode"]["label"] = torch.zeros(len(rows), 1, dtype=torch.long)
+            batch["decode_mask"]["label"] = labels[:, None] != IGNORE_INDEX
+        batch["keys"] = [str(sample["__key__"]) for sample in samples]
+        batch["valid"] = torch.tensor([row is not None for row in rows])
+        return batch
+
+    # --- one sample ------------------------------------------------------------------------------------------------
+
+    def _decode_row(self, sample: Sample, rng: np.random.Generator, counter: SkipCounter) -> Optional[dict]:
+        """Every modality of one sample in its fixed shape, or None (counted) when any of its media is undecodable."""
+        row = {}
+        key = ""
+        try:
+            for name in self.modalities:
+                key = next((k for k in DATA_KEYS[name] if k in sample), "")
+                if key:
+                    row[name] = getattr(self, f"_{name}")(decode(key, sample[key]), rng)
+            key = LABEL_KEY
+            if self.model.num_classes > 0 and key in sample:
+                row["label"] = self._label(decode(key, sample[key]))
+        except Exception as exc:  # noqa: BLE001 -- odd media content makes PIL/numpy/torch raise anything
+            counter.skip(f"undecodable:{key}", f"{sample['__url__']}:{sample['__key__']}", exc)
+            return None
+        return row
+
+    def _text(self, data: np.ndarray, rng: np.random.Generator) -> tuple:
+        return crop_or_pad(data, self.model.text.max_length, self.random_crop, rng)
+
+    def _image(self, image: Image.Image, _rng: np.random.Generator) -> np.ndarray:
+        return to_pixels(image, self.model.image.size, self.model.image.channels)
+
+    def _audio(self, decoded: tuple, rng: np.random.Generator) -> tuple:
+        wave = resample(decoded[0], decoded[1], self.data.audio_sample_rate)
+        return crop_or_pad(wave, self.model.audio.num_samples, self.random_crop, rng)
+
+    def _video(self, video: np.ndarray, _rng: np.random.Generator) -> np.ndarray:
+        cfg = self.model.video
+        return video_frames(video, cfg.frames, cfg.size, cfg.channels)
+
+    def _label(self, label: int) -> int:
+        if not 0 <= label < self.model.num_classes:
+            raise ValueError(f"label {label} outside [0, model.num_classes={self.model.num_classes})")
+        return label
+
+    # --- one modality, whole batch ---------------------------------------------------------------------------------
+
+    def _present(self, rows: List[Optional[dict]], name: str) -> np.ndarray:
+        return np.array([row is not None and name in row for row in rows])
+
+    def _sequences(self, rows: List[Optional[dict]], name: str, length: int, dtype: type) -> tuple:
+        """Stacked cropped/padded 1-D values [B, length] and their valid lengths [B] (0 where the row lacks them)."""
+        values = np.zeros((len(rows), length), dtype=dtype)
+        lengths = np.zeros(len(rows), dtype=np.int64)
+        for b in np.flatnonzero(self._present(rows, name)):
+            values[b], lengths[b] = rows[b][name]
+        return values, lengths
+
+    def _stack_text(self, rows: List[Optional[dict]], rng: np.random.Generator, batch: dict) -> None:
+        length = self.model.text.max_length
+        raw, lengths = self._sequences(rows, "text", length, np.int64)
+        ids = np.where(np.arange(length) < lengths[:, None], raw + vocab.NUM_SPECIAL, vocab.PAD_ID)
+        batch["inputs"]["text_mask"] = torch.from_numpy(ids != vocab.PAD_ID)
+        slots = self.slots["text"]
+        if slots:
+            where, used = text_positions(lengths, self.data.masking.text, self.data.masking.text_mean_span, slots, rng)
+            original = np.take_along_axis(ids, where, axis=1)
+            batch["targets"]["text"] = torch.from_numpy(np.where(used, original, IGNORE_INDEX))
+            ids[np.nonzero(used)[0], where[used]] = vocab.MASK_ID  # padding slots point at 0: leave them out
+            self._add_decode(batch, "text", where, used)
+        batch["inputs"]["text"] = torch.from_numpy(ids)
+
+    def _stack_image(self, rows: List[Optional[dict]], rng: np.random.Generator, batch: dict) -> None:
+        cfg = self.model.image
+        pixels = self._pixels(rows, "image", (*cfg.size, cfg.channels))
+        batch["inputs"]["image"] = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+        self._mask_patches(batch, "image", self._whole(rows, "image"), rng)
+
+    def _stack_audio(self, rows: List[Optional[dict]], rng: np.random.Generator, batch: dict) -> None:
+        cfg = self.model.audio
+        wave, lengths = self._sequences(rows, "audio", cfg.num_samples, np.float32)
+        batch["inputs"]["audio"] = torch.from_numpy(wave)
+        valid = np.arange(self.grid["audio"][0]) * cfg.patch_size < lengths[:, None]
+        self._mask_patches(batch, "audio", valid, rng)
+
+    def _stack_video(self, rows: List[Optional[dict]], rng: np.random.Generator, batch: dict) -> None:
+        cfg = self.model.video
+        pixels = self._pixels(rows, "video", (cfg.frames, *cfg.size, cfg.channels))
+        batch["inputs"]["video"] = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 1, 4, 2, 3)))
+        self._mask_patches(batch, "video", self._whole(rows, "video"), rng)
+
+    def _pixels(self, rows: List[Optional[dict]], name: str, shape: tuple) -> np.ndarray:
+        """Stacked uint8 pixels -> float32 normalised ((x/255 - mean)/std), zeros where the row lacks them."""
+        present = self._present(rows, name)
+        raw = np.zeros((len(rows), *shape), dtype=np.uint8)
+        for b in np.flatnonzero(present):
+            raw[b] = rows[b][name]
+        mean = np.asarray(self.data.pixel_mean, dtype=np.float32)
+        std = np.asarray(self.data.pixel_std, dtype=np.float32)
+        pixels = (raw.astype(np.float32) * np.float32(1 / 255) - mean) / std
+        pixels[~present] = 0.0
+        return pixels
+
+    def _whole(self, rows: List[Optional[dict]], name: str) -> np.ndarray:
+        """Patch validity [B, patches] of a modality that is either wholly present in a row or absent."""
+        return np.repeat(self._present(rows, name)[:, None], math.prod(self.grid[name]), axis=1)
+
+    def _mask_patches(self, batch: dict, name: str, valid: np.ndarray, rng: np.random.Generator) -> None:
+        slots = self.slots[name]
+        visible = valid
+        if slots:
+            where, used = patch_positions(valid, getattr(self.data.masking, name), slots, rng)
+            visible = hide(valid, where, used)
+            self._add_decode(batch, name, where, used)
+        batch["inputs"][f"{name}_mask"] = torch.from_numpy(visible)
+
+    @staticmethod
+    def _add_decode(batch: dict, name: str, where: np.ndarray, used: np.ndarray) -> None:
+        batch["decode"][name], batch["decode_mask"][name] = torch.from_numpy(where), torch.from_numpy(used)

@@ -1,0 +1,95 @@
+"""Shard specs -> the list of shards of one dataset, with sample counts where an ``index.json`` gives them.
+
+A spec is a brace pattern or file path (``/d/shard-{000000..000099}.tar``), a directory holding ``index.json``, a
+``pipe:`` command (brace-expanded too), or several of these joined by ``::``. Counts are needed to size an epoch and to
+balance shards across ranks; they come from the ``index.json`` written by ``data_prep`` next to the shards
+(``{"shards": [{"name": "shard-000000.tar", "samples": N, ...}, ...]}``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import braceexpand
+
+INDEX_NAME = "index.json"
+
+
+class DataError(ValueError):
+    """The data cannot be streamed as configured; the message names the spec or shard and the fix."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar shard: what ``webdataset.gopen`` opens, and its sample count (None when no index lists it)."""
+
+    url: str
+    samples: Optional[int] = None
+
+
+def read_index(directory: str) -> Dict[str, int]:
+    """Shard file name -> sample count from ``directory/index.json``; empty when there is none."""
+    path = os.path.join(directory, INDEX_NAME)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)["shards"]
+        return {entry["name"]: int(entry["samples"]) for entry in entries}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(
+            f"{path}: not a valid shard index ({exc}); expected {{\"shards\": [{{\"name\": ..., \"samples\": N}}]}}, "
+            f"rewrite it with `python -m data_prep shard` or delete it"
+        ) from exc
+
+
+def _directory_shards(directory: str, key: str) -> List[Shard]:
+    counts = read_index(directory)
+    if counts:
+        return [Shard(os.path.join(directory, name), n) for name, n in counts.items()]
+    names = sorted(name for name in os.listdir(directory) if name.endswith(".tar"))
+    if not names:
+        raise DataError(f"{key}: directory {directory!r} has neither {INDEX_NAME} nor *.tar files")
+    return [Shard(os.path.join(directory, name)) for name in names]
+
+
+def _file_shard(path: str, key: str, indexes: Dict[str, Dict[str, int]]) -> Shard:
+    if not os.path.isfile(path):
+        raise DataError(f"{key}: shard {path!r} does not exist; fix the path or brace pattern")
+    directory, name = os.path.split(os.path.abspath(path))
+    if directory not in indexes:
+        indexes[directory] = read_index(directory)
+    return Shard(path, indexes[directory].get(name))
+
+
+def expand_spec(spec: str, key: str) -> List[Shard]:
+    """Every shard named by ``spec`` in order; ``key`` (e.g. ``data.train_shards[0]``) names it in errors.
+
+    Shards listed with 0 samples are dropped: they would only take a reader's turn.
+    """
+    shards: List[Shard] = []
+    indexes: Dict[str, Dict[str, int]] = {}
+    for part in spec.split("::"):
+        part = part.strip()
+        if not part:
+            raise DataError(f"{key}: empty shard spec in {spec!r}")
+        if part.startswith("pipe:"):
+            shards.extend(Shard(url) for url in braceexpand.braceexpand(part))
+        elif os.path.isdir(part):
+            shards.extend(_directory_shards(part, key))
+        else:
+            shards.extend(_file_shard(path, key, indexes) for path in braceexpand.braceexpand(part))
+    shards = [shard for shard in shards if shard.samples != 0]
+    if not shards:
+        raise DataError(f"{key}: {spec!r} names no shard with samples")
+    return shards
+
+
+def total_samples(shards: List[Shard]) -> Optional[int]:
+    """The dataset's sample count, or None when any shard's count is unknown."""
+    if any(shard.samples is None for shard in shards):
+        return None
+    return sum(shard.samples for shard in shards)

@@ -1,0 +1,213 @@
+"""The stream: shards -> (rank, worker) split -> tar reading -> mixing -> shuffle buffer -> batches, with exact resume.
+
+Each DataLoader worker builds whole batches itself (``DataLoader(batch_size=None)``); batch ``i`` of an epoch comes
+from worker ``i % W``, and worker ``w``'s ``j``-th batch is made of raw samples ``j*B .. (j+1)*B-1`` of its own
+sample stream, which depends only on (seed, split, epoch, rank, w). The stream's position is therefore just
+(epoch, batches yielded): a restored worker replays its raw stream up to its next batch without decoding anything
+(tar reading only, cheap) and goes on exactly where the uninterrupted run was. Because the DataLoader always starts at
+its worker 0, physical worker ``p`` plays logical worker ``(p + start) % W``.
+
+Every rank yields ``epoch_samples // (world_size * batch_size)`` batches per epoch: readers never run dry (each cycles
+over its shards), so shard sizes and skipped samples cannot make ranks disagree on the step count.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import os
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import shuffle
+
+from ..config import DATA_KEYS, LABEL_KEY, DataConfig, ModelConfig, validate_data_config
+from .collate import BatchBuilder
+from .plan import (
+    MIX, SHUFFLE, SOURCE, SPLITS, Dataset, batch_rng, batches_before, check_readers, epoch_batches, first_batch,
+    load_datasets, python_rng, worker_shards,
+)
+from .reader import Sample, SkipCounter, sample_selector, shard_samples
+from .specs import DataError, Shard
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Everything a worker needs to make its batches (plain data: it travels to worker processes)."""
+
+    model: ModelConfig
+    data: DataConfig
+    split: str
+    datasets: List[Dataset]
+    rank: int
+    world_size: int
+    workers: int
+    batches_per_epoch: int
+
+    @property
+    def train(self) -> bool:
+        return self.split == "train"
+
+    def rng_epoch(self, epoch: int) -> int:
+        """Validation sees the same shards, order and masks every pass, so its losses are comparable."""
+        return epoch if self.train else 0
+
+    def shards(self, epoch: int, worker: int, dataset_index: int) -> List[Shard]:
+        return worker_shards(
+            self.datasets[dataset_index], dataset_index, self.data.seed, SPLITS[self.split], self.rng_epoch(epoch),
+            self.train, self.rank, self.world_size, worker, self.workers, self.data.resample,
+        )
+
+
+def mix(sources: Sequence[Iterator[Sample]], weights: Sequence[float], rng) -> Iterator[Sample]:
+    """Each sample drawn from a source chosen with probability proportional to its weight."""
+    if len(sources) == 1:
+        yield from sources[0]
+        return
+    cumulative = list(itertools.accumulate(weights))
+    while True:
+        yield next(sources[bisect.bisect_right(cumulative, rng.random() * cumulative[-1])])
+
+
+def raw_samples(plan: StreamPlan, epoch: int, worker: int, counter: SkipCounter) -> Iterator[Sample]:
+    """One worker's endless, undecoded sample stream for this epoch: a pure function of its arguments."""
+    ids = (plan.data.seed, SPLITS[plan.split], plan.rng_epoch(epoch), plan.rank, worker)
+    usable = [key for name in DATA_KEYS if getattr(plan.model, name) is not None for key in DATA_KEYS[name]]
+    select = sample_selector(plan.data.require, usable, [LABEL_KEY] if plan.model.num_classes > 0 else [])
+    sources = [
+        shard_samples(
+            plan.shards(epoch, worker, i), python_rng(*ids, SOURCE, i), plan.data.resample, select, counter,
+            where=f"{dataset.key} (rank {plan.rank}, worker {worker}, epoch {epoch})",
+        )
+        for i, dataset in enumerate(plan.datasets)
+    ]
+    samples = mix(sources, [d.weight for d in plan.datasets], python_rng(*ids, MIX))
+    if plan.train and plan.data.shuffle_buffer > 1:
+        buffer = plan.data.shuffle_buffer
+        samples = shuffle(buffer, buffer, rng=python_rng(*ids, SHUFFLE))(samples)
+    return samples
+
+
+def worker_batches(plan: StreamPlan, epoch: int, worker: int, start: int) -> Iterator[Dict[str, object]]:
+    """Logical ``worker``'s batches of ``epoch`` from batch index ``start`` on; each carries its index and the skips
+    counted while making it (for the main process, which strips them)."""
+    counter = SkipCounter()
+    samples = raw_samples(plan, epoch, worker, counter)
+    batch_size = plan.data.batch_size
+    deque(itertools.islice(samples, batches_before(start, worker, plan.workers) * batch_size), maxlen=0)
+    counter.drain()  # skips met while replaying were counted before the checkpoint
+    builder = BatchBuilder(plan.model, plan.data, random_crop=plan.train and plan.data.random_crop)
+    ids = (plan.data.seed, SPLITS[plan.split], plan.rng_epoch(epoch), plan.rank)
+    for index in range(first_batch(start, worker, plan.workers), plan.batches_per_epoch, plan.workers):
+        batch = builder(list(itertools.islice(samples, batch_size)), batch_rng(*ids, index), counter)
+        batch["_index"] = index
+        batch["_skipped"] = counter.drain()
+        yield batch
+
+
+class _EpochBatches(IterableDataset):
+    """What the DataLoader iterates: one epoch from ``start``, each worker playing its logical part."""
+
+    def __init__(self, plan: StreamPlan, epoch: int, start: int):
+        super().__init__()
+        self.plan, self.epoch, self.start = plan, epoch, start
+
+    def __iter__(self) -> Iterator[Dict[str, object]]:
+        info = get_worker_info()
+        physical = 0 if info is None else info.id
+        return worker_batches(self.plan, self.epoch, (physical + self.start) % self.plan.workers, self.start)
+
+
+class DataStream:
+    """The trainer's data: ``for batch in stream`` yields the rest of the current epoch (``len(stream)`` batches per
+    epoch, the same on every rank), then the next iteration starts the next epoch.
+
+    ``rank``/``world_size`` are passed in (not read from torch.distributed) so the data layout is explicit and several
+    ranks can be simulated in one process. ``skipped()`` gives the skip counts of this rank by reason;
+    ``state_dict()``/``load_state_dict()`` save and restore the position exactly. The position (epoch, batches) is
+    the same on every rank at a given step, so any rank's state resumes any rank; only the skip counts are per rank.
+    Iterate one epoch at a time: two live iterators would both advance the position.
+    """
+
+    def __init__(self, data: DataConfig, model: ModelConfig, rank: int = 0, world_size: int = 1, split: str = "train"):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        validate_data_config(data, model)
+        datasets = load_datasets(data, split)
+        workers = max(1, data.num_workers)
+        check_readers(datasets, world_size, workers, data.resample)
+        samples, samples_key = (data.epoch_samples, "data.epoch_samples") if split == "train" else (
+            data.val_samples, "data.val_samples")
+        batches = epoch_batches(datasets, samples, samples_key, world_size, data.batch_size)
+        self.plan = StreamPlan(model, data, split, datasets, rank, world_size, workers, batches)
+        self.epoch = 0
+        self.batches = 0
+        self._skipped: Counter = Counter()
+
+    def __len__(self) -> int:
+        return self.plan.batches_per_epoch
+
+    def __iter__(self) -> Iterator[Dict[str, object]]:
+        if self.batches >= len(self):
+            self.epoch, self.batches = self.epoch + 1, 0
+        for batch in self._loader(self.epoch, self.batches):
+            index = batch.pop("_index")
+            if index != self.batches:
+                raise RuntimeError(f"data stream out of order: got batch {index}, expected {self.batches}")
+            self._skipped.update(batch.pop("_skipped"))
+            self.batches += 1
+            yield batch
+        if self.batches != len(self):
+            raise RuntimeError(f"data stream ended after {self.batches} of {len(self)} batches of epoch {self.epoch}")
+
+    def _loader(self, epoch: int, start: int) -> DataLoader:
+        data = self.plan.data
+        workers = data.num_workers
+        return DataLoader(
+            _EpochBatches(self.plan, epoch, start),
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=data.prefetch_factor if workers else None,
+            pin_memory=data.pin_memory and torch.cuda.is_available(),
+        )
+
+    def skipped(self) -> Dict[str, int]:
+        """Skipped data by reason (see ``pretrain.data.reader``) since the run began, this rank only."""
+        return dict(self._skipped)
+
+    def shards(self, epoch: int, worker: int) -> List[str]:
+        """The shard URLs this rank's ``worker`` reads in ``epoch``, over all datasets (for logs and tests)."""
+        return [s.url for i in range(len(self.plan.datasets)) for s in self.plan.shards(epoch, worker, i)]
+
+    def _layout(self) -> Dict[str, object]:
+        """What the order depends on besides (epoch, batches); a resume with other values cannot be exact."""
+        names = "\n".join(f"{os.path.basename(s.url)}:{s.samples}" for d in self.plan.datasets for s in d.shards)
+        data = self.plan.data
+        return {
+            "split": self.plan.split, "seed": data.seed, "world_size": self.plan.world_size,
+            "num_workers": self.plan.workers, "batch_size": data.batch_size, "resample": data.resample,
+            "shuffle_buffer": data.shuffle_buffer, "weights": [d.weight for d in self.plan.datasets],
+            "shards": hashlib.sha1(names.encode()).hexdigest(),
+        }
+
+    def state_dict(self) -> Dict[str, object]:
+        return {"epoch": self.epoch, "batches": self.batches, "skipped": self.skipped(), "layout": self._layout()}
+
+    def load_state_dict(self, state: Dict[str, object], strict: bool = True) -> None:
+        """Continue from ``state``. ``strict`` refuses a state saved under another data layout (world size, workers,
+        batch size, seed, shards, ...), where the same position would not give the same samples."""
+        saved: Optional[dict] = state.get("layout")
+        changed = {k: (saved.get(k), v) for k, v in self._layout().items() if saved and saved.get(k) != v}
+        if strict and changed:
+            details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise DataError(f"data stream state was saved under another layout ({details}); resume with the saved "
+                            f"values for an exact resume, or load with strict=False to continue from the same "
+                            f"position in a different order")
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        self._skipped = Counter(state.get("skipped", {}))

@@ -1,0 +1,169 @@
+"""The stream end to end on real shards: batch contract, rank/worker split, equal batch counts, mixing, errors."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_data_shards import (
+    data_config, flac_bytes, multimodal_model, multimodal_sample, npy_bytes, png_bytes, shard_of,
+    text_model, text_sample, truncate_inside_sample, write_shards,
+)
+
+from pretrain import vocab
+from pretrain.config import ConfigError, MaskingConfig
+from pretrain.data import IGNORE_INDEX, DataError, DataStream
+from pretrain.model.perceiver import PerceiverIO
+
+
+def test_batches_follow_the_contract_and_feed_the_model(tmp_path):
+    write_shards(tmp_path, [10, 10], multimodal_sample)
+    model_cfg = multimodal_model()
+    batch = next(iter(DataStream(data_config([str(tmp_path)], num_workers=1), model_cfg)))
+    inputs, decode, mask = batch["inputs"], batch["decode"], batch["decode_mask"]
+    assert inputs["text"].shape == (4, 32) and inputs["text"].dtype == torch.long
+    assert inputs["image"].shape == (4, 3, 8, 8) and inputs["image_mask"].shape == (4, 4)
+    assert inputs["audio"].shape == (4, 64) and inputs["audio_mask"].shape == (4, 4)
+    assert inputs["video"].shape == (4, 4, 3, 8, 8) and inputs["video_mask"].shape == (4, 8)
+    assert {k: tuple(v.shape) for k, v in decode.items()} == {
+        "text": (4, 5), "image": (4, 2), "audio": (4, 2), "video": (4, 4), "label": (4, 1)}
+    assert all(mask[k].shape == decode[k].shape and mask[k].dtype == torch.bool for k in decode)
+    assert batch["targets"]["text"].shape == (4, 5) and batch["targets"]["label"].shape == (4,)
+    assert len(batch["keys"]) == 4 and batch["valid"].all()
+    # Hidden patches are off in the key mask, and only patches of present images are predicted.
+    for b in range(4):
+        hidden = decode["image"][b][mask["image"][b]]
+        assert not inputs["image_mask"][b, hidden].any()
+        if not mask["image"][b].any():
+            assert not inputs["image_mask"][b].any() and (inputs["image"][b] == 0).all()
+    outputs = PerceiverIO(model_cfg)(inputs, decode)
+    assert outputs["text"].shape == (4, 5, model_cfg.text.vocab_size)
+    assert outputs["image"].shape == (4, 2, 4 * 4 * 3) and outputs["label"].shape == (4, 5)
+
+
+def test_text_ids_masks_and_targets(tmp_path):
+    texts = ["héllo wörld, a longer line of text that is cropped", "short", "x" * 20]
+    write_shards(tmp_path, [3], lambda s, i: {"__key__": f"k{i}", "txt": texts[i]})
+    cfg = data_config([str(tmp_path)], num_workers=0, batch_size=3, shuffle_buffer=0, random_crop=False,
+                      masking=MaskingConfig(text=0.25, text_mean_span=3.0))
+    batch = next(iter(DataStream(cfg, text_model(max_length=24))))
+    ids, inputs = batch["inputs"]["text"], batch["inputs"]
+    for b, key in enumerate(batch["keys"]):
+        original = vocab.encode_utf8(texts[int(key[1:])])[:24]
+        expected = torch.full((24,), vocab.PAD_ID)
+        expected[: len(original)] = torch.tensor(original)
+        positions = batch["decode"]["text"][b][batch["decode_mask"]["text"][b]]
+        assert len(positions) == max(1, round(0.25 * len(original)))
+        assert torch.equal(batch["targets"]["text"][b][: len(positions)], expected[positions])
+        assert (batch["targets"]["text"][b][len(positions):] == IGNORE_INDEX).all()
+        assert (ids[b, positions] == vocab.MASK_ID).all()
+        unmasked = torch.ones(24, dtype=torch.bool)
+        unmasked[positions] = False
+        assert torch.equal(ids[b][unmasked], expected[unmasked])
+        assert torch.equal(inputs["text_mask"][b], expected != vocab.PAD_ID)
+
+
+def test_pixels_audio_and_video_transforms(tmp_path):
+    frames = np.stack([np.full((10, 12, 3), 10 * t, np.uint8) for t in range(3)])
+    sample = {"__key__": "k", "txt": "t", "png": png_bytes(np.full((16, 16, 3), 51, np.uint8)),
+              "flac": flac_bytes(np.full(200, 0.5), 8000), "npy": npy_bytes(frames)}
+    write_shards(tmp_path, [1], lambda s, i: sample)
+    cfg = data_config([str(tmp_path)], num_workers=0, batch_size=1, pixel_mean=[0.1], pixel_std=[0.5])
+    inputs = next(iter(DataStream(cfg, multimodal_model())))["inputs"]
+    assert torch.allclose(inputs["image"], torch.full((1, 3, 8, 8), (0.2 - 0.1) / 0.5))
+    # 200 samples at 8 kHz -> 25 at 1 kHz: two of the four 16-sample patches hold audio, the rest is padding.
+    assert torch.allclose(inputs["audio"][0, :25], torch.tensor(0.5), atol=0.02)
+    assert (inputs["audio"][0, 25:] == 0).all() and not inputs["audio_mask"][0, 2:].any()
+    # 3 frames -> 4 evenly spaced: 0, 1, 1, 2.
+    levels = [(10 * t / 255 - 0.1) / 0.5 for t in (0, 1, 1, 2)]
+    assert torch.allclose(inputs["video"][0].mean(dim=(1, 2, 3)), torch.tensor(levels), atol=1e-6)
+
+
+def _reader_shards(batches, workers):
+    """Shards seen by each logical worker (batch i comes from worker i % workers)."""
+    seen = [set() for _ in range(workers)]
+    for i, batch in enumerate(batches):
+        seen[i % workers].update(shard_of(k) for k in batch["keys"])
+    return seen
+
+
+def test_two_ranks_two_workers_disjoint_shards_equal_batches(tmp_path):
+    paths = write_shards(tmp_path, [3, 40, 7, 25, 12, 9, 6, 18])
+    truncate_inside_sample(paths[1], 5)  # one rank loses most of a big shard: still the same batch count
+    cfg = data_config([str(tmp_path)], epoch_samples=96)
+    streams = [DataStream(cfg, text_model(), rank=r, world_size=2) for r in range(2)]
+    runs = [list(s) for s in streams]
+    assert [len(run) for run in runs] == [12, 12] == [len(s) for s in streams]
+    readers = [seen for run in runs for seen in _reader_shards(run, 2)]
+    assert all(readers)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not readers[i] & readers[j], (i, j)
+    planned = [{f"s{int(Path(u).stem[-6:]):02d}" for u in s.shards(0, w)} for s in streams for w in range(2)]
+    assert all(seen <= plan for seen, plan in zip(readers, planned))
+    assert set().union(*planned) == {f"s{i:02d}" for i in range(8)}
+    assert sum(s.skipped().get("corrupt_tar", 0) for s in streams) >= 1
+
+
+def test_epochs_reshuffle_shards_with_the_seed(tmp_path):
+    write_shards(tmp_path, [5] * 12)
+    a, b = (DataStream(data_config([str(tmp_path)]), text_model(), rank=1, world_size=2) for _ in range(2))
+    other = DataStream(data_config([str(tmp_path)], seed=1), text_model(), rank=1, world_size=2)
+    assert a.shards(0, 0) == b.shards(0, 0) and a.shards(3, 1) == b.shards(3, 1)
+    assert any(a.shards(0, w) != a.shards(1, w) for w in range(2))
+    assert any(a.shards(0, w) != other.shards(0, w) for w in range(2))
+
+
+def test_too_few_shards_is_a_clear_error_unless_resampling(tmp_path):
+    write_shards(tmp_path, [20, 20, 20])
+    with pytest.raises(DataError, match=r"3 shards for 2 ranks x 2 data-loader workers .*data.resample=true"):
+        DataStream(data_config([str(tmp_path)]), text_model(), rank=0, world_size=2)
+    cfg = data_config([str(tmp_path)], resample=True)
+    runs = [list(DataStream(cfg, text_model(), rank=r, world_size=2)) for r in range(2)]
+    assert [len(run) for run in runs] == [7, 7]
+    assert len({k for run in runs for b in run for k in b["keys"]}) > 20
+
+
+def test_datasets_mix_by_weight(tmp_path):
+    write_shards(tmp_path / "a", [50] * 4)
+    write_shards(tmp_path / "b", [50] * 4, first=10)
+    cfg = data_config([str(tmp_path / "a"), str(tmp_path / "b")], weights=[3.0, 1.0], batch_size=20,
+                      epoch_samples=600)
+    keys = [k for b in DataStream(cfg, text_model()) for k in b["keys"]]
+    share = sum(int(shard_of(k)[1:]) < 10 for k in keys) / len(keys)
+    assert len(keys) == 600 and 0.69 < share < 0.81
+
+
+def test_validation_repeats_the_same_batches(tmp_path):
+    write_shards(tmp_path, [9, 9])
+    stream = DataStream(data_config([str(tmp_path)]), text_model(), split="val")
+    first, second = list(stream), list(stream)
+    assert [b["keys"] for b in first] == [b["keys"] for b in second]
+    assert all(torch.equal(x["inputs"]["text"], y["inputs"]["text"]) for x, y in zip(first, second))
+    assert [k for b in first for k in b["keys"]] == [f"s00-{i:04d}" for i in range(4)] + [
+        f"s01-{i:04d}" for i in range(4)] + [f"s00-{i:04d}" for i in range(4, 8)] + [
+        f"s01-{i:04d}" for i in range(4, 8)]
+
+
+def test_bad_config_values_name_their_key(tmp_path):
+    write_shards(tmp_path, [8, 8])
+    with pytest.raises(ConfigError, match=r"data.weights: has 1 entries for 2 train_shards"):
+        DataStream(data_config([str(tmp_path), str(tmp_path)], weights=[1.0]), text_model())
+    with pytest.raises(ConfigError, match=r"data.masking.image: must be in \[0, 1\]"):
+        DataStream(data_config([str(tmp_path)], masking=MaskingConfig(image=1.5)), text_model())
+    with pytest.raises(DataError, match="data.train_shards is empty"):
+        DataStream(data_config([]), text_model())
+    with pytest.raises(DataError, match="less than one batch per rank"):
+        DataStream(data_config([str(tmp_path)], batch_size=64), text_model())
+
+
+def test_text_only_stream_skips_samples_without_text(tmp_path):
+    write_shards(tmp_path, [6, 6], lambda s, i: text_sample(s, i) if i % 3 else {
+        "__key__": f"s{s:02d}-{i:04d}", "png": png_bytes(np.zeros((4, 4, 3), np.uint8))})
+    stream = DataStream(data_config([str(tmp_path)], num_workers=1, shuffle_buffer=0, epoch_samples=8), text_model())
+    keys = [k for b in stream for k in b["keys"]]
+    assert len(keys) == 8 and all(int(k[-4:]) % 3 for k in keys)
+    assert Counter(stream.skipped())["no_usable_modality"] >= 2

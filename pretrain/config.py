@@ -7,7 +7,8 @@ between them is a rename, not arithmetic.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
@@ -304,3 +305,156 @@ def validate_data_config(cfg: DataConfig, model: ModelConfig, prefix: str = "dat
                  f"needs 1 value or one per image/video channel {sorted(channels)}, got {list(values)}")
     _require(all(s > 0 for s in cfg.pixel_std), f"{prefix}.pixel_std", f"must be positive, got {list(cfg.pixel_std)}")
     return cfg
+
+
+# --- Training run ----------------------------------------------------------------------------------------------------
+
+PRECISIONS = ("auto", "fp32", "bf16")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes everything (resolved config, DeepSpeed JSON, metrics.jsonl, checkpoints/, wandb/, log)."""
+
+    dir: str = "runs/default"
+    name: str = ""
+    log_every_steps: int = 10
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """The loop. ``global_batch_size`` 0 means ``data.batch_size x world size`` (no accumulation); otherwise it must be
+    a multiple of that product and the quotient is the number of gradient-accumulation micro-steps.
+    ``precision`` auto is bf16 on GPU and fp32 on CPU. ``loss_weights`` weighs the per-modality losses (default 1)."""
+
+    max_steps: int = 1000
+    seed: int = 0
+    global_batch_size: int = 0
+    precision: str = "auto"
+    eval_every_steps: int = 0
+    eval_batches: int = 0
+    loss_weights: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``lr x min_lr_ratio`` at ``train.max_steps``."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    """ZeRO stage 0-3 and optional optimizer offload to CPU; ``extra`` is merged last into the generated JSON."""
+
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointConfig:
+    """Saved every ``every_steps`` steps and every ``every_minutes`` minutes (0 = off), at the end, and on SIGUSR1 or
+    SIGTERM; the last ``keep_last`` are kept. ``dir`` empty means ``<run.dir>/checkpoints``."""
+
+    every_steps: int = 1000
+    every_minutes: float = 0.0
+    keep_last: int = 3
+    dir: str = ""
+
+
+@dataclass
+class WandbConfig:
+    """W&B on rank 0 only. ``online`` without an API key falls back to ``offline`` (logged), never a hang."""
+
+    mode: str = "offline"
+    project: str = "perceiver-pretrain"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    """Everything a training run reads."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """YAML file (optional) plus ``key=value`` dotlist overrides onto the schema; unknown keys and wrong types raise a
+    ConfigError naming the key. Semantic checks that need the world size are in :func:`validate_config`."""
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"--config: file {path} does not exist")
+            layers.append(OmegaConf.load(path))
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except Exception as exc:  # omegaconf's errors carry the full key in their message
+        raise ConfigError(f"config: {exc}") from exc
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict of the resolved config (for config.yaml, W&B and checkpoints)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def validate_config(cfg: Config, world_size: int) -> Config:
+    """Every check that can run before any work, each failing with the key in its message."""
+    validate_model_config(cfg.model)
+    validate_data_config(cfg.data, cfg.model)
+    t, o, d, c, w, r = cfg.train, cfg.optim, cfg.deepspeed, cfg.checkpoint, cfg.wandb, cfg.run
+    _require(t.max_steps > 0, "train.max_steps", f"must be a positive integer, got {t.max_steps}")
+    _require(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}, got {t.precision!r}")
+    micro = cfg.data.batch_size * world_size
+    _require(
+        t.global_batch_size >= 0 and t.global_batch_size % micro == 0,
+        "train.global_batch_size",
+        f"{t.global_batch_size} is not a multiple of data.batch_size x world size = {cfg.data.batch_size} x "
+        f"{world_size} = {micro}; use a multiple of {micro} (or 0 for no accumulation)",
+    )
+    for key in ("eval_every_steps", "eval_batches"):
+        _require(getattr(t, key) >= 0, f"train.{key}", "must be >= 0 (0 = off / whole split)")
+    unknown = set(t.loss_weights) - set(cfg.model.output_modalities)
+    _require(not unknown, "train.loss_weights", f"unknown modalities {sorted(unknown)}; the model outputs "
+             f"{cfg.model.output_modalities}")
+    _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"two values in [0, 1), got {o.betas}")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = no clipping)")
+    _require(d.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {d.zero_stage}")
+    _require(c.every_steps >= 0 and c.every_minutes >= 0, "checkpoint.every_steps",
+             "checkpoint.every_steps and checkpoint.every_minutes must be >= 0 (0 = off)")
+    _require(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")
+    _require(w.mode in WANDB_MODES, "wandb.mode", f"must be one of {WANDB_MODES}, got {w.mode!r}")
+    _require(bool(r.dir), "run.dir", "must name the run directory")
+    _require(r.log_every_steps > 0, "run.log_every_steps", "must be a positive integer")
+    _require(bool(cfg.data.train_shards), "data.train_shards", "give at least one shard spec to train on")
+    return cfg
+
+
+def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:
+    """Micro-steps per optimizer step, from ``train.global_batch_size`` (validated by :func:`validate_config`)."""
+    micro = cfg.data.batch_size * world_size
+    return max(1, cfg.train.global_batch_size // micro)

@@ -1,0 +1,249 @@
+"""Experiment tracking: the run's ``metrics.jsonl`` and Weights & Biases, on rank 0 only.
+
+``metrics.jsonl`` (one JSON object per logged step, ``step`` first) is written in every W&B mode, flushed on every
+line, so a killed run keeps all it logged; a resumed run first drops the lines after its checkpoint's step (and a
+fresh start the whole file), so the file ends up identical to an uninterrupted run's. Non-finite values are written
+as ``NaN``/``Infinity``, which Python's ``json`` reads back.
+
+W&B (``wandb.mode``): ``online``, ``offline`` or ``disabled`` (wandb is then never imported: the GPU image lacks it).
+``online`` without credentials, or with a server that cannot be reached within ``init_timeout``, logs offline instead,
+with one warning; offline runs never touch the network and are uploaded later with ``wandb sync <run>/wandb/offline-*``.
+W&B's files go under ``<run_dir>/wandb/``; the run id is kept in ``<run_dir>/wandb_run_id`` and in the checkpoint
+(``state_dict``), so a resumed run continues the same W&B run.
+
+Metric names the console line knows (:func:`format_metrics`); W&B groups names by their ``/`` prefix:
+``loss``, ``loss/<modality>``, ``val/loss``, ``val/loss/<modality>``, ``lr``, ``grad_norm``, ``samples_per_s``,
+``data_wait_frac`` (fraction of the wall time spent waiting for batches). Any other name is logged, not printed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import numbers
+import os
+import secrets
+import string
+from pathlib import Path
+from typing import IO, Any, Mapping, Optional
+from urllib.parse import urlsplit
+
+from .config import WANDB_MODES, ConfigError, WandbConfig
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+RUN_ID_FILE = "wandb_run_id"
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+# name -> how the console line shows it, in this order (after the losses).
+_CONSOLE = {
+    "lr": "lr {:.2e}",
+    "grad_norm": "grad {:.3g}",
+    "samples_per_s": "{:.1f} samples/s",
+    "data_wait_frac": "data wait {:.1%}",
+}
+
+
+def wandb_credentials_found(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether W&B could authenticate without a prompt: WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, or a netrc entry
+    (``NETRC`` or ``~/.netrc``, as ``wandb login`` writes it) for the host of WANDB_BASE_URL."""
+    if environ.get("WANDB_API_KEY") or environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL)).netloc
+    path = Path(environ.get("NETRC", "~/.netrc")).expanduser()
+    try:
+        entry = netrc.netrc(str(path)).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def format_metrics(metrics: Mapping[str, float], step: int, max_steps: int) -> str:
+    """One console line: step, losses (per modality in parentheses), then lr, grad norm, throughput, data wait."""
+    parts = [f"step {step:>{len(str(max_steps))}}/{max_steps}"]
+    for loss in ("loss", "val/loss"):
+        if loss in metrics:
+            per = [f"{key[len(loss) + 1:]} {value:.4f}" for key, value in metrics.items()
+                   if key.startswith(loss + "/")]
+            parts.append(f"{loss} {metrics[loss]:.4f}" + (f" ({', '.join(per)})" if per else ""))
+    parts.extend(fmt.format(metrics[key]) for key, fmt in _CONSOLE.items() if key in metrics)
+    return " | ".join(parts)
+
+
+class Tracker:
+    """``metrics.jsonl`` plus W&B for one run; on every rank but 0 each method does nothing.
+
+    ``resume_step`` is the step of the checkpoint being resumed (the number of optimizer steps it holds): the lines
+    above it in ``metrics.jsonl`` are dropped, because the resumed run logs them anew, and the W&B run of
+    ``<run_dir>/wandb_run_id`` continues. ``None`` is a fresh start: a new W&B run and a new ``metrics.jsonl`` (a run
+    killed before its first checkpoint starts over). The W&B run starts at the first :meth:`log`, so a checkpoint's
+    run id given to :meth:`load_state_dict` after construction is still the one used.
+    """
+
+    def __init__(
+        self,
+        cfg: WandbConfig,
+        run_dir: Path,
+        rank: int,
+        config: dict,
+        run_name: str = "",
+        resume_step: Optional[int] = None,
+        init_timeout: float = 30.0,
+    ) -> None:
+        if cfg.mode not in WANDB_MODES:
+            raise ConfigError(f"wandb.mode: must be one of {WANDB_MODES}, got {cfg.mode!r}")
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.rank = rank
+        self.config = config
+        self.run_name = run_name
+        self.init_timeout = init_timeout
+        self.run_id: Optional[str] = None
+        self._run: Any = None
+        self._metrics: Optional[IO[str]] = None
+        if rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        id_file = self.run_dir / RUN_ID_FILE
+        if resume_step is not None and id_file.is_file():
+            self.run_id = id_file.read_text().strip() or None
+        if self.run_id is None and cfg.mode != "disabled":
+            self.run_id = "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
+        metrics_path = self.run_dir / METRICS_FILE
+        if resume_step is None:
+            metrics_path.unlink(missing_ok=True)
+        else:
+            _keep_complete_lines(metrics_path, resume_step)
+        self._metrics = metrics_path.open("a", encoding="utf-8")
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """One line in ``metrics.jsonl`` (flushed) and one W&B history row at ``step``. Values must be numbers
+        (Python, numpy or one-element tensors); they are stored as int or float."""
+        if self.rank != 0:
+            return
+        if "step" in metrics:
+            raise ValueError("Tracker.log: metric name 'step' is reserved; pass the step as the step argument")
+        if self._metrics is None:
+            raise RuntimeError("Tracker.log after Tracker.finish()")
+        values = {key: _number(key, value) for key, value in metrics.items()}
+        self._metrics.write(json.dumps({"step": step, **values}) + "\n")
+        self._metrics.flush()
+        if self.cfg.mode == "disabled":
+            return
+        if self._run is None:
+            self._run = self._start_wandb()
+        self._run.log(values, step=step)
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close ``metrics.jsonl`` and end the W&B run (``exit_code`` != 0 marks it failed). Safe to call twice.
+        W&B's service is shut down too: ``run.finish`` alone returns before its files are written."""
+        if self._run is not None:
+            import wandb
+
+            self._run.finish(exit_code=exit_code)
+            self._run = None
+            try:
+                wandb.teardown()
+            except SystemExit as exc:  # wandb exits the process when its service failed; the run must go on
+                log.warning("W&B's service exited with code %s: its files under %s/wandb may be incomplete",
+                            exc.code, self.run_dir)
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+    def state_dict(self) -> dict:
+        """The W&B run id, for the checkpoint's client state."""
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Continue the checkpoint's W&B run; call it before the first :meth:`log`. (``strict``: the checkpoint
+        module's common signature; there is nothing optional here.)"""
+        run_id = state.get("run_id")
+        if not run_id or run_id == self.run_id:
+            return
+        if self._run is not None:
+            raise RuntimeError(f"Tracker.load_state_dict: W&B run {self.run_id} already started; load the "
+                               f"checkpoint's tracker state (run {run_id}) before the first log()")
+        self.run_id = run_id
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish(exit_code=0 if exc_type is None else 1)
+
+    def _start_wandb(self) -> Any:
+        """``wandb.init`` for this run id with resume="allow"; online falls back to offline rather than fail."""
+        # W&B's own error reporting and telemetry would contact its servers even from an offline run (a DNS lookup
+        # that hangs without internet); set WANDB_ERROR_REPORTING=true to keep them.
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+        import wandb
+
+        mode = self.cfg.mode
+        if mode == "online" and not wandb_credentials_found():
+            log.warning("wandb.mode=online but no W&B API key (WANDB_API_KEY, or `wandb login` for a netrc entry): "
+                        "logging offline under %s/wandb; upload later with `wandb sync`", self.run_dir)
+            mode = "offline"
+        if mode == "online":
+            try:
+                return self._init_wandb(wandb, mode)
+            except wandb.errors.Error as exc:
+                log.warning("W&B online start failed (%s): logging offline under %s/wandb; upload later with "
+                            "`wandb sync`", str(exc).splitlines()[0], self.run_dir)
+                wandb.teardown()  # the wandb service still holds the failed run's id
+        return self._init_wandb(wandb, "offline")
+
+    def _init_wandb(self, wandb: Any, mode: str) -> Any:
+        run = wandb.init(
+            mode=mode,
+            dir=str(self.run_dir),
+            project=self.cfg.project,
+            entity=self.cfg.entity,
+            tags=list(self.cfg.tags),
+            name=self.run_name or None,
+            id=self.run_id,
+            resume="allow",
+            config=self.config,
+            settings=wandb.Settings(console="off", init_timeout=self.init_timeout),
+        )
+        _write_atomic(self.run_dir / RUN_ID_FILE, run.id + "\n")
+        return run
+
+
+def _number(key: str, value: Any) -> float | int:
+    """A JSON-ready number: ints stay ints (bools too are numbers here), everything else becomes a float."""
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"Tracker.log: metric {key!r} is {value!r}, not a number; log floats or ints "
+                        "(e.g. tensor.item())") from None
+
+
+def _keep_complete_lines(path: Path, resume_step: int) -> None:
+    """Rewrite ``path`` without steps after ``resume_step`` and without a torn last line (a kill mid-write);
+    untouched when there is nothing to drop."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    kept = []
+    for line in text.splitlines(keepends=True):
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if line.endswith("\n") and step <= resume_step:
+            kept.append(line)
+    if "".join(kept) != text:
+        _write_atomic(path, "".join(kept))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing (a kill during the write leaves the old one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,78 @@
+"""The ``pretrain`` command line (also the ``perceiver-pretrain`` console script).
+
+    python -m pretrain train --config configs/demo.yaml [key=value ...] [--resume auto|none|PATH] [--print-config]
+
+Exit codes: 0 trained to ``train.max_steps``; 2 a bad config, data path or checkpoint path (before any training, the
+message names the key); 143 a checkpoint was written after SIGUSR1/SIGTERM: requeue the job and it resumes; anything
+else is a failure (the last complete checkpoint stays the ``latest``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from omegaconf import OmegaConf
+
+EXIT_BAD_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="pretrain a Perceiver IO with DeepSpeed (one process per device)")
+    train.add_argument("--config", required=True, help="YAML file of the schema in pretrain/config.py")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    train.add_argument("--resume", default="auto",
+                       help="auto: continue the run directory's latest checkpoint if any (default); none: start fresh "
+                            "(refused when the run directory has checkpoints); PATH: a checkpoint tag directory or a "
+                            "checkpoints directory with a 'latest' file")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def check_data_paths(cfg) -> None:
+    """Every shard spec names shards (before any process group starts), and evaluation has shards to run on."""
+    from pretrain.config import ConfigError
+    from pretrain.data import expand_spec
+
+    for key in ("train_shards", "val_shards"):
+        for i, spec in enumerate(getattr(cfg.data, key)):
+            expand_spec(spec, f"data.{key}[{i}]")
+    if cfg.train.eval_every_steps and not cfg.data.val_shards:
+        raise ConfigError("data.val_shards: train.eval_every_steps is set but there are no validation shards; give "
+                          "data.val_shards or set train.eval_every_steps=0")
+
+
+def train_command(config: str, overrides: Sequence[str], resume: str, print_config: bool) -> int:
+    from launch.env import detect_env
+    from pretrain.checkpoint import resolve_resume
+    from pretrain.config import config_to_dict, load_config, validate_config
+    from pretrain.train import checkpoint_dir
+
+    try:
+        cfg = load_config(config, overrides)
+        env = detect_env()
+        validate_config(cfg, env.world_size)
+        if print_config:
+            print(OmegaConf.to_yaml(config_to_dict(cfg)), end="")
+            return 0
+        check_data_paths(cfg)
+        resume_from: Optional[Path] = resolve_resume(resume, checkpoint_dir(cfg))
+    except ValueError as exc:  # ConfigError, DataError, CheckpointError and launch's environment errors
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    from pretrain.train import train
+
+    return train(cfg, env, resume_from)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    return train_command(args.config, args.overrides, args.resume, args.print_config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

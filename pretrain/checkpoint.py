@@ -1,0 +1,172 @@
+"""Checkpoints: collect the state of every component, save it through DeepSpeed (sharded per rank), move ``latest``.
+
+Layout: ``<dir>/<tag>/`` as DeepSpeed writes it (``mp_rank_00_model_states.pt`` holds our client state, one
+``*_optim_states.pt`` per rank) and ``<dir>/latest`` holding the newest complete tag. ``latest`` moves only after every
+rank has finished writing (a barrier, then rank 0 replaces it atomically), so it never names a partial checkpoint; a
+directory newer than ``latest`` is a write that was cut off and is replaced when that step is saved again.
+
+Client state: ``shared`` components (step/samples, tracker, ...) from rank 0, ``per_rank`` components (data stream,
+RNG) of every rank (gathered), the config and the world size. Resuming under another world size converts the tag to
+a DeepSpeed universal checkpoint once (rank 0, ``ds_to_universal``) and loads that; per-rank components then get
+rank 0's state with ``strict=False`` (the data stream continues from the same position in a different order).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+TAG = re.compile(r"^step_(\d{8})$")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Dict[str, Any]: ...
+
+    def load_state_dict(self, state: Dict[str, Any], strict: bool = True) -> None: ...
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path cannot be resumed from; the message names it and the fix."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def read_latest(directory: Path) -> Optional[Path]:
+    """The tag directory ``directory/latest`` points to, or None when there is no complete checkpoint."""
+    pointer = directory / LATEST
+    return directory / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def write_latest(directory: Path, tag: str) -> None:
+    """Atomically: a reader sees the old tag or the new one, never a torn file."""
+    tmp = directory / f".{LATEST}.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, directory / LATEST)
+
+
+def resolve_resume(resume: str, checkpoint_dir: Path) -> Optional[Path]:
+    """``auto`` -> the run's latest tag directory or None; ``none`` -> None (refused when the run already has
+    checkpoints, which a fresh start would silently overwrite and prune); a path -> a tag directory, or a checkpoint
+    directory whose ``latest`` names one."""
+    if resume == "auto":
+        return read_latest(checkpoint_dir)
+    if resume == "none":
+        if read_latest(checkpoint_dir) is not None:
+            raise CheckpointError(
+                f"--resume none: {checkpoint_dir} already holds checkpoints (latest: {read_latest(checkpoint_dir).name}); "
+                f"use --resume auto to continue them, or set run.dir to a new directory for a fresh run"
+            )
+        return None
+    path = Path(resume)
+    tag_dir = read_latest(path) if (path / LATEST).is_file() else path
+    if not (tag_dir / MODEL_STATES).is_file():
+        raise CheckpointError(f"--resume: {resume} is neither a checkpoint tag directory (with {MODEL_STATES}) nor a "
+                              f"checkpoint directory with a '{LATEST}' file; give an existing path, 'auto' or 'none'")
+    return tag_dir
+
+
+def peek_client_state(tag_dir: Path) -> Dict[str, Any]:
+    """Our client state without building an engine (memory-mapped: the weights next to it are not read)."""
+    state = torch.load(tag_dir / MODEL_STATES, map_location="cpu", mmap=True, weights_only=False)
+    return {k: state[k] for k in ("world_size", "shared", "config") if k in state}
+
+
+class RngState:
+    """The python, numpy, torch and CUDA generators of this process."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any], strict: bool = True) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def to_universal(tag_dir: Path) -> Path:
+    """``tag_dir`` as a DeepSpeed universal checkpoint next to it (converted once, by rank 0; the others wait)."""
+    target = tag_dir.with_name(f"{tag_dir.name}_universal")
+    if dist.get_rank() == 0 and not target.is_dir():
+        tmp = tag_dir.with_name(f"{tag_dir.name}_universal.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+                   "--output_folder", str(tmp), "--inject_missing_state"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise CheckpointError(f"ds_to_universal failed on {tag_dir} (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        os.replace(tmp, target)
+    dist.barrier()
+    return target
+
+
+class Checkpointer:
+    """Saves and restores the engine plus the registered components under ``directory``."""
+
+    def __init__(self, directory: Path, engine, keep_last: int, shared: Dict[str, Stateful],
+                 per_rank: Dict[str, Stateful], config: Dict[str, Any]):
+        self.directory, self.engine, self.keep_last = directory, engine, keep_last
+        self.shared, self.per_rank, self.config = shared, per_rank, config
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    def save(self, step: int) -> float:
+        """Every rank writes its shard of ``tag_for(step)``; ``latest`` moves after all have. Returns the seconds."""
+        start = time.perf_counter()
+        tag = tag_for(step)
+        if self.rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.directory / tag, ignore_errors=True)  # a write cut off earlier
+        per_rank: List[Dict[str, Any]] = [None] * self.world_size  # type: ignore[list-item]
+        dist.all_gather_object(per_rank, {name: c.state_dict() for name, c in self.per_rank.items()})
+        client = {"shared": {name: c.state_dict() for name, c in self.shared.items()}, "per_rank": per_rank,
+                  "config": self.config, "world_size": self.world_size}
+        self.engine.save_checkpoint(str(self.directory), tag=tag, client_state=client, save_latest=False)
+        dist.barrier()
+        if self.rank == 0:
+            write_latest(self.directory, tag)
+            self._prune()
+        dist.barrier()
+        return time.perf_counter() - start
+
+    def _prune(self) -> None:
+        tags = sorted(p.name for p in self.directory.iterdir() if TAG.match(p.name))
+        latest = read_latest(self.directory)
+        for name in tags[: -self.keep_last]:
+            if latest is None or name != latest.name:
+                shutil.rmtree(self.directory / name, ignore_errors=True)
+                shutil.rmtree(self.directory / f"{name}_universal", ignore_errors=True)
+
+    def load(self, tag_dir: Path, universal: bool) -> None:
+        """Restore the engine and every component from ``tag_dir`` (``universal``: saved under another world size,
+        loaded through its universal conversion)."""
+        source = to_universal(tag_dir) if universal else tag_dir
+        path, client = self.engine.load_checkpoint(str(source.parent), tag=source.name)
+        if path is None:
+            raise CheckpointError(f"--resume: DeepSpeed could not load {source}")
+        for name, component in self.shared.items():
+            component.load_state_dict(client["shared"][name])
+        mine = client["per_rank"][0 if universal else self.rank]
+        for name, component in self.per_rank.items():
+            component.load_state_dict(mine[name], strict=not universal)

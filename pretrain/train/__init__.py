@@ -1,0 +1,30 @@
+"""The DeepSpeed training engine: ``train(cfg, env, resume_from)`` runs one training process of a job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from launch.env import DistEnv
+from ..config import Config
+from .distributed import device_of, process_group
+from .loop import train_loop
+from .preemption import EXIT_PREEMPTED
+from .run import build_run, checkpoint_dir
+
+
+def train(cfg: Config, env: DistEnv, resume_from: Optional[Path]) -> int:
+    """Train under a process group that is destroyed on every exit path; returns the process exit code (0 done,
+    ``EXIT_PREEMPTED`` after a signal and its checkpoint)."""
+    device = device_of(env, cfg.data.num_workers)
+    with process_group(env, device):
+        run = build_run(cfg, env, device, resume_from)
+        exit_code = 1
+        try:
+            exit_code = train_loop(run)
+            return exit_code
+        finally:
+            run.tracker.finish(exit_code=exit_code)
+
+
+__all__ = ["train", "checkpoint_dir", "EXIT_PREEMPTED"]

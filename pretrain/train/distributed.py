@@ -1,0 +1,76 @@
+"""The process group: one context that starts it (gloo on CPU, nccl on GPU) and destroys it on every exit path.
+
+Without ``destroy_process_group`` about 5% of 2-rank gloo runs abort at exit (design.md, measured).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator, List
+
+import torch
+import torch.distributed as dist
+
+from launch.env import DistEnv, backend_for, device_for, export_env
+
+
+def device_of(env: DistEnv, data_workers: int) -> torch.device:
+    """This process's device (``launch.env.device_for``), made the current CUDA device on GPU. On CPU, unless
+    OMP_NUM_THREADS says otherwise, the process takes its share of the cores less one per DataLoader worker: more
+    threads than cores makes OpenMP's spinning threads and the workers starve each other (10x slower steps here)."""
+    device = device_for(env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes - data_workers))
+    return device
+
+
+@contextmanager
+def process_group(env: DistEnv, device: torch.device, timeout_s: float = 1800.0) -> Iterator[None]:
+    """``deepspeed.init_distributed`` from ``env`` (exported as RANK/WORLD_SIZE/... first, so DeepSpeed never tries
+    MPI discovery), without the shm_comm op it would otherwise JIT-build for ~25 s."""
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    export_env(env)
+    deepspeed.init_distributed(
+        dist_backend=backend_for(device),
+        auto_mpi_discovery=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        rank=env.rank,
+        world_size=env.world_size,
+    )
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def all_gather(obj: Any) -> List[Any]:
+    """Every rank's ``obj``, in rank order."""
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flags: List[bool], device: torch.device) -> List[bool]:
+    """Element-wise OR of ``flags`` over all ranks: one small all_reduce, so every rank takes the same decision."""
+    tensor = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def mean_over_ranks(values: dict, device: torch.device) -> dict:
+    """The mean over ranks of a dict of numbers with the same keys on every rank."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return dict(zip(keys, (tensor / dist.get_world_size()).tolist()))

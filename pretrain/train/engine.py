@@ -1,0 +1,68 @@
+"""DeepSpeed engine set-up: the JSON generated from our schema (one source of truth), written to the run directory.
+
+The optimizer is a client ``torch.optim.AdamW`` and the schedule a ``LambdaLR`` (no JIT-compiled ops); DeepSpeed
+steps the schedule on every optimizer step and saves both in its checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from ..config import Config, gradient_accumulation_steps
+from .schedule import build_optimizer, build_scheduler
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    """``auto`` is bf16 on GPU and fp32 on CPU."""
+    if cfg.train.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return cfg.train.precision
+
+
+def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(cfg: Config, world_size: int, device: torch.device, universal: bool = False) -> Dict[str, Any]:
+    """The DeepSpeed JSON for ``cfg``; ``deepspeed.extra`` is merged last (it may override anything)."""
+    micro, gas = cfg.data.batch_size, gradient_accumulation_steps(cfg, world_size)
+    zero: Dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    generated = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": micro * gas * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": resolve_precision(cfg, device) == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": universal},
+    }
+    return _merge(generated, cfg.deepspeed.extra)
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, device: torch.device, run_dir: Path,
+                 universal: bool = False):
+    """``deepspeed.initialize`` on ``model`` with the generated config, also saved as ``run_dir/deepspeed.json``."""
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, world_size, device, universal)
+    if int(torch.distributed.get_rank()) == 0:
+        (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    optimizer = build_optimizer(model, cfg.optim)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model.to(device), optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda wrapped: build_scheduler(wrapped, cfg.optim, cfg.train.max_steps),
+    )
+    return engine

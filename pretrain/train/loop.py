@@ -1,0 +1,119 @@
+"""The training loop (nanoGPT spirit: it reads top to bottom) and the evaluation pass."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import defaultdict
+from typing import Dict, Iterator
+
+import torch
+from tqdm import tqdm
+
+from ..config import gradient_accumulation_steps
+from ..data import DataStream
+from ..tracking import format_metrics
+from .distributed import any_rank, mean_over_ranks
+from .metrics import Window, count_flops, gpu_metrics, input_tokens, skipped_totals
+from .objective import modality_losses, weighted_total
+from .preemption import EXIT_PREEMPTED, Preemption
+from .run import Run
+from .schedule import lr_factor
+
+log = logging.getLogger("pretrain")
+
+
+def forever(stream: DataStream) -> Iterator[dict]:
+    while True:
+        yield from stream
+
+
+def to_device(tree, device: torch.device, dtype: torch.dtype):
+    """Tensors of a (nested) batch onto ``device``; floating ones in the engine's dtype."""
+    if isinstance(tree, dict):
+        return {key: to_device(value, device, dtype) for key, value in tree.items()}
+    if isinstance(tree, torch.Tensor):
+        tree = tree.to(device, non_blocking=True)
+        return tree.to(dtype) if tree.is_floating_point() else tree
+    return tree
+
+
+def reseed(seed: int, rank: int, step: int, micro: int) -> None:
+    """Dropout masks as a pure function of (seed, rank, step, micro-step): a resumed run draws the same ones, whatever
+    else (DataLoader iterators, evaluation) consumed the global generator in between."""
+    torch.manual_seed(hash((seed, rank, step, micro)) % 2**63)
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> Dict[str, float]:
+    """Per-modality and total loss over the first ``train.eval_batches`` validation batches (all when 0), the same
+    batches every time, averaged over ranks."""
+    run.engine.eval()
+    run.val.load_state_dict({"epoch": 0, "batches": 0})
+    sums: Dict[str, float] = defaultdict(float)
+    batches = run.cfg.train.eval_batches or len(run.val)
+    for batch in itertools.islice(run.val, batches):
+        losses = modality_losses(run.engine, run.engine.module, to_device(batch, run.device, run.dtype))
+        losses["total"] = weighted_total(losses, run.cfg.train.loss_weights)
+        for name, loss in losses.items():
+            sums[name] += float(loss) / batches
+    run.engine.train()
+    return {("val/loss" if k == "total" else f"val/loss/{k}"): v for k, v in mean_over_ranks(sums, run.device).items()}
+
+
+def train_loop(run: Run) -> int:
+    """Steps until ``train.max_steps`` (0 returned) or a preemption signal (checkpoint, ``EXIT_PREEMPTED``)."""
+    cfg, engine, progress, world = run.cfg, run.engine, run.progress, run.env.world_size
+    gas = gradient_accumulation_steps(cfg, world)
+    step_samples = cfg.data.batch_size * gas * world
+    batches, preemption, window = forever(run.stream), Preemption(), Window()
+    last_save, flops = time.monotonic(), None
+    bar = tqdm(total=cfg.train.max_steps, initial=progress.step, disable=run.env.rank != 0 or not cfg.run.progress_bar)
+    try:
+        while progress.step < cfg.train.max_steps:
+            for micro in range(gas):
+                waited = time.perf_counter()
+                batch = next(batches)
+                window.add(data_wait=time.perf_counter() - waited, tokens=input_tokens(batch["inputs"]) * world)
+                batch = to_device(batch, run.device, run.dtype)
+                if flops is None and run.device.type == "cuda":
+                    flops = gas * world * count_flops(engine, (batch["inputs"], batch["decode"]))
+                reseed(cfg.train.seed, run.env.rank, progress.step, micro)
+                losses = modality_losses(engine, engine.module, batch)
+                loss = weighted_total(losses, cfg.train.loss_weights)
+                engine.backward(loss)
+                engine.step()
+                window.add(loss=loss.detach() / gas, **{f"loss/{k}": v.detach() / gas for k, v in losses.items()})
+            progress.step += 1
+            progress.samples += step_samples
+            window.add(steps=1, samples=step_samples)
+            bar.update(1)
+            step, last = progress.step, progress.step == cfg.train.max_steps
+            minutes_due = 0 < cfg.checkpoint.every_minutes * 60 <= time.monotonic() - last_save
+            stop, minutes_due = any_rank([preemption.requested, minutes_due], run.device)
+            metrics: Dict[str, float] = {}
+            if step % cfg.run.log_every_steps == 0 or last or stop:
+                metrics = mean_over_ranks(window.flush(), run.device)
+                metrics.update(samples=progress.samples, lr=cfg.optim.lr * lr_factor(step - 1, cfg.optim, cfg.train.max_steps),
+                               **skipped_totals(run.stream.skipped()), **gpu_metrics(run.device, flops, metrics["step_time_s"]))
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+            if run.val is not None and (step % cfg.train.eval_every_steps == 0 or last):
+                metrics.update(evaluate(run))
+            if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or minutes_due or stop or last:
+                metrics["checkpoint_time_s"] = run.checkpointer.save(step)
+                last_save = time.monotonic()
+            if metrics:
+                run.tracker.log(metrics, step)
+                if run.env.rank == 0:
+                    bar.write(format_metrics(metrics, step, cfg.train.max_steps))
+            if stop:
+                log.info("signal %s: checkpointed step %d, exiting with %d for a requeue", preemption.signal, step,
+                         EXIT_PREEMPTED)
+                return EXIT_PREEMPTED
+        return 0
+    finally:
+        bar.close()
+        preemption.restore()

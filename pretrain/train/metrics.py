@@ -1,0 +1,76 @@
+"""What the loop measures besides the losses: throughput, data-wait fraction, skipped samples, GPU memory and MFU."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from typing import Dict, Iterable, Mapping, Optional
+
+import torch
+
+from .distributed import all_gather
+
+# Dense bf16 peak FLOP/s per GPU, by a substring of the device name; MFU is left out for others.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+class Window:
+    """Sums over the steps since the last log line; ``flush`` turns them into rates and means and starts anew."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.sums: Dict[str, float] = defaultdict(float)
+        self.steps = 0
+
+    def add(self, **values) -> None:
+        """Numbers or 0-d tensors (kept on their device: converting them here would sync the GPU every step)."""
+        for key, value in values.items():
+            self.sums[key] = self.sums[key] + value
+
+    def flush(self) -> Dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        steps = max(self.sums["steps"], 1)
+        out = {key: float(value) / steps for key, value in self.sums.items() if key.startswith("loss")}
+        out.update({
+            "samples_per_s": float(self.sums["samples"]) / elapsed,
+            "tokens_per_s": float(self.sums["tokens"]) / elapsed,
+            "step_time_s": elapsed / steps,
+            "data_wait_frac": float(self.sums["data_wait"]) / elapsed,
+        })
+        self.__init__()
+        return out
+
+
+def input_tokens(inputs: Mapping[str, torch.Tensor]) -> int:
+    """Elements the encoder attends to: the True entries of every ``<name>_mask`` of the batch."""
+    return int(sum(int(mask.sum()) for key, mask in inputs.items() if key.endswith("_mask")))
+
+
+def skipped_totals(counts: Dict[str, int]) -> Dict[str, int]:
+    """Skipped samples by reason, summed over ranks (a collective: every rank calls it)."""
+    total: Counter = Counter()
+    for rank_counts in all_gather(counts):
+        total.update(rank_counts)
+    return {f"skipped/{reason}": n for reason, n in sorted(total.items())}
+
+
+def gpu_metrics(device: torch.device, flops_per_step: Optional[float], step_time_s: float) -> Dict[str, float]:
+    """Peak memory and model FLOP utilisation on GPU; nothing on CPU."""
+    if device.type != "cuda":
+        return {}
+    out = {"memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    name = torch.cuda.get_device_name(device)
+    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    if peak and flops_per_step:
+        out["mfu"] = flops_per_step / step_time_s / peak
+    return out
+
+
+def count_flops(forward, args: Iterable) -> float:
+    """FLOPs of one training micro-step: 3 x a counted forward (backward ~ 2 x forward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        forward(*args)
+    return 3.0 * counter.get_total_flops()

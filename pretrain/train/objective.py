@@ -1,0 +1,47 @@
+"""Masked multimodal modelling: predict what the data stream hid, one loss per modality, a weighted sum optimised.
+
+Text and labels: cross-entropy on the decoded positions (targets -100 on padding slots and absent rows). Image, audio
+and video: MSE between the decoded patches and the model adapter's ``patchify`` of the unmasked input, gathered at
+the decoded positions and averaged over the slots ``decode_mask`` keeps.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import IGNORE_INDEX
+
+Forward = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], Dict[str, torch.Tensor]]
+
+
+def _patch_mse(pred: torch.Tensor, patches: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    target = torch.gather(patches, 1, positions[..., None].expand(-1, -1, patches.shape[-1]))
+    per_slot = (pred.float() - target.float()).pow(2).mean(-1)
+    keep = mask.to(per_slot.dtype)
+    return (per_slot * keep).sum() / keep.sum().clamp(min=1)
+
+
+def modality_losses(forward: Forward, model: nn.Module, batch: Mapping[str, dict]) -> Dict[str, torch.Tensor]:
+    """One scalar loss per decoded modality of ``batch`` (the contract of ``pretrain.data``)."""
+    inputs, decode, mask, targets = batch["inputs"], batch["decode"], batch["decode_mask"], batch["targets"]
+    out = forward(inputs, decode)
+    losses = {}
+    for name, pred in out.items():
+        if name in ("text", "label"):
+            target = targets[name].reshape(-1)
+            losses[name] = F.cross_entropy(pred.float().reshape(target.shape[0], -1), target, ignore_index=IGNORE_INDEX)
+            if not (target != IGNORE_INDEX).any():  # cross_entropy gives nan on no target; keep the graph, add 0
+                losses[name] = pred.sum() * 0.0
+        else:
+            patches = model.adapters[name].patchify(inputs[name])
+            losses[name] = _patch_mse(pred, patches, decode[name], mask[name])
+    return losses
+
+
+def weighted_total(losses: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """The optimised loss: the per-modality losses weighed by ``train.loss_weights`` (default 1)."""
+    return sum(weights.get(name, 1.0) * loss for name, loss in losses.items())

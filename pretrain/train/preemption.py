@@ -1,0 +1,31 @@
+"""SIGUSR1/SIGTERM -> a flag; the loop checkpoints at the next step boundary on every rank, then exits with
+``EXIT_PREEMPTED`` so a batch script can requeue the job (Slurm sends SIGUSR1 ahead of time with
+``--signal=USR1@60``, and SIGTERM on ``scontrol requeue`` or preemption)."""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+from typing import Optional
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: "checkpointed after a signal, requeue me"
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class Preemption:
+    """Installs the handlers on creation; ``restore()`` puts the previous ones back."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+
+    def _handle(self, signum: int, _frame: Optional[FrameType]) -> None:
+        self.signal = signum  # only a flag: no I/O or collectives inside a handler
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

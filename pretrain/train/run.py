@@ -1,0 +1,99 @@
+"""Everything a training run holds, built in order: run directory and log, model, engine, streams, tracker,
+checkpointer (restored when resuming). The loop in ``loop.py`` only uses what this returns."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from launch.env import DistEnv
+from ..checkpoint import Checkpointer, RngState, peek_client_state
+from ..config import Config, config_to_dict
+from ..data import DataStream
+from ..model import PerceiverIO
+from ..tracking import Tracker
+from .engine import build_engine, resolve_precision
+
+log = logging.getLogger("pretrain")
+
+
+@dataclass
+class Progress:
+    """Optimizer steps taken and samples seen (over all ranks)."""
+
+    step: int = 0
+    samples: int = 0
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"step": self.step, "samples": self.samples}
+
+    def load_state_dict(self, state: Dict[str, Any], strict: bool = True) -> None:
+        self.step, self.samples = int(state["step"]), int(state["samples"])
+
+
+@dataclass
+class Run:
+    cfg: Config
+    env: DistEnv
+    device: torch.device
+    dtype: torch.dtype
+    run_dir: Path
+    engine: Any
+    stream: DataStream
+    val: Optional[DataStream]
+    progress: Progress
+    tracker: Tracker
+    checkpointer: Checkpointer
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.dir) / "checkpoints"
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    """Rank 0 logs INFO to stderr and ``run_dir/train.log``; other ranks log warnings only."""
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if rank == 0:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    for handler in handlers:
+        handler.setFormatter(fmt)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers, force=True)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def build_run(cfg: Config, env: DistEnv, device: torch.device, resume_from: Optional[Path]) -> Run:
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir, env.rank)
+    resolved = config_to_dict(cfg)
+    if env.rank == 0:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    saved = peek_client_state(resume_from) if resume_from else None
+    universal = saved is not None and saved["world_size"] != env.world_size
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    engine = build_engine(cfg, PerceiverIO(cfg.model), env.world_size, device, run_dir, universal)
+    stream = DataStream(cfg.data, cfg.model, env.rank, env.world_size, "train")
+    val = None
+    if cfg.data.val_shards and cfg.train.eval_every_steps:
+        val = DataStream(cfg.data, cfg.model, env.rank, env.world_size, "val")
+    progress = Progress()
+    resume_step = saved["shared"]["progress"]["step"] if saved else None
+    tracker = Tracker(cfg.wandb, run_dir, env.rank, resolved, cfg.run.name, resume_step)
+    checkpointer = Checkpointer(checkpoint_dir(cfg), engine, cfg.checkpoint.keep_last,
+                                shared={"progress": progress, "tracker": tracker},
+                                per_rank={"data": stream, "rng": RngState()}, config=resolved)
+    if resume_from is not None:
+        if universal:
+            log.info("checkpoint %s was saved by %d processes, resuming with %d: loading it as a DeepSpeed universal "
+                     "checkpoint", resume_from, saved["world_size"], env.world_size)
+        checkpointer.load(resume_from, universal)
+        log.info("resumed from %s at step %d (%d samples seen)", resume_from, progress.step, progress.samples)
+    dtype = torch.bfloat16 if resolve_precision(cfg, device) == "bf16" else torch.float32
+    return Run(cfg, env, device, dtype, run_dir, engine, stream, val, progress, tracker, checkpointer)

@@ -1,0 +1,36 @@
+"""The learning-rate schedule: linear warmup, then cosine decay to ``lr x min_lr_ratio`` at ``train.max_steps``.
+
+A pure function of the step, shared by the engine and the plain-PyTorch benchmark, so both follow the same curve.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+
+from ..config import OptimConfig
+
+
+def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """Multiplier of ``optim.lr`` for the optimizer step ``step`` (0-based)."""
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    decay_steps = max(1, max_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / decay_steps)
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR (its state -- the step count -- is saved in checkpoints; the curve comes from the config)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, optim=optim, max_steps=max_steps))
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """A client ``torch.optim.AdamW`` (DeepSpeed's FusedAdam/CPUAdam JIT-compile for ~30 s); no weight decay on
+    biases, norms and other 1-D parameters."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)

@@ -1,0 +1,74 @@
+"""A rank that dies -- SIGKILL at a random step, or mid-way through writing its checkpoint shard -- never leaves a
+``latest`` that names an incomplete checkpoint, and the next start resumes from the last complete one."""
+
+from __future__ import annotations
+
+import random
+import resource
+import signal
+
+import pytest
+from test_train_engine import (checkpoint_files, launch, logs, losses, run, tiny_config, wait, wait_for_step)
+
+from pretrain.checkpoint import read_latest
+
+
+def assert_complete(tag_dir, world_size=2):
+    present = {p.name for p in tag_dir.iterdir()}
+    assert set(checkpoint_files(tag_dir, world_size)) <= present, f"{tag_dir} lacks files: {sorted(present)}"
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_resumes_from_the_last_complete_checkpoint(tmp_path):
+    kill_step = random.Random().randint(4, 14)
+    config = tiny_config(tmp_path, train={"max_steps": 20}, checkpoint={"every_steps": 3})
+    run_dir = config.parent / "run"
+    procs = launch(config)
+    wait_for_step(run_dir, kill_step, procs)
+    procs[1].send_signal(signal.SIGKILL)
+    codes = wait(procs, timeout=120)
+    assert codes[1] == -signal.SIGKILL and codes[0] != 0, codes
+    before = losses(run_dir)
+    latest = read_latest(run_dir / "checkpoints")
+    assert latest is not None, f"no checkpoint after killing at step >= {kill_step}\n{logs(tmp_path)}"
+    assert_complete(latest)
+    resumed_at = int(latest.name.split("_")[1])
+    assert resumed_at % 3 == 0 and resumed_at <= max(before)
+
+    run(config)
+    assert f"resumed from {latest} at step {resumed_at}" in logs(tmp_path)
+    after = losses(run_dir)
+    assert sorted(after) == list(range(1, 21))
+    assert {s: after[s] for s in before} == before  # the re-run steps repeat the killed run's losses exactly
+
+
+def _limit_file_size(limit: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.slow
+def test_rank_dying_while_writing_its_shard_leaves_latest_on_the_previous_checkpoint(tmp_path):
+    config = tiny_config(tmp_path, train={"max_steps": 6}, checkpoint={"every_steps": 3})
+    run(config)
+    checkpoints = config.parent / "run" / "checkpoints"
+    assert read_latest(checkpoints).name == "step_00000006"
+    shard_size = (checkpoints / "step_00000006" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").stat().st_size
+
+    # Rank 1 may write no file larger than half a shard: its write of the step-9 checkpoint breaks off mid-file
+    # (Python ignores SIGXFSZ, so the write fails with EFBIG and the rank dies in the middle of the checkpoint).
+    config = tiny_config(tmp_path, train={"max_steps": 12}, checkpoint={"every_steps": 3})
+    codes = wait(launch(config, preexec={1: _limit_file_size(shard_size // 2)}), timeout=120)
+    assert codes[0] != 0 and codes[1] != 0, codes
+    rank1 = (tmp_path / "rank1.log").read_text()
+    assert "in save_checkpoint" in rank1 and "iostream error" in rank1  # it died inside the write
+    partial = checkpoints / "step_00000009"
+    written = partial / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    assert partial.is_dir() and (not written.exists() or written.stat().st_size < shard_size)
+    assert read_latest(checkpoints).name == "step_00000006"
+    assert_complete(checkpoints / "step_00000006")
+
+    run(config)
+    assert f"resumed from {checkpoints / 'step_00000006'} at step 6" in logs(tmp_path)
+    assert read_latest(checkpoints).name == "step_00000012"
+    assert_complete(checkpoints / "step_00000009")
+    assert sorted(losses(config.parent / "run")) == list(range(1, 13))

@@ -1,0 +1,38 @@
+"""Another world size on resume: a 2-process ZeRO-2 checkpoint continues with 1 process through a DeepSpeed universal
+checkpoint (converted once, announced in the log), with finite losses that continue the 2-process run's."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+from test_train_engine import logs, losses, run, tiny_config
+
+from pretrain.checkpoint import read_latest
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_resumes_with_one_process(tmp_path):
+    sections = dict(train={"max_steps": 12, "global_batch_size": 8}, checkpoint={"every_steps": 8},
+                    optim={"lr": 1e-2, "warmup_steps": 1})
+    config = tiny_config(tmp_path / "one", **sections)
+    config.write_text(config.read_text().replace("max_steps: 12", "max_steps: 8"))
+    run(config, nproc=2)
+    two = tiny_config(tmp_path / "two", **sections)
+    shutil.copytree(tmp_path / "one" / "run", tmp_path / "two" / "run")
+    run(two, nproc=2)  # the same checkpoint continued by 2 processes, for comparison
+
+    config = tiny_config(tmp_path / "one", **sections)
+    run(config, nproc=1)
+    checkpoints = tmp_path / "one" / "run" / "checkpoints"
+    text = logs(tmp_path / "one")
+    assert "was saved by 2 processes, resuming with 1: loading it as a DeepSpeed universal checkpoint" in text
+    assert (checkpoints / "step_00000008_universal" / "zero").is_dir()
+    assert read_latest(checkpoints).name == "step_00000012"
+    one_process, two_process = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
+    learned = one_process[1]["loss"] - two_process[9]["loss"]  # what a restart from scratch would lose again
+    assert learned > 1.0
+    for step in range(9, 13):
+        assert math.isfinite(one_process[step]["loss"])
+        assert abs(one_process[step]["loss"] - two_process[step]["loss"]) < 0.2 * learned

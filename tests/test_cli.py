@@ -1,0 +1,61 @@
+"""``python -m pretrain train``: each bad config exits non-zero before any training, naming the key; the console
+script and ``--print-config`` work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from test_train_engine import ROOT, tiny_config
+
+
+def cli(*args: str, script: str = "") -> subprocess.CompletedProcess:
+    command = [script] if script else [sys.executable, "-m", "pretrain"]
+    return subprocess.run([*command, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+BAD = [
+    (["model.nope=1"], "model.nope"),
+    (["train.max_steps=many"], "train.max_steps"),
+    (["train.global_batch_size=6"], "train.global_batch_size"),
+    (["model.num_self_attention_heads=5"], "model.num_self_attention_heads"),
+    (["data.train_shards=['/nonexistent/shard-{000..003}.tar']"], "data.train_shards[0]"),
+    (["data.val_shards=[/nonexistent/val]"], "data.val_shards[0]"),
+    (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
+    (["--resume", "/nonexistent/checkpoints/step_00000010"], "--resume"),
+]
+
+
+@pytest.mark.parametrize("args,key", BAD, ids=[key for _, key in BAD])
+def test_bad_config_exits_before_training_naming_the_key(tmp_path, args, key):
+    config = tiny_config(tmp_path)
+    done = cli("train", "--config", str(config), *args)
+    assert done.returncode == 2, done.stderr
+    assert key in done.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_resume_none_refuses_a_run_dir_with_checkpoints(tmp_path):
+    config = tiny_config(tmp_path)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "step_00000003").mkdir(parents=True)
+    (checkpoints / "latest").write_text("step_00000003")
+    done = cli("train", "--config", str(config), "--resume", "none")
+    assert done.returncode == 2 and "--resume none" in done.stderr and "step_00000003" in done.stderr
+
+
+def test_print_config_shows_the_resolved_config_with_overrides(tmp_path):
+    config = tiny_config(tmp_path)
+    done = cli("train", "--config", str(config), "train.max_steps=77", "--print-config", script="perceiver-pretrain")
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)
+    assert resolved["train"]["max_steps"] == 77 and resolved["optim"]["betas"] == [0.9, 0.999]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["demo", "mlm_bytes_201m", "multimodal_base"])
+def test_shipped_configs_are_valid(name):
+    done = cli("train", "--config", f"configs/{name}.yaml", "--print-config")
+    assert done.returncode == 0, done.stderr

@@ -1,0 +1,158 @@
+"""The training engine with real DeepSpeed and 2 gloo processes on a tiny multimodal config: each ZeRO stage trains
+and checkpoints. The other ``test_train_*``/``test_checkpoint*`` modules import the helpers from here: they write tiny
+shards and a config, start the ranks as separate processes (RANK/WORLD_SIZE/... set, as torchrun or srun would) so a
+test can signal or kill one rank, and read back what a run wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import pytest
+import torch
+import yaml
+from test_data_shards import multimodal_model, multimodal_sample, write_shards
+
+from pretrain.checkpoint import MODEL_STATES, read_latest
+from pretrain.config import model_config_to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT = 240
+
+
+def tiny_config(tmp_path: Path, **sections) -> Path:
+    """Shards under ``tmp_path/shards`` (once) and a YAML config of the tiny multimodal model; ``sections`` update the
+    config's sections (``train={"max_steps": 4}``)."""
+    shards = tmp_path / "shards"
+    if not shards.is_dir():
+        write_shards(shards / "train", [24] * 4, multimodal_sample)
+        write_shards(shards / "val", [8] * 2, multimodal_sample, first=10)
+    cfg = {
+        "model": model_config_to_dict(multimodal_model()),
+        "data": {"train_shards": [str(shards / "train")], "val_shards": [str(shards / "val")], "batch_size": 4,
+                 "num_workers": 1, "shuffle_buffer": 16, "audio_sample_rate": 1000},
+        "train": {"max_steps": 6, "precision": "fp32"},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "deepspeed": {"zero_stage": 2},
+        "checkpoint": {"every_steps": 0},
+        "wandb": {"mode": "disabled"},
+        "run": {"dir": str(tmp_path / "run"), "log_every_steps": 1, "progress_bar": False},
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(config: Path, nproc: int = 2, args: Sequence[str] = (), log_dir: Optional[Path] = None,
+           preexec: Optional[Dict[int, Callable[[], None]]] = None) -> List[subprocess.Popen]:
+    """``nproc`` ranks of ``python -m pretrain train``, each its own process (stdout+stderr to ``rank<r>.log``);
+    ``preexec[rank]`` runs in that rank's child before it starts (e.g. to set a resource limit)."""
+    port, log_dir = free_port(), log_dir or config.parent
+    procs = []
+    for rank in range(nproc):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        out = open(log_dir / f"rank{rank}.log", "a")
+        procs.append(subprocess.Popen([sys.executable, "-m", "pretrain", "train", "--config", str(config), *args],
+                                      cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                      preexec_fn=(preexec or {}).get(rank)))
+    return procs
+
+
+def wait(procs: List[subprocess.Popen], timeout: float = RUN_TIMEOUT) -> List[int]:
+    """Exit codes; a rank still running after ``timeout`` is killed (and the test fails on its code)."""
+    deadline = time.monotonic() + timeout
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            codes.append(proc.wait())
+    return codes
+
+
+def run(config: Path, nproc: int = 2, args: Sequence[str] = ()) -> None:
+    """A whole run; fails with the ranks' logs unless every rank exits 0."""
+    codes = wait(launch(config, nproc, args))
+    assert codes == [0] * nproc, f"exit codes {codes}\n{logs(config.parent)}"
+
+
+def logs(directory: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(directory.glob("rank*.log")))
+
+
+def metrics(run_dir: Path) -> Dict[int, dict]:
+    """``metrics.jsonl`` by step."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row for row in rows}
+
+
+def losses(run_dir: Path) -> Dict[int, Dict[str, float]]:
+    return {step: {k: v for k, v in row.items() if k == "loss" or k.startswith("loss/")}
+            for step, row in metrics(run_dir).items()}
+
+
+def wait_for_step(run_dir: Path, step: int, procs: List[subprocess.Popen], timeout: float = RUN_TIMEOUT) -> int:
+    """Poll ``metrics.jsonl`` until it logs ``step`` or later; returns the newest logged step."""
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.is_file():
+            steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+            if steps and steps[-1] >= step:
+                return steps[-1]
+        assert all(p.poll() is None for p in procs), "a rank exited before reaching step %d" % step
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not logged in {timeout} s")
+
+
+def signal_all(procs: List[subprocess.Popen], sig: int) -> None:
+    for proc in procs:
+        proc.send_signal(sig)
+
+
+def checkpoint_files(tag_dir: Path, world_size: int) -> List[str]:
+    """The files a complete ZeRO-1/2 checkpoint of ``world_size`` ranks holds."""
+    return [MODEL_STATES] + [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world_size)]
+
+
+def final_weights(checkpoint_dir: Path) -> Dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=read_latest(checkpoint_dir).name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_trains_and_checkpoints_with_two_processes(tmp_path, stage):
+    config = tiny_config(tmp_path, deepspeed={"zero_stage": stage}, train={"max_steps": 6},
+                         checkpoint={"every_steps": 3, "keep_last": 1})
+    run(config)
+    run_dir = tmp_path / "run"
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, 7))
+    assert all(torch.isfinite(torch.tensor(list(row.values()))).all() for row in got.values())
+    assert set(got[1]) == {"loss", "loss/text", "loss/image", "loss/audio", "loss/video", "loss/label"}
+    checkpoints = run_dir / "checkpoints"
+    assert read_latest(checkpoints) == checkpoints / "step_00000006"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_00000006"]  # keep_last=1
+    ds_config = json.loads((run_dir / "deepspeed.json").read_text())
+    assert ds_config["zero_optimization"]["stage"] == stage and ds_config["train_batch_size"] == 8
+    weights = final_weights(checkpoints)
+    assert "encoder.latents" in weights and all(torch.isfinite(w).all() for w in weights.values())

@@ -405,7 +405,13 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
             if not Path(path).is_file():
                 raise ConfigError(f"--config: file {path} does not exist")
             layers.append(OmegaConf.load(path))
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        for override in overrides:
+            key = override.split("=", 1)[0]
+            try:
+                layers.append(OmegaConf.from_dotlist([override]))
+            except Exception as exc:
+                raise ConfigError(f"{key}: cannot parse override {override!r} ({exc}); quote values holding "
+                                  f"YAML syntax such as {{...}} or [...], e.g. {key}='\"...\"'") from exc
         merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)
     except ConfigError:

@@ -68,7 +68,7 @@ def train_loop(run: Run) -> int:
     gas = gradient_accumulation_steps(cfg, world)
     step_samples = cfg.data.batch_size * gas * world
     batches, preemption, window = forever(run.stream), Preemption(), Window()
-    last_save, flops = time.monotonic(), None
+    last_save, flops, checkpoint_time = time.monotonic(), None, None
     bar = tqdm(total=cfg.train.max_steps, initial=progress.step, disable=run.env.rank != 0 or not cfg.run.progress_bar)
     try:
         while progress.step < cfg.train.max_steps:
@@ -102,13 +102,15 @@ def train_loop(run: Run) -> int:
                     metrics["grad_norm"] = float(grad_norm)
             if run.val is not None and (step % cfg.train.eval_every_steps == 0 or last):
                 metrics.update(evaluate(run))
-            if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or minutes_due or stop or last:
-                metrics["checkpoint_time_s"] = run.checkpointer.save(step)
-                last_save = time.monotonic()
-            if metrics:
+            if metrics:  # logged before the checkpoint, so a kill during the save cannot lose this step's line
+                if checkpoint_time is not None:
+                    metrics["checkpoint_time_s"], checkpoint_time = checkpoint_time, None
                 run.tracker.log(metrics, step)
                 if run.env.rank == 0:
                     bar.write(format_metrics(metrics, step, cfg.train.max_steps))
+            if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or minutes_due or stop or last:
+                checkpoint_time = run.checkpointer.save(step)
+                last_save = time.monotonic()
             if stop:
                 log.info("signal %s: checkpointed step %d, exiting with %d for a requeue", preemption.signal, step,
                          EXIT_PREEMPTED)

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from .vocab import VOCAB_SIZE
 
-ATTENTION_BACKENDS = ("auto", "flash_attn", "varlen", "sdpa")
+ATTENTION_BACKENDS = ("auto", "flash_attn", "varlen", "sdpa", "math")
 
 
 class ConfigError(ValueError):

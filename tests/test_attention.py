@@ -65,8 +65,10 @@ def test_mask_changes_result():
     assert not torch.allclose(attend(q, k, v, padding_mask()), attend(q, k, v))
 
 
-def test_sdpa_is_available_on_cpu():
-    assert "sdpa" in available_backends(CPU, torch.float32)
+def test_cpu_backends_and_auto_choice():
+    """SDPA (its CPU flash kernel) without dropout; the written-out math path, whose dropout is cheaper, with it."""
+    assert available_backends(CPU, torch.float32) == ["sdpa", "math"]
+    assert available_backends(CPU, torch.float32, dropout_p=0.1) == ["math", "sdpa"]
     assert "varlen" not in available_backends(CPU, torch.bfloat16)
 
 
@@ -134,10 +136,25 @@ def test_bad_inputs_raise(args, match):
     "backend,match",
     [
         ("fast", r"backend must be one of"),
-        ("varlen", r"backend 'varlen' cannot run on cpu.*available here: \['sdpa'\]"),
+        ("varlen", r"backend 'varlen' cannot run on cpu.*available here: \['sdpa', 'math'\]"),
         ("flash_attn", r"backend 'flash_attn' cannot run on cpu"),
     ],
 )
 def test_bad_backend_raises(backend, match):
     with pytest.raises(ValueError, match=match):
         attend(*qkv(), backend=backend)
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5])
+def test_math_dropout_keeps_one_minus_p_and_is_unbiased(dropout_p):
+    """The int16-halves keep mask drops a p fraction, and the 1/(1-p) rescale keeps the expected output unchanged."""
+    from pretrain.model.attention import _keep_mask
+
+    keep = _keep_mask(torch.Size([1001, 999]), dropout_p, CPU)
+    assert abs(keep.float().mean().item() - (1 - dropout_p)) < 3e-3
+    assert abs(keep[:, ::2].float().mean().item() - keep[:, 1::2].float().mean().item()) < 6e-3
+    q, k, v = qkv()
+    mean = torch.stack([attend(q, k, v, dropout_p=dropout_p, backend="math") for _ in range(400)]).mean(0)
+    plain = attend(q, k, v)
+    assert ((mean - plain).norm() / plain.norm()).item() < dropout_p / 2  # a missing rescale is off by p
+    assert not torch.allclose(attend(q, k, v, dropout_p=dropout_p, backend="math"), plain)

@@ -10,6 +10,10 @@ Backends, chosen by ``backend="auto"``:
 * ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` on CUDA (half precision, no dropout), the same unpadding.
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with a boolean key mask (flash/cuDNN kernels on CUDA
   when there is no mask, the CPU flash kernel on CPU).
+* ``math``: scores, softmax and dropout written out. The CPU default when training with attention dropout: SDPA's CPU
+  flash kernel refuses dropout and its fallback makes extra passes over the scores, and ``bernoulli_`` draws the
+  dropout mask on one thread; here the mask comes from 16-bit halves of random int32s (keep probability exact to
+  1/32768) and the 1/(1-p) rescale is applied to the small output instead of the probabilities.
 
 Unequal query/key and value head dims are zero-padded to the larger one while the softmax scale stays
 ``1/sqrt(qk_head_dim)``: the scores are unchanged and the fused kernels, which need equal dims, become eligible.
@@ -24,12 +28,13 @@ import functools
 import importlib.util
 import inspect
 import math
+import sys
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "flash_attn", "varlen", "sdpa")
+from ..config import ATTENTION_BACKENDS as BACKENDS
 _HALF = (torch.bfloat16, torch.float16)
 
 
@@ -45,14 +50,15 @@ def torch_varlen_available() -> bool:
 
 def available_backends(device: torch.device, dtype: torch.dtype, dropout_p: float = 0.0) -> list[str]:
     """The concrete backends that can run on this device and dtype, fastest first."""
+    if device.type != "cuda":
+        return ["math", "sdpa"] if dropout_p > 0.0 else ["sdpa", "math"]
     names = []
-    if device.type == "cuda" and dtype in _HALF:
+    if dtype in _HALF:
         if flash_attn_available():
             names.append("flash_attn")
         if torch_varlen_available() and dropout_p == 0.0:
             names.append("varlen")
-    names.append("sdpa")
-    return names
+    return names + ["sdpa", "math"]
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor]) -> None:
@@ -89,6 +95,29 @@ def _sdpa(q, k, v, key_mask, scale, dropout_p):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p, scale=scale
     )
     return out.transpose(1, 2)
+
+
+def _keep_mask(shape: torch.Size, dropout_p: float, device: torch.device) -> torch.Tensor:
+    """Bernoulli(1 - p) mask from the two int16 halves of random int32s in one comparison: ``random_`` fills
+    [0, 2^31), so the low half is uniform over all 16 bits and the high half over [0, 2^15)."""
+    count = math.prod(shape)
+    halves = torch.empty((count + 1) // 2, dtype=torch.int32, device=device).random_().view(torch.int16).view(-1, 2)
+    thresholds = [round(dropout_p * 2**16) - 2**15, round(dropout_p * 2**15)]
+    if sys.byteorder == "big":
+        thresholds.reverse()
+    keep = halves >= torch.tensor(thresholds, dtype=torch.int16, device=device)
+    return keep.view(-1)[:count].view(shape)
+
+
+def _math(q, k, v, key_mask, scale, dropout_p):
+    scores = (q.transpose(1, 2) * scale) @ k.permute(0, 2, 3, 1)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        probs = torch.where(_keep_mask(probs.shape, dropout_p, probs.device), probs, 0.0)
+    out = (probs @ v.transpose(1, 2)).transpose(1, 2)
+    return out / (1.0 - dropout_p) if dropout_p > 0.0 else out
 
 
 def _unpad(q, k, v, key_mask):
@@ -133,7 +162,7 @@ def _torch_varlen(q, k, v, key_mask, scale, dropout_p):
     return out.view(q.shape[0], q.shape[1], *out.shape[1:])
 
 
-_KERNELS = {"flash_attn": _flash_attn, "varlen": _torch_varlen, "sdpa": _sdpa}
+_KERNELS = {"flash_attn": _flash_attn, "varlen": _torch_varlen, "sdpa": _sdpa, "math": _math}
 
 
 def attend(
@@ -164,7 +193,9 @@ def attend(
         )
     dv = v.shape[-1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out = _KERNELS[backend](*_pad_head_dims(q, k, v), key_mask, scale, dropout_p)[..., :dv]
+    if backend != "math":  # the fused kernels need equal head dims
+        q, k, v = _pad_head_dims(q, k, v)
+    out = _KERNELS[backend](q, k, v, key_mask, scale, dropout_p)[..., :dv]
     if key_mask is not None:
         out = torch.where(key_mask.any(dim=1)[:, None, None, None], out, 0.0)
     return out

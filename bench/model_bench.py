@@ -135,7 +135,7 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def build_models(cfg: dict, length: int, device: torch.device, want: str):
+def build_models(cfg: dict, length: int, device: torch.device, want: str, attention_backend: str = "auto"):
     """transformers' model with seed 0 and, for ``want != HF``, ours converted from it (theirs is then dropped)."""
     from transformers import PerceiverConfig, PerceiverForMaskedLM
 
@@ -148,8 +148,10 @@ def build_models(cfg: dict, length: int, device: torch.device, want: str):
         hf = PerceiverForMaskedLM(hf_cfg)
     if want == HF:
         return hf, None
+    ours_cfg = config_from_hf(hf_cfg.to_dict())
+    ours_cfg.attention_backend = attention_backend
     with device:
-        ours = PerceiverIO(config_from_hf(hf_cfg.to_dict()))
+        ours = PerceiverIO(ours_cfg)
     ours.load_state_dict(hf_to_state_dict(hf.state_dict()))
     return ours, hf
 
@@ -170,7 +172,8 @@ def prepare(spec: dict) -> dict:
     device = torch.device(spec["device"])
     cuda = device.type == "cuda"
     batch, length, variant = spec["batch"], spec["length"], spec["variant"]
-    model, hf = build_models(spec["config"], length, device, HF if variant == HF else OURS)
+    model, hf = build_models(spec["config"], length, device, HF if variant == HF else OURS,
+                             spec.get("attention_backend", "auto"))
     check = parity(model, hf, length, device) if (hf is not None and spec.get("parity")) else None
     del hf
     model.train()
@@ -189,8 +192,8 @@ def prepare(spec: dict) -> dict:
             forward = lambda: model(input_ids=ids).logits
         else:
             forward = lambda: model.text_logits(ids)
-    if spec.get("compile") and variant != HF:
-        forward = torch.compile(forward)
+    if spec.get("compile") and (variant != HF or spec.get("compile_hf")):
+        forward = torch.compile(forward, mode=spec.get("compile_mode"))
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if cuda else {}))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and spec["bf16"] else nullcontext()
@@ -410,6 +413,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--masked", action=argparse.BooleanOptionalAction, default=True,
                    help="extra row: ours decoding only 15%% of the positions (default on)")
     p.add_argument("--compile", action="store_true", help="torch.compile our forward (off: it did not help, see README)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--attention-backend", default="auto", help="our model's model.attention_backend")
+    p.add_argument("--compile-hf", action="store_true", help="with --compile, compile transformers' model too")
     p.add_argument("--fp32", action="store_true", help="on CUDA, run in fp32 instead of bf16 autocast")
     p.add_argument("--threads", type=int, help="torch.set_num_threads in each measurement (CPU)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
@@ -443,7 +449,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     cfg = GPU_CONFIG if args.device == "cuda" else CPU_CONFIG
     base = dict(device=args.device, config=cfg, steps=args.steps, warmup=args.warmup, bf16=not args.fp32,
-                threads=args.threads)
+                threads=args.threads, compile_mode=args.compile_mode, compile_hf=args.compile_hf,
+                attention_backend=args.attention_backend)
     if args.omp_passive:
         if args.isolate:
             os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read by the workers' OpenMP runtime at start-up
@@ -474,7 +481,7 @@ def main(argv=None) -> int:
               OURS_MASKED: "ours, 15% masked decode [not like-for-like]"}
     variants = [HF, OURS] + ([OURS_MASKED] if args.masked else [])
     specs = [dict(base, variant=v, batch=args.batch, length=args.length, parity=v == OURS,
-                  compile=args.compile and v != HF) for v in variants]
+                  compile=args.compile) for v in variants]
     results = {"headline": run.group(specs), "sweep": []}
     show(results["headline"])
     ref = results["headline"][HF]
@@ -484,7 +491,7 @@ def main(argv=None) -> int:
         rows.append(["length sweep (full decode)"] + [""] * (len(COLUMNS) - 1))
         for length in args.sweep_lengths:
             pair = run.group([dict(base, variant=v, batch=args.sweep_batch, length=length,
-                                   compile=args.compile and v != HF) for v in (HF, OURS)])
+                                   compile=args.compile) for v in (HF, OURS)])
             show(pair)
             results["sweep"].append({"length": length, **pair})
             rows.append(_row(f"  transformers M={length}", pair[HF], peak, None))

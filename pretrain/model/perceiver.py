@@ -25,8 +25,8 @@ from .layers import PerceiverLayer
 class PerceiverEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cross_qk = cfg.qk_channels or (cfg.d_model if cfg.cross_attention_shape_for_attention == "kv" else cfg.d_latents)
-        self_qk = cfg.qk_channels or cfg.d_latents
+        cross_qk, cross_v = cfg.cross_attention_channels
+        self_qk, self_v = cfg.self_attention_channels
         self.num_blocks = cfg.num_blocks
         self.activation_checkpointing = cfg.activation_checkpointing
         self.latents = nn.Parameter(torch.empty(cfg.num_latents, cfg.d_latents))
@@ -34,7 +34,7 @@ class PerceiverEncoder(nn.Module):
             q_dim=cfg.d_latents,
             kv_dim=cfg.d_model,
             qk_channels=cross_qk,
-            v_channels=cfg.v_channels or cross_qk,
+            v_channels=cross_v,
             num_heads=cfg.num_cross_attention_heads,
             widening_factor=cfg.cross_attention_widening_factor,
             use_query_residual=cfg.use_query_residual,
@@ -46,7 +46,7 @@ class PerceiverEncoder(nn.Module):
                 q_dim=cfg.d_latents,
                 kv_dim=None,
                 qk_channels=self_qk,
-                v_channels=cfg.v_channels or self_qk,
+                v_channels=self_v,
                 num_heads=cfg.num_self_attention_heads,
                 widening_factor=cfg.self_attention_widening_factor,
                 dropout=cfg.attention_dropout,
@@ -68,11 +68,12 @@ class PerceiverEncoder(nn.Module):
 class PerceiverDecoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        qk, v = cfg.decoder_attention_channels
         self.cross_attention = PerceiverLayer(
             q_dim=cfg.d_model,
             kv_dim=cfg.d_latents,
-            qk_channels=cfg.decoder_qk_channels,
-            v_channels=cfg.decoder_v_channels or cfg.d_model,
+            qk_channels=qk,
+            v_channels=v,
             num_heads=cfg.decoder_num_heads,
             widening_factor=cfg.decoder_widening_factor,
             use_query_residual=cfg.decoder_use_query_residual,

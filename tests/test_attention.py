@@ -147,14 +147,43 @@ def test_bad_backend_raises(backend, match):
 
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5])
 def test_math_dropout_keeps_one_minus_p_and_is_unbiased(dropout_p):
-    """The int16-halves keep mask drops a p fraction, and the 1/(1-p) rescale keeps the expected output unchanged."""
-    from pretrain.model.attention import _keep_mask
+    """The int16-halves mask drops a p fraction, and the 1/(1-p) rescale keeps the expected output unchanged."""
+    from pretrain.model.attention import _drop_mask
 
-    keep = _keep_mask(torch.Size([1001, 999]), dropout_p, CPU)
-    assert abs(keep.float().mean().item() - (1 - dropout_p)) < 3e-3
-    assert abs(keep[:, ::2].float().mean().item() - keep[:, 1::2].float().mean().item()) < 6e-3
+    drop = _drop_mask(torch.Size([1001, 999]), dropout_p, CPU)
+    assert abs(drop.float().mean().item() - dropout_p) < 3e-3
+    assert abs(drop[:, ::2].float().mean().item() - drop[:, 1::2].float().mean().item()) < 6e-3
     q, k, v = qkv()
     mean = torch.stack([attend(q, k, v, dropout_p=dropout_p, backend="math") for _ in range(400)]).mean(0)
     plain = attend(q, k, v)
     assert ((mean - plain).norm() / plain.norm()).item() < dropout_p / 2  # a missing rescale is off by p
     assert not torch.allclose(attend(q, k, v, dropout_p=dropout_p, backend="math"), plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nq,nk,masked", [(5, 9, True), (3, 1031, False), (64, 200, True)])
+def test_cpu_dropout_forward_and_gradients_match_float64_with_the_same_mask(dtype, nq, nk, masked):
+    """The CPU dropout path (in-place softmax and softmax gradient) against autograd through the written-out formula
+    in float64, drawing the same mask from the same seed."""
+    from pretrain.model.attention import _drop_mask
+
+    batch, heads, dqk, dv, p = 3, 2, 16, 24, 0.3
+    q, k, v = qkv(batch, nq, nk, heads, dqk, dv, dtype=dtype, requires_grad=True)
+    key_mask = padding_mask(batch, nk) if masked else None
+    grad_out = torch.randn(batch, nq, heads, dv, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(7)
+    out = attend(q, k, v, key_mask, dropout_p=p, backend="math")
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q64, k64) / math.sqrt(dqk)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    torch.manual_seed(7)
+    drop = _drop_mask(scores.shape, p, CPU)
+    probs = torch.softmax(scores, dim=-1).masked_fill(drop, 0.0) / (1 - p)
+    ref = torch.einsum("bhqk,bkhd->bqhd", probs, v64)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out.double())
+    assert drop.any() and rel_err(out, ref) < TOLERANCE[dtype]
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert rel_err(grad, ref_grad) < TOLERANCE[dtype]

@@ -13,8 +13,11 @@ Backends, in the order ``backend="auto"`` prefers them:
   flash_attn. On an H100 it was slower than SDPA for every Perceiver shape, padded keys included, so it ranks after it.
 * ``math``: scores, softmax and dropout written out. The CPU default when training with attention dropout: SDPA's CPU
   flash kernel refuses dropout and its fallback makes extra passes over the scores, and ``bernoulli_`` draws the
-  dropout mask on one thread; here the mask comes from 16-bit halves of random int32s (keep probability exact to
-  1/32768) and the 1/(1-p) rescale is applied to the small output instead of the probabilities.
+  dropout mask on one thread; here the mask comes from 15-bit halves of random int32s (drop probability exact to
+  1/32768) and the 1/(1-p) rescale is applied to the small output instead of the probabilities. On CPU the dropout
+  path is one autograd function (``_CpuDropoutAttention``) whose softmax, and whose backward's masking and softmax
+  gradient, run in place: every score-sized tensor is a fresh 32 MB allocation at the benchmark's shapes, which
+  glibc maps and faults in anew each time, and those passes are what the CPU step spends beyond the matmuls.
 
 Unequal query/key and value head dims are zero-padded to the larger one while the softmax scale stays
 ``1/sqrt(qk_head_dim)``: the scores are unchanged and the fused kernels, which need equal dims, become eligible.
@@ -29,7 +32,6 @@ import functools
 import importlib.util
 import inspect
 import math
-import sys
 from typing import Optional
 
 import torch
@@ -100,29 +102,56 @@ def _sdpa(q, k, v, key_mask, scale, dropout_p):
     return out.transpose(1, 2)
 
 
-def _keep_mask(shape: torch.Size, dropout_p: float, device: torch.device) -> torch.Tensor:
-    """Bernoulli(1 - p) mask from the two int16 halves of random int32s in one comparison: ``random_`` fills
-    [0, 2^31), so the low half is uniform over all 16 bits and the high half over [0, 2^15)."""
+def _drop_mask(shape: torch.Size, dropout_p: float, device: torch.device) -> torch.Tensor:
+    """Bernoulli(p) mask (True = dropped) from the two 16-bit halves of random int32s: with each half's top bit
+    cleared, both are uniform over [0, 2^15) and one vectorised comparison with a scalar decides two elements."""
     count = math.prod(shape)
-    halves = torch.empty((count + 1) // 2, dtype=torch.int32, device=device).random_().view(torch.int16).view(-1, 2)
-    thresholds = [round(dropout_p * 2**16) - 2**15, round(dropout_p * 2**15)]
-    if sys.byteorder == "big":
-        thresholds.reverse()
-    keep = halves >= torch.tensor(thresholds, dtype=torch.int16, device=device)
-    return keep.view(-1)[:count].view(shape)
+    randoms = torch.empty((count + 1) // 2, dtype=torch.int32, device=device).random_().bitwise_and_(0x7FFF7FFF)
+    drop = randoms.view(torch.int16) < round(dropout_p * 2**15)
+    return drop[:count].view(shape)
+
+
+class _CpuDropoutAttention(torch.autograd.Function):
+    """softmax(q k^T) with dropout, times v, for [B, H, L, D] inputs (q already scaled). Saves what autograd would
+    (probabilities before and after dropout, the mask) but computes the softmax, the masking of the incoming gradient
+    and the softmax gradient in place, which saves three score-sized allocations and one pass per call."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, dropout_p):
+        scores = q @ k.transpose(-1, -2)
+        if key_mask is not None:
+            scores.masked_fill_(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)  # row by row: safe in place
+        drop = _drop_mask(probs.shape, dropout_p, probs.device)
+        dropped = torch.where(drop, 0.0, probs)
+        ctx.save_for_backward(q, k, v, probs, dropped, drop)
+        ctx.dropout_p = dropout_p
+        return (dropped @ v).div_(1.0 - dropout_p)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, probs, dropped, drop = ctx.saved_tensors
+        grad_out = grad_out / (1.0 - ctx.dropout_p)
+        grad_v = dropped.transpose(-1, -2) @ grad_out
+        grad_probs = (grad_out @ v.transpose(-1, -2)).masked_fill_(drop, 0.0)
+        grad_scores = torch.ops.aten._softmax_backward_data.out(
+            grad_probs, probs, -1, probs.dtype, grad_input=grad_probs
+        )
+        return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, grad_v, None, None
 
 
 def _math(q, k, v, key_mask, scale, dropout_p):
-    scores = (q.transpose(1, 2) * scale) @ k.permute(0, 2, 3, 1)
+    q, k, v = q.transpose(1, 2) * scale, k.transpose(1, 2), v.transpose(1, 2)
+    if dropout_p > 0.0 and q.device.type == "cpu":
+        return _CpuDropoutAttention.apply(q, k, v, key_mask, dropout_p).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2)
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
-    if dropout_p > 0.0 and probs.device.type != "cpu":  # fused by torch.compile, philox RNG on the GPU
+    if dropout_p > 0.0:  # fused by torch.compile, philox RNG on the GPU
         probs = F.dropout(probs, dropout_p)
-    elif dropout_p > 0.0:
-        probs = torch.where(_keep_mask(probs.shape, dropout_p, probs.device), probs, 0.0)
-        return (probs @ v.transpose(1, 2)).transpose(1, 2) / (1.0 - dropout_p)
-    return (probs @ v.transpose(1, 2)).transpose(1, 2)
+    return (probs @ v).transpose(1, 2)
 
 
 def _unpad(q, k, v, key_mask):

@@ -1,10 +1,14 @@
-"""A rank that dies -- SIGKILL at a random step, or mid-way through writing its checkpoint shard -- never leaves a
-``latest`` that names an incomplete checkpoint, and the next start resumes from the last complete one."""
+"""A rank that dies -- SIGKILL at a random step, SIGKILL while blocked inside the write of its checkpoint shard, or an
+I/O error mid-way through that write -- never leaves a ``latest`` that names an incomplete checkpoint, and the next
+start resumes from the last complete one."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import random
 import resource
+import select
 import signal
 
 import pytest
@@ -70,5 +74,53 @@ def test_rank_dying_while_writing_its_shard_leaves_latest_on_the_previous_checkp
     run(config)
     assert f"resumed from {checkpoints / 'step_00000006'} at step 6" in logs(tmp_path)
     assert read_latest(checkpoints).name == "step_00000012"
+    assert_complete(checkpoints / "step_00000009")
+    assert sorted(losses(config.parent / "run")) == list(range(1, 13))
+
+
+def _pipe_capacity(fd: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+
+
+@pytest.mark.slow
+def test_sigkill_while_a_rank_is_inside_its_shard_write(tmp_path):
+    """Rank 1's shard file of the step-9 checkpoint is a FIFO (the tag directory is a symlink, which the cleanup of a
+    cut-off tag leaves alone): the rank blocks inside ``write`` once the pipe is full, and gets SIGKILL there."""
+    config = tiny_config(tmp_path, train={"max_steps": 6}, checkpoint={"every_steps": 3})
+    run(config)
+    checkpoints = config.parent / "run" / "checkpoints"
+    shard_name = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard_size = (checkpoints / "step_00000006" / shard_name).stat().st_size
+
+    trap = tmp_path / "trap"
+    trap.mkdir()
+    os.mkfifo(trap / shard_name)
+    (checkpoints / "step_00000009").symlink_to(trap, target_is_directory=True)
+    reader = os.open(trap / shard_name, os.O_RDONLY | os.O_NONBLOCK)
+    assert shard_size > _pipe_capacity(reader), "the shard must not fit into the pipe, or its write would complete"
+    config = tiny_config(tmp_path, train={"max_steps": 12}, checkpoint={"every_steps": 3})
+    procs = launch(config)
+    poller = select.poll()
+    poller.register(reader, select.POLLIN)
+    while not poller.poll(100):  # until rank 1 has written the first bytes of its shard
+        assert all(p.poll() is None for p in procs), f"a rank exited before writing step 9\n{logs(tmp_path)}"
+    procs[1].send_signal(signal.SIGKILL)
+    codes = wait(procs, timeout=120)
+    assert codes[1] == -signal.SIGKILL and codes[0] != 0, codes
+    written = b"".join(iter(lambda: os.read(reader, 1 << 16), b""))
+    os.close(reader)
+    assert 0 < len(written) < shard_size  # killed mid-file
+    assert read_latest(checkpoints).name == "step_00000006"
+    assert_complete(checkpoints / "step_00000006")
+
+    # Leave what a killed write leaves on a real disk: the tag directory with the truncated shard.
+    (checkpoints / "step_00000009").unlink()
+    (trap / shard_name).unlink()
+    (trap / shard_name).write_bytes(written)
+    trap.rename(checkpoints / "step_00000009")
+    run(config)
+    assert f"resumed from {checkpoints / 'step_00000006'} at step 6" in logs(tmp_path)
+    assert read_latest(checkpoints).name == "step_00000012"
+    assert (checkpoints / "step_00000009" / shard_name).stat().st_size > len(written)
     assert_complete(checkpoints / "step_00000009")
     assert sorted(losses(config.parent / "run")) == list(range(1, 13))

@@ -156,3 +156,35 @@ def test_zero_stage_trains_and_checkpoints_with_two_processes(tmp_path, stage):
     assert ds_config["zero_optimization"]["stage"] == stage and ds_config["train_batch_size"] == 8
     weights = final_weights(checkpoints)
     assert "encoder.latents" in weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+VARIANTS = {
+    # name: (overrides of the run that is checkpointed and resumed, overrides of the uninterrupted reference)
+    "offload": ({"deepspeed": {"zero_stage": 2, "offload_optimizer": True}}, {}),
+    "bf16": ({"train": {"precision": "bf16"}}, {"train": {"precision": "bf16"}}),
+}
+
+
+def _with_steps(overrides: dict, max_steps: int) -> dict:
+    return dict(overrides, train={**overrides.get("train", {}), "max_steps": max_steps}, checkpoint={"every_steps": 2})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_trains_and_resumes_like_an_uninterrupted_run(tmp_path, variant):
+    """ZeRO-2 with the optimizer offloaded to CPU gives the losses of a run without offload, and bf16 (DeepSpeed's
+    bf16 weights with fp32 master copies) those of an uninterrupted bf16 run, across a resume from their own
+    checkpoint at step 2 (the offloaded / master optimizer state saved and restored)."""
+    resumed, reference = VARIANTS[variant]
+    run(tiny_config(tmp_path / "reference", **_with_steps(reference, 4)))
+    run(tiny_config(tmp_path / "resumed", **_with_steps(resumed, 2)))
+    run(tiny_config(tmp_path / "resumed", **_with_steps(resumed, 4)))
+    run_dir = tmp_path / "resumed" / "run"
+    assert "resumed from" in logs(tmp_path / "resumed")
+    zero = json.loads((run_dir / "deepspeed.json").read_text())
+    assert zero["bf16"]["enabled"] == (variant == "bf16")
+    assert ("offload_optimizer" in zero["zero_optimization"]) == (variant == "offload")
+    want, got = losses(tmp_path / "reference" / "run"), losses(run_dir)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in want:
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5, abs=1e-6), step

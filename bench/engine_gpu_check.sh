@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The training engine on a GPU: what CPU CI cannot show. nccl, bf16 on CUDA, the MFU and memory metrics, a checkpoint
+# and its resume on the GPU, and ZeRO-2 with the optimizer offloaded to (pinned) CPU memory. Model: the paper's 201M
+# language Perceiver (configs/mlm_bytes_201m.yaml) on a synthetic byte corpus written here. Prints a table and exits
+# non-zero when a check fails.
+#
+#   bash bench/engine_gpu_check.sh [key=value ...]        # extra overrides go to every run
+#
+# On the GPU machine (device tool): collect the wheels the image lacks first, here, and carry .whl:
+#   bash ../shared/tools/gpu-wheels.sh pillow soundfile cffi pycparser
+# CPU dry run of the script itself (a small model, gloo):
+#   NPROC=2 bash bench/engine_gpu_check.sh model.num_self_attends_per_block=1 model.d_latents=128 \
+#     model.qk_channels=64 model.v_channels=128 model.num_latents=32 model.d_model=64 model.text.max_length=256 \
+#     data.batch_size=2 train.global_batch_size=4 data.num_workers=1
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -d .whl ] && ! python3 -c "import deepspeed, omegaconf, webdataset, soundfile, PIL" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+out=${OUT:-bench/out/engine_gpu}
+nproc=${NPROC:-1}
+rm -rf "$out" && mkdir -p "$out"
+
+python3 - "$out/corpus" <<'EOF'
+import json, random, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+rng = random.Random(0)
+words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
+for split, count in (("train", 4096), ("val", 256)):
+    (root / split).mkdir(parents=True)
+    with open(root / split / "manifest.jsonl", "w") as f:
+        for i in range(count):
+            f.write(json.dumps({"key": f"{split}{i:05d}", "text": " ".join(rng.choices(words, k=420))}) + "\n")
+EOF
+for split in train val; do
+  python3 -m data_prep shard --manifest "$out/corpus/$split/manifest.jsonl" --out "$out/shards/$split" \
+    --max-samples-per-shard 32 >/dev/null
+done
+
+common=(data.train_shards="[$out/shards/train]" data.val_shards="[$out/shards/val]" wandb.mode=disabled
+        train.global_batch_size=32 optim.warmup_steps=10 train.eval_every_steps=20 train.eval_batches=2
+        checkpoint.every_steps=20 checkpoint.every_minutes=0 run.log_every_steps=10 run.progress_bar=false)
+train() {  # run name, then overrides
+  local name=$1; shift
+  /usr/bin/time -f "%e" -o "$out/$name.wall" torchrun --standalone --nproc_per_node "$nproc" -m pretrain train \
+    --config configs/mlm_bytes_201m.yaml "${common[@]}" "$@" > "$out/$name.log" 2>&1 \
+    || { echo "run $name failed:"; tail -30 "$out/$name.log"; exit 1; }
+}
+train bf16 run.dir="$out/bf16" train.max_steps=40 "$@"
+train bf16 run.dir="$out/bf16" train.max_steps=60 "$@"   # resumes from step 40
+train offload run.dir="$out/offload" train.max_steps=20 deepspeed.offload_optimizer=true "$@"
+
+python3 - "$out" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+failures = []
+def rows(name):
+    return [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+def check(ok, what):
+    if not ok:
+        failures.append(what)
+print(f"{'run':<10}{'steps':>6}{'samples/s':>11}{'step s':>8}{'MFU':>7}{'mem GB':>8}{'loss first':>11}{'loss last':>10}")
+for name in ("bf16", "offload"):
+    train = [r for r in rows(name) if "samples_per_s" in r]
+    last = train[-1]
+    mfu = f"{last['mfu']:.1%}" if "mfu" in last else "-"
+    mem = f"{last['memory_gb']:.1f}" if "memory_gb" in last else "-"
+    print(f"{name:<10}{last['step']:>6}{last['samples_per_s']:>11.1f}{last['step_time_s']:>8.3f}{mfu:>7}{mem:>8}"
+          f"{train[0]['loss']:>11.3f}{last['loss']:>10.3f}")
+    check(all(r["loss"] == r["loss"] for r in train), f"{name}: a NaN loss")
+    check(last["loss"] < train[0]["loss"], f"{name}: the loss did not fall")
+config = json.loads((out / "bf16" / "deepspeed.json").read_text())
+log = (out / "bf16" / "train.log").read_text()
+check("resumed from" in log and "at step 40" in log, "bf16: the second run did not resume from step 40")
+check(sorted({r["step"] for r in rows("bf16") if "loss" in r}) == list(range(10, 61, 10)), "bf16: logged steps")
+offload = json.loads((out / "offload" / "deepspeed.json").read_text())["zero_optimization"]["offload_optimizer"]
+print(f"deepspeed bf16={config['bf16']['enabled']} offload={offload}")
+print(f"wall s: bf16 {(out / 'bf16.wall').read_text().split()[-1]}, offload {(out / 'offload.wall').read_text().split()[-1]}")
+for failure in failures:
+    print("FAILED:", failure)
+sys.exit(1 if failures else 0)
+EOF

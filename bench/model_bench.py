@@ -56,7 +56,7 @@ CPU_CONFIG = dict(
 DEFAULTS = {
     # batch, length, steps, warmup, sweep lengths, sweep batch
     "cpu": dict(batch=8, length=1024, steps=8, warmup=2, sweep_lengths=[256, 1024, 4096], sweep_batch=2),
-    "cuda": dict(batch=32, length=2048, steps=10, warmup=3, sweep_lengths=[2048, 8192, 32768], sweep_batch=8),
+    "cuda": dict(batch=32, length=2048, steps=10, warmup=3, sweep_lengths=[2048, 8192, 32768], sweep_batch=16),
 }
 MASK_FRACTION = 0.15
 HF = "transformers"
@@ -409,7 +409,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="length sweep (default on)")
     p.add_argument("--sweep-lengths", type=lambda s: [int(x) for x in s.split(",")],
                    help="comma-separated M values (cpu 256,1024,4096; cuda 2048,8192,32768)")
-    p.add_argument("--sweep-batch", type=int, help="batch for the sweep (cpu 2, cuda 8)")
+    p.add_argument("--sweep-batch", type=int, help="batch for the sweep (cpu 2, cuda 16)")
     p.add_argument("--masked", action=argparse.BooleanOptionalAction, default=True,
                    help="extra row: ours decoding only 15%% of the positions (default on)")
     p.add_argument("--compile", action="store_true", help="torch.compile our forward (off: it did not help, see README)")

@@ -8,7 +8,8 @@ directory newer than ``latest`` is a write that was cut off and is replaced when
 Client state: ``shared`` components (step/samples, tracker, ...) from rank 0, ``per_rank`` components (data stream,
 RNG) of every rank (gathered), the config and the world size. Resuming under another world size converts the tag to
 a DeepSpeed universal checkpoint once (rank 0, ``ds_to_universal``) and loads that; per-rank components then get
-rank 0's state with ``strict=False`` (the data stream continues from the same position in a different order).
+rank 0's state with ``strict=False`` (the data stream continues at the same number of samples into its epoch, in
+a different order).
 """
 
 from __future__ import annotations

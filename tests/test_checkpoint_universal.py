@@ -1,5 +1,6 @@
 """Another world size on resume: a 2-process ZeRO-2 checkpoint continues with 1 process through a DeepSpeed universal
-checkpoint (converted once, announced in the log), with finite losses that continue the 2-process run's."""
+checkpoint (converted once, announced in the log), with finite losses that continue the 2-process run's, and
+the data stream at the number of samples the 2 processes had seen."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import math
 import shutil
 
 import pytest
+import torch
 from test_train_engine import logs, losses, run, tiny_config
 
-from pretrain.checkpoint import read_latest
+from pretrain.checkpoint import MODEL_STATES, read_latest
 
 
 @pytest.mark.slow
@@ -30,6 +32,10 @@ def test_two_process_checkpoint_resumes_with_one_process(tmp_path):
     assert "was saved by 2 processes, resuming with 1: loading it as a DeepSpeed universal checkpoint" in text
     assert (checkpoints / "step_00000008_universal" / "zero").is_dir()
     assert read_latest(checkpoints).name == "step_00000012"
+    # 2 ranks x 8 batches of 4 = 64 samples before the change, then 4 steps x 2 micro-batches: one rank at batch
+    # 16 + 8 of the 24 its epoch has (a rank-0 position, 8 + 8, would see 32 samples of the epoch twice).
+    data = torch.load(checkpoints / "step_00000012" / MODEL_STATES, weights_only=False)["per_rank"][0]["data"]
+    assert (data["epoch"], data["batches"]) == (0, 24)
     one_process, two_process = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
     learned = one_process[1]["loss"] - two_process[9]["loss"]  # what a restart from scratch would lose again
     assert learned > 1.0

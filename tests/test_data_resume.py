@@ -66,6 +66,21 @@ def test_resume_under_another_layout_is_refused(tmp_path):
     assert (other.epoch, other.batches) == (0, 1)
 
 
+@pytest.mark.parametrize("saved_world,batches,new_world,expected", [(2, 3, 1, 6), (1, 5, 2, 2), (2, 7, 1, 14), (1, 16, 3, 5)])
+def test_resume_under_another_world_size_keeps_the_samples_seen(tmp_path, saved_world, batches, new_world, expected):
+    """Two ranks that each took 3 batches of 2 saw 12 samples: one rank continues after its 6th batch; the position
+    never passes the end of the epoch."""
+    write_shards(tmp_path, [8] * 4, multimodal_sample)
+    saved = DataStream(data_config([str(tmp_path)], batch_size=2, num_workers=1), multimodal_model(), 0, saved_world)
+    state = dict(saved.state_dict(), batches=batches)
+    resumed = DataStream(data_config([str(tmp_path)], batch_size=2, num_workers=1), multimodal_model(), 0, new_world)
+    resumed.load_state_dict(state, strict=False)
+    assert len(resumed) == 16 // new_world
+    assert (resumed.epoch, resumed.batches) == (0, expected)
+    remaining = len(resumed) - expected or len(resumed)  # a finished epoch goes on with the next one
+    assert len(list(resumed)) == remaining
+
+
 def test_order_depends_on_the_seed(tmp_path):
     write_shards(tmp_path, [8] * 4, multimodal_sample)
     keys = [[k for b in DataStream(data_config([str(tmp_path)], seed=s), multimodal_model()) for k in b["keys"]]

@@ -257,3 +257,16 @@ def test_bf16_forward_on_cpu(inputs):
     out = run(model, bf16_inputs, {name: None for name in [*OUTPUTS, "label"]})
     for name, value in out.items():
         assert value.dtype == torch.bfloat16 and torch.isfinite(value).all(), name
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_compiles_to_one_graph(inputs, training):
+    """torch.compile sees the whole forward, attention dropout included (the CPU dropout kernel's ``random_`` would
+    split the graph at every layer: compiled code takes the plain dropout path instead)."""
+    model = PerceiverIO(multimodal_config(attention_dropout=0.1)).train(training)
+    torch._dynamo.reset()
+    try:
+        explained = torch._dynamo.explain(model)(inputs, {name: None for name in OUTPUTS})
+    finally:
+        torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [str(reason.reason)[:200] for reason in explained.break_reasons]

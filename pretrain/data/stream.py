@@ -201,7 +201,9 @@ class DataStream:
 
     def load_state_dict(self, state: Dict[str, object], strict: bool = True) -> None:
         """Continue from ``state``. ``strict`` refuses a state saved under another data layout (world size, workers,
-        batch size, seed, shards, ...), where the same position would not give the same samples."""
+        batch size, seed, shards, ...), where the same position would not give the same samples. Without it, a state
+        of one rank of another world size or batch size continues at the same number of samples into the epoch (all
+        ranks together), so the epoch still ends after the samples it has left."""
         saved: Optional[dict] = state.get("layout")
         changed = {k: (saved.get(k), v) for k, v in self._layout().items() if saved and saved.get(k) != v}
         if strict and changed:
@@ -210,4 +212,7 @@ class DataStream:
                             f"values for an exact resume, or load with strict=False to continue from the same "
                             f"position in a different order")
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        if changed and {"world_size", "batch_size"} <= saved.keys():
+            seen = self.batches * saved["world_size"] * saved["batch_size"]
+            self.batches = min(len(self), seen // (self.plan.world_size * self.plan.data.batch_size))
         self._skipped = Counter(state.get("skipped", {}))

@@ -112,12 +112,16 @@ def _drop_mask(shape: torch.Size, dropout_p: float, device: torch.device) -> tor
 
 
 class _CpuDropoutAttention(torch.autograd.Function):
-    """softmax(q k^T) with dropout, times v, for [B, H, L, D] inputs (q already scaled). Saves what autograd would
-    (probabilities before and after dropout, the mask) but computes the softmax, the masking of the incoming gradient
-    and the softmax gradient in place, which saves three score-sized allocations and one pass per call."""
+    """softmax(q k^T * scale) with dropout, times v, for [B, L, H, D] inputs. Saves what autograd would (inputs,
+    probabilities before and after dropout, the mask) but runs the softmax, the masking of the incoming gradient and
+    the softmax gradient in place (three score-sized allocations fewer per call), copies q, k, v once into [B, H, L, D]
+    so that no matmul copies a transposed operand, and applies the scale and the 1/(1-p) rescale to the small
+    results only."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_mask, dropout_p):
+    def forward(ctx, q, k, v, key_mask, scale, dropout_p):
+        q = torch.mul(q.transpose(1, 2), scale, out=q.new_empty(q.transpose(1, 2).shape))
+        k, v = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
         scores = q @ k.transpose(-1, -2)
         if key_mask is not None:
             scores.masked_fill_(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
@@ -125,31 +129,33 @@ class _CpuDropoutAttention(torch.autograd.Function):
         drop = _drop_mask(probs.shape, dropout_p, probs.device)
         dropped = torch.where(drop, 0.0, probs)
         ctx.save_for_backward(q, k, v, probs, dropped, drop)
-        ctx.dropout_p = dropout_p
-        return (dropped @ v).div_(1.0 - dropout_p)
+        ctx.scale, ctx.keep_scale = scale, 1.0 / (1.0 - dropout_p)
+        return (dropped @ v).mul_(ctx.keep_scale).transpose(1, 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, probs, dropped, drop = ctx.saved_tensors
-        grad_out = grad_out / (1.0 - ctx.dropout_p)
-        grad_v = dropped.transpose(-1, -2) @ grad_out
+        grad_out = grad_out.transpose(1, 2).contiguous()
+        grad_v = (dropped.transpose(-1, -2) @ grad_out).mul_(ctx.keep_scale)
         grad_probs = (grad_out @ v.transpose(-1, -2)).masked_fill_(drop, 0.0)
         grad_scores = torch.ops.aten._softmax_backward_data.out(
             grad_probs, probs, -1, probs.dtype, grad_input=grad_probs
         )
-        return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, grad_v, None, None
+        grad_q = (grad_scores @ k).mul_(ctx.scale * ctx.keep_scale)
+        grad_k = (grad_scores.transpose(-1, -2) @ q).mul_(ctx.keep_scale)  # q holds the scale already
+        return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v.transpose(1, 2), None, None, None
 
 
 def _math(q, k, v, key_mask, scale, dropout_p):
+    if dropout_p > 0.0 and q.device.type == "cpu" and not torch.compiler.is_compiling():  # random_ breaks graphs
+        return _CpuDropoutAttention.apply(q, k, v, key_mask, scale, dropout_p)
     q, k, v = q.transpose(1, 2) * scale, k.transpose(1, 2), v.transpose(1, 2)
-    if dropout_p > 0.0 and q.device.type == "cpu":
-        return _CpuDropoutAttention.apply(q, k, v, key_mask, dropout_p).transpose(1, 2)
     scores = q @ k.transpose(-1, -2)
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
-    if dropout_p > 0.0:  # fused by torch.compile, philox RNG on the GPU
+    if dropout_p > 0.0:  # fused by torch.compile
         probs = F.dropout(probs, dropout_p)
     return (probs @ v).transpose(1, 2)
 

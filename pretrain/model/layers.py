@@ -67,10 +67,14 @@ class PerceiverLayer(nn.Module):
     ) -> torch.Tensor:
         if self.is_cross != (kv is not None):
             raise ValueError("a cross-attention layer needs kv; a self-attention layer takes none")
-        h = self.q_norm(x)
+        # Queries expanded over the batch (the encoder's latents, the decoder's queries of every position) are
+        # normalised and projected once.
+        shared = self.is_cross and x.shape[0] > 1 and x.stride(0) == 0
+        h = self.q_norm(x[:1] if shared else x)
+        query = self.query(h).expand(x.shape[0], -1, -1) if shared else self.query(h)
         source = self.kv_norm(kv) if self.is_cross else h
         attended = attend(
-            self._heads(self.query(h)),
+            self._heads(query),
             self._heads(self.key(source)),
             self._heads(self.value(source)),
             key_mask,

@@ -147,7 +147,10 @@ class PerceiverIO(nn.Module):
         outputs: Mapping[str, Optional[torch.Tensor]],
         inputs: Optional[Mapping[str, torch.Tensor]] = None,
     ) -> dict[str, torch.Tensor]:
-        """One decoder cross-attention for the queries of every requested output, then each modality's head."""
+        """One decoder cross-attention for the queries of every requested output, then each modality's head.
+
+        Queries of every position (``None``) are the same for every sample: they are built for one row and expanded,
+        so that the decoder normalises and projects them once for the batch when no output has given positions."""
         batch = latents.shape[0]
         queries, sizes = [], []
         for name, positions in outputs.items():
@@ -156,7 +159,7 @@ class PerceiverIO(nn.Module):
             adapter = self.adapters[name]
             if positions is None:
                 count = adapter.num_positions(None if inputs is None else inputs.get(name))
-                positions = torch.arange(count, device=latents.device).expand(batch, -1)
+                positions = torch.arange(count, device=latents.device)[None]
             elif positions.dim() != 2 or positions.shape[0] != batch or positions.is_floating_point():
                 raise ValueError(
                     f"outputs[{name!r}]: expected integer positions of shape [{batch}, P], "
@@ -164,7 +167,11 @@ class PerceiverIO(nn.Module):
                 )
             queries.append(self._modality(name, adapter.queries(positions)))
             sizes.append(positions.shape[1])
-        decoded = self.decoder(torch.cat(queries, dim=1), latents)
+        if all(q.shape[0] == 1 for q in queries):
+            query_array = torch.cat(queries, dim=1).expand(batch, -1, -1)
+        else:
+            query_array = torch.cat([q.expand(batch, -1, -1) for q in queries], dim=1)
+        decoded = self.decoder(query_array, latents)
         return {
             name: self.adapters[name].head(part) for name, part in zip(outputs, decoded.split(sizes, dim=1))
         }

@@ -101,28 +101,33 @@ def speed(device) -> None:
         v = torch.randn(32, nk, 8, dv, device=device, dtype=torch.bfloat16, requires_grad=True)
         padded = make_mask("padded", 32, nk, device)
 
-        def step(mask, backend, kernel=None):
+        def step(mask, backend, kernel=None, dropout_p=0.0):
             def run():
                 if kernel is None:
-                    out = attend(q, k, v, mask, backend=backend)
+                    out = attend(q, k, v, mask, backend=backend, dropout_p=dropout_p)
                 else:
                     with sdpa_kernel([kernel]):
-                        out = attend(q, k, v, mask, backend=backend)
+                        out = attend(q, k, v, mask, backend=backend, dropout_p=dropout_p)
                 out.sum().backward()
             return run
 
-        def unpadded(kernel):
+        def unpadded(kernel, dropout_p=0.0):
             """SDPA on the unequal head dims as they are (no zero padding): the kernels that accept them decide
             whether ``attend``'s padding for the fused kernels is worth its extra FLOPs."""
             def run():
                 with sdpa_kernel([kernel]):
                     out = torch.nn.functional.scaled_dot_product_attention(
-                        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+                        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p)
                 out.sum().backward()
             return run
 
         variants = {f"sdpa/{n} nomask": step(None, "sdpa", kern) for n, kern in sdpa_kernels.items()}
-        variants.update({f"unpadded/{n} nomask": unpadded(kern) for n, kern in sdpa_kernels.items()})
+        for dropout_p in (0.0, 0.1):  # training runs with attention dropout 0.1
+            tag = f" drop{dropout_p}" if dropout_p else ""
+            variants.update({f"unpadded/{n}{tag}": unpadded(kern, dropout_p) for n, kern in sdpa_kernels.items()})
+            if dropout_p:
+                variants[f"sdpa/auto{tag}"] = step(None, "sdpa", dropout_p=dropout_p)
+                variants[f"math{tag}"] = step(None, "math", dropout_p=dropout_p)
         variants["sdpa/auto nomask"] = step(None, "sdpa")
         variants["sdpa/auto padded"] = step(padded, "sdpa")
         for backend in available_backends(q.device, torch.bfloat16):

@@ -19,7 +19,7 @@ if [ -d .whl ] && ! python3 -c "import deepspeed, omegaconf, webdataset, soundfi
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
-out=${OUT:-bench/out/engine_gpu}
+out=${OUT:-bench/out}/engine_gpu  # a folder of its own: it is emptied first
 nproc=${NPROC:-1}
 rm -rf "$out" && mkdir -p "$out"
 

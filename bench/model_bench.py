@@ -135,7 +135,8 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def build_models(cfg: dict, length: int, device: torch.device, want: str, attention_backend: str = "auto"):
+def build_models(cfg: dict, length: int, device: torch.device, want: str, attention_backend: str = "auto",
+                 latent_attention_backend: str | None = None):
     """transformers' model with seed 0 and, for ``want != HF``, ours converted from it (theirs is then dropped)."""
     from transformers import PerceiverConfig, PerceiverForMaskedLM
 
@@ -153,6 +154,8 @@ def build_models(cfg: dict, length: int, device: torch.device, want: str, attent
     with device:
         ours = PerceiverIO(ours_cfg)
     ours.load_state_dict(hf_to_state_dict(hf.state_dict()))
+    for layer in ours.encoder.self_attends if latent_attention_backend else ():
+        layer.backend = latent_attention_backend
     return ours, hf
 
 
@@ -173,7 +176,7 @@ def prepare(spec: dict) -> dict:
     cuda = device.type == "cuda"
     batch, length, variant = spec["batch"], spec["length"], spec["variant"]
     model, hf = build_models(spec["config"], length, device, HF if variant == HF else OURS,
-                             spec.get("attention_backend", "auto"))
+                             spec.get("attention_backend", "auto"), spec.get("latent_attention_backend"))
     check = parity(model, hf, length, device) if (hf is not None and spec.get("parity")) else None
     del hf
     model.train()
@@ -415,6 +418,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile our forward (off: it did not help, see README)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--attention-backend", default="auto", help="our model's model.attention_backend")
+    p.add_argument("--latent-attention-backend", default=None,
+                   help="another backend for our latent self-attention layers only (e.g. math: 256 x 256 scores, "
+                        "where a fused kernel is latency-bound)")
     p.add_argument("--compile-hf", action="store_true", help="with --compile, compile transformers' model too")
     p.add_argument("--fp32", action="store_true", help="on CUDA, run in fp32 instead of bf16 autocast")
     p.add_argument("--threads", type=int, help="torch.set_num_threads in each measurement (CPU)")
@@ -450,7 +456,7 @@ def main(argv=None) -> int:
     cfg = GPU_CONFIG if args.device == "cuda" else CPU_CONFIG
     base = dict(device=args.device, config=cfg, steps=args.steps, warmup=args.warmup, bf16=not args.fp32,
                 threads=args.threads, compile_mode=args.compile_mode, compile_hf=args.compile_hf,
-                attention_backend=args.attention_backend)
+                attention_backend=args.attention_backend, latent_attention_backend=args.latent_attention_backend)
     if args.omp_passive:
         if args.isolate:
             os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read by the workers' OpenMP runtime at start-up

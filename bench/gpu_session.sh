@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every GPU measurement the project still needs, in one call of the device tool (about 8 minutes on an H100 once the
+# machine is up). Each step writes its output to $OUT (default bench/out/gpu) and a failing step does not stop the
+# others. Collect the wheels first, here:  bash ../shared/tools/gpu-wheels.sh pillow soundfile cffi pycparser
+# then, through the device tool, with .whl carried:  bash bench/gpu_session.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-bench/out/gpu}
+mkdir -p "$out"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+
+step() {  # name, command...: output to $out/<name>.txt, the last lines echoed
+  local name=$1; shift
+  local start=$SECONDS
+  "$@" > "$out/$name.txt" 2>&1
+  echo "== $name: exit $? in $((SECONDS - start)) s"
+  grep -E "ratio_vs_hf|attention_accuracy|^(run|bf16|offload) |FAILED" "$out/$name.txt" | tail -6
+}
+bench=(python3 bench/model_bench.py --device cuda)
+step attention python3 bench/attention_check.py
+step model_eager "${bench[@]}" --out "$out/model_eager.json"
+step model_latent_math "${bench[@]}" --no-sweep --no-masked --latent-attention-backend math
+step model_cudagraphs "${bench[@]}" --no-sweep --no-masked --compile --compile-mode reduce-overhead
+step model_cudagraphs_latent_math "${bench[@]}" --no-sweep --no-masked --compile --compile-mode reduce-overhead \
+  --latent-attention-backend math
+step engine bash bench/engine_gpu_check.sh

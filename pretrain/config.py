@@ -321,6 +321,7 @@ def validate_data_config(cfg: DataConfig, model: ModelConfig, prefix: str = "dat
 # --- Training run ----------------------------------------------------------------------------------------------------
 
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -338,12 +339,15 @@ class RunConfig:
 class TrainConfig:
     """The loop. ``global_batch_size`` 0 means ``data.batch_size x world size`` (no accumulation); otherwise it must be
     a multiple of that product and the quotient is the number of gradient-accumulation micro-steps.
-    ``precision`` auto is bf16 on GPU and fp32 on CPU. ``loss_weights`` weighs the per-modality losses (default 1)."""
+    ``precision`` auto is bf16 on GPU and fp32 on CPU. ``loss_weights`` weighs the per-modality losses (default 1).
+    ``compile``: ``torch.compile`` the model in place with that mode (``default``, ``reduce-overhead`` for CUDA
+    graphs, ``max-autotune``), or ``none``; the first steps then include the compilation."""
 
     max_steps: int = 1000
     seed: int = 0
     global_batch_size: int = 0
     precision: str = "auto"
+    compile: str = "none"
     eval_every_steps: int = 0
     eval_batches: int = 0
     loss_weights: Dict[str, float] = field(default_factory=dict)
@@ -443,6 +447,7 @@ def validate_config(cfg: Config, world_size: int) -> Config:
     t, o, d, c, w, r = cfg.train, cfg.optim, cfg.deepspeed, cfg.checkpoint, cfg.wandb, cfg.run
     _require(t.max_steps > 0, "train.max_steps", f"must be a positive integer, got {t.max_steps}")
     _require(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}, got {t.precision!r}")
+    _require(t.compile in COMPILE_MODES, "train.compile", f"must be one of {COMPILE_MODES}, got {t.compile!r}")
     micro = cfg.data.batch_size * world_size
     _require(
         t.global_batch_size >= 0 and t.global_batch_size % micro == 0,

@@ -24,6 +24,7 @@ BAD = [
     (["data.train_shards=['/nonexistent/shard-{000..003}.tar']"], "data.train_shards[0]"),
     (["data.val_shards=[/nonexistent/val]"], "data.val_shards[0]"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
+    (["train.compile=fast"], "train.compile"),
     (["--resume", "/nonexistent/checkpoints/step_00000010"], "--resume"),
 ]
 

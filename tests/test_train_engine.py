@@ -188,3 +188,22 @@ def test_variant_trains_and_resumes_like_an_uninterrupted_run(tmp_path, variant)
     assert sorted(got) == [1, 2, 3, 4]
     for step in want:
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one(tmp_path, monkeypatch):
+    """``train.compile`` compiles the model in place under DeepSpeed (inductor writes its kernels to a cache of this
+    test's own): the losses follow the eager run's (fused kernels round differently) and the checkpoint keeps the
+    eager parameter names."""
+    run(tiny_config(tmp_path / "eager", train={"max_steps": 4}))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    config = tiny_config(tmp_path / "compiled", train={"max_steps": 4, "compile": "default"},
+                         checkpoint={"every_steps": 4})
+    run(config)
+    eager, compiled = losses(tmp_path / "eager" / "run"), losses(tmp_path / "compiled" / "run")
+    assert sorted(compiled) == [1, 2, 3, 4]
+    for step in eager:
+        assert compiled[step]["loss"] == pytest.approx(eager[step]["loss"], rel=2e-3), step
+    assert any((tmp_path / "inductor").rglob("*.py")), "inductor generated no kernels: the model ran eagerly"
+    weights = final_weights(tmp_path / "compiled" / "run" / "checkpoints")
+    assert "encoder.latents" in weights and not any("_orig_mod" in name for name in weights)

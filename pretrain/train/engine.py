@@ -60,6 +60,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, device: t
     ds_config = deepspeed_config(cfg, world_size, device, universal)
     if int(torch.distributed.get_rank()) == 0:
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    if cfg.train.compile != "none":  # in place: parameter names, checkpoints and exports stay as they are
+        model.compile(mode=cfg.train.compile)
     optimizer = build_optimizer(model, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(
         model=model.to(device), optimizer=optimizer, config=ds_config,

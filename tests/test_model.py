@@ -163,12 +163,16 @@ def _saved_tensor_count(model, inputs) -> int:
     return count
 
 
-def test_activation_checkpointing_gives_identical_loss_and_gradients(inputs):
-    plain = PerceiverIO(multimodal_config(num_self_attends_per_block=3)).train()
-    ckpt = PerceiverIO(multimodal_config(num_self_attends_per_block=3, activation_checkpointing=True)).train()
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_checkpointing_gives_identical_loss_and_gradients(inputs, dropout):
+    """With attention dropout too: the recomputed forward draws the same masks (checkpoint restores the RNG)."""
+    plain = PerceiverIO(multimodal_config(num_self_attends_per_block=3, attention_dropout=dropout)).train()
+    ckpt = PerceiverIO(multimodal_config(num_self_attends_per_block=3, attention_dropout=dropout,
+                                         activation_checkpointing=True)).train()
     ckpt.load_state_dict(plain.state_dict())
     losses = []
     for m in (plain, ckpt):
+        torch.manual_seed(0)
         loss = _loss(m, inputs)
         loss.backward()
         losses.append(loss.detach())

@@ -341,7 +341,7 @@ class TrainConfig:
     a multiple of that product and the quotient is the number of gradient-accumulation micro-steps.
     ``precision`` auto is bf16 on GPU and fp32 on CPU. ``loss_weights`` weighs the per-modality losses (default 1).
     ``compile``: ``torch.compile`` the model in place with that mode (``default``, ``reduce-overhead`` for CUDA
-    graphs, ``max-autotune``), or ``none``; the first steps then include the compilation."""
+    graphs, ``max-autotune``), or ``none``; the first steps then include the compilation. Not with ZeRO stage 3."""
 
     max_steps: int = 1000
     seed: int = 0
@@ -466,6 +466,9 @@ def validate_config(cfg: Config, world_size: int) -> Config:
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = no clipping)")
     _require(d.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {d.zero_stage}")
+    _require(t.compile == "none" or d.zero_stage < 3, "train.compile",
+             f"{t.compile!r} cannot run with deepspeed.zero_stage=3 (the partitioned parameters are gathered by hooks "
+             f"that the compiled graph does not see); use zero_stage 0-2 or train.compile=none")
     _require(c.every_steps >= 0 and c.every_minutes >= 0, "checkpoint.every_steps",
              "checkpoint.every_steps and checkpoint.every_minutes must be >= 0 (0 = off)")
     _require(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")

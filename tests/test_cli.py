@@ -25,6 +25,7 @@ BAD = [
     (["data.val_shards=[/nonexistent/val]"], "data.val_shards[0]"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
     (["train.compile=fast"], "train.compile"),
+    (["train.compile=default", "deepspeed.zero_stage=3"], "train.compile"),
     (["--resume", "/nonexistent/checkpoints/step_00000010"], "--resume"),
 ]
 

@@ -15,11 +15,7 @@
 #     data.batch_size=2 train.global_batch_size=4 data.num_workers=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .whl ] && ! python3 -c "import deepspeed, omegaconf, webdataset, soundfile, PIL" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
+source bench/gpu_env.sh
 out=${OUT:-bench/out}/engine_gpu  # a folder of its own: it is emptied first
 nproc=${NPROC:-1}
 rm -rf "$out" && mkdir -p "$out"

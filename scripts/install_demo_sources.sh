@@ -18,10 +18,7 @@ apt_missing=()
 [[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]] || apt_missing+=(dataset-fashion-mnist)
 command -v espeak-ng >/dev/null || apt_missing+=(espeak-ng)
 if ((${#apt_missing[@]})); then
-  sudo=""
-  [[ $(id -u) == 0 ]] || sudo=sudo
-  $sudo apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${apt_missing[@]}"
+  bash "$(dirname "$0")/apt_install.sh" "${apt_missing[@]}"
 fi
 
 mkdir -p "$cache"

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 bash scripts/install_demo_sources.sh
+command -v g++ >/dev/null || bash scripts/apt_install.sh g++  # torch.compile on CPU (train.compile tests) builds C++
 python3 -m pytest -q -ra "$@"

@@ -5,11 +5,16 @@
 Exit codes: 0 trained to ``train.max_steps``; 2 a bad config, data path or checkpoint path (before any training, the
 message names the key); 143 a checkpoint was written after SIGUSR1/SIGTERM: requeue the job and it resumes; anything
 else is a failure (the last complete checkpoint stays the ``latest``).
+
+A process that seems stuck prints the Python stack of every thread to its stderr on ``kill -USR2 <pid>`` (its
+data-loader workers too), and keeps running.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -66,6 +71,7 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
         return EXIT_BAD_CONFIG
     from pretrain.train import train
 
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # forked data-loader workers inherit it
     return train(cfg, env, resume_from)
 
 

@@ -5,6 +5,7 @@ test can signal or kill one rank, and read back what a run wrote."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -74,14 +75,29 @@ def launch(config: Path, nproc: int = 2, args: Sequence[str] = (), log_dir: Opti
     return procs
 
 
+def process_tree(pid: int) -> List[int]:
+    """``pid`` and its descendants (Linux ``/proc``), e.g. a rank and its data-loader workers."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return [pid]
+    return [pid] + [p for child in children for p in process_tree(int(child))]
+
+
 def wait(procs: List[subprocess.Popen], timeout: float = RUN_TIMEOUT) -> List[int]:
-    """Exit codes; a rank still running after ``timeout`` is killed (and the test fails on its code)."""
+    """Exit codes; a rank still running after ``timeout`` first writes the stacks of its threads and workers into
+    its log (SIGUSR2), then is killed (and the test fails on its code, with the stacks in the logs it shows)."""
     deadline = time.monotonic() + timeout
     codes = []
     for proc in procs:
         try:
             codes.append(proc.wait(max(1.0, deadline - time.monotonic())))
         except subprocess.TimeoutExpired:
+            for pid in process_tree(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR2)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)  # bounded: the dump is written by the signal handler in C, at once
             proc.kill()
             codes.append(proc.wait())
     return codes
@@ -207,3 +223,21 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path, monkeypatch):
     assert any((tmp_path / "inductor").rglob("*.py")), "inductor generated no kernels: the model ran eagerly"
     weights = final_weights(tmp_path / "compiled" / "run" / "checkpoints")
     assert "encoder.latents" in weights and not any("_orig_mod" in name for name in weights)
+
+
+@pytest.mark.slow
+def test_sigusr2_prints_every_thread_stack_and_training_goes_on(tmp_path):
+    """The hung-rank diagnostic: SIGUSR2 to a rank and its data-loader worker writes their Python stacks to the
+    rank's log, and the run still finishes."""
+    config = tiny_config(tmp_path, train={"max_steps": 12})
+    procs = launch(config)
+    wait_for_step(tmp_path / "run", 3, procs)
+    tree = process_tree(procs[1].pid)
+    assert len(tree) >= 2, "rank 1 should have a data-loader worker"
+    for pid in tree:
+        os.kill(pid, signal.SIGUSR2)
+    assert wait(procs) == [0, 0], logs(tmp_path)
+    rank1 = (tmp_path / "rank1.log").read_text()
+    assert rank1.count("Current thread") + rank1.count("Thread 0x") >= len(tree)
+    assert "pretrain/train/loop.py" in rank1 and "torch/utils/data/_utils/worker.py" in rank1
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 13))

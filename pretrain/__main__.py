@@ -6,8 +6,8 @@ Exit codes: 0 trained to ``train.max_steps``; 2 a bad config, data path or check
 message names the key); 143 a checkpoint was written after SIGUSR1/SIGTERM: requeue the job and it resumes; anything
 else is a failure (the last complete checkpoint stays the ``latest``).
 
-A process that seems stuck prints the Python stack of every thread to its stderr on ``kill -USR2 <pid>`` (its
-data-loader workers too), and keeps running.
+A process that seems stuck prints the Python stack of every thread to its stderr on ``kill -USR2 <pid>`` and keeps
+running; so do its data-loader workers (the grandchildren of the trainer, under its multiprocessing fork server).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
         return EXIT_BAD_CONFIG
     from pretrain.train import train
 
-    faulthandler.register(signal.SIGUSR2, all_threads=True)  # forked data-loader workers inherit it
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     return train(cfg, env, resume_from)
 
 

@@ -75,13 +75,17 @@ def launch(config: Path, nproc: int = 2, args: Sequence[str] = (), log_dir: Opti
     return procs
 
 
-def process_tree(pid: int) -> List[int]:
-    """``pid`` and its descendants (Linux ``/proc``), e.g. a rank and its data-loader workers."""
+def children(pid: int) -> List[int]:
     try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
-        return [pid]
-    return [pid] + [p for child in children for p in process_tree(int(child))]
+        return []
+
+
+def rank_and_workers(pid: int) -> List[int]:
+    """A rank and its data-loader workers: the children of its fork server (Linux ``/proc``). The fork server and
+    the resource tracker themselves are left out: they have no SIGUSR2 handler."""
+    return [pid] + [worker for server in children(pid) for worker in children(server)]
 
 
 def wait(procs: List[subprocess.Popen], timeout: float = RUN_TIMEOUT) -> List[int]:
@@ -93,7 +97,7 @@ def wait(procs: List[subprocess.Popen], timeout: float = RUN_TIMEOUT) -> List[in
         try:
             codes.append(proc.wait(max(1.0, deadline - time.monotonic())))
         except subprocess.TimeoutExpired:
-            for pid in process_tree(proc.pid):
+            for pid in rank_and_workers(proc.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGUSR2)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -232,7 +236,7 @@ def test_sigusr2_prints_every_thread_stack_and_training_goes_on(tmp_path):
     config = tiny_config(tmp_path, train={"max_steps": 12})
     procs = launch(config)
     wait_for_step(tmp_path / "run", 3, procs)
-    tree = process_tree(procs[1].pid)
+    tree = rank_and_workers(procs[1].pid)
     assert len(tree) >= 2, "rank 1 should have a data-loader worker"
     for pid in tree:
         os.kill(pid, signal.SIGUSR2)

@@ -9,14 +9,22 @@ its worker 0, physical worker ``p`` plays logical worker ``(p + start) % W``.
 
 Every rank yields ``epoch_samples // (world_size * batch_size)`` batches per epoch: readers never run dry (each cycles
 over its shards), so shard sizes and skipped samples cannot make ranks disagree on the step count.
+
+Workers start from a fork server (``WORKER_START``), never by forking the trainer: a rank has threads (gloo's, the
+queue feeders of its other loaders, tqdm's monitor), and a fork can copy a lock one of them holds, leaving the new
+worker hung inside ``os.fork``. Seen once in about ten CI runs: an evaluation loader's worker, at the last step of a
+resumed run; the rank then waited for its batch forever.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import faulthandler
 import itertools
+import multiprocessing
 import os
+import signal
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -109,6 +117,16 @@ def worker_batches(plan: StreamPlan, epoch: int, worker: int, start: int) -> Ite
         yield batch
 
 
+WORKER_START = multiprocessing.get_context("forkserver")
+WORKER_START.set_forkserver_preload([__name__])  # a worker then imports nothing but what this module did
+
+
+def _worker_init(_worker_id: int) -> None:
+    """``kill -USR2 <worker pid>`` prints the worker's Python stacks, as it does for the trainer (``python -m
+    pretrain``); a worker started from the fork server inherits no handler from the trainer."""
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
+
+
 class _EpochBatches(IterableDataset):
     """What the DataLoader iterates: one epoch from ``start``, each worker playing its logical part."""
 
@@ -174,6 +192,8 @@ class DataStream:
             batch_size=None,
             num_workers=workers,
             prefetch_factor=data.prefetch_factor if workers else None,
+            multiprocessing_context=WORKER_START if workers else None,
+            worker_init_fn=_worker_init if workers else None,
             pin_memory=data.pin_memory and torch.cuda.is_available(),
         )
 

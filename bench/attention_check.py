@@ -7,6 +7,7 @@ gradients), and fwd+bwd time of each backend on the 201M model's attention shape
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 
@@ -111,27 +112,20 @@ def speed(device) -> None:
                 out.sum().backward()
             return run
 
-        def unpadded(kernel, dropout_p=0.0):
-            """SDPA on the unequal head dims as they are (no zero padding): the kernels that accept them decide
-            whether ``attend``'s padding for the fused kernels is worth its extra FLOPs."""
-            def run():
-                with sdpa_kernel([kernel]):
-                    out = torch.nn.functional.scaled_dot_product_attention(
-                        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p)
-                out.sum().backward()
-            return run
-
         variants = {f"sdpa/{n} nomask": step(None, "sdpa", kern) for n, kern in sdpa_kernels.items()}
         for dropout_p in (0.0, 0.1):  # training runs with attention dropout 0.1
             tag = f" drop{dropout_p}" if dropout_p else ""
-            variants.update({f"unpadded/{n}{tag}": unpadded(kern, dropout_p) for n, kern in sdpa_kernels.items()})
+            # SDPA on the unequal head dims as they are: is attend's padding for the fused kernels worth its FLOPs?
+            variants.update({f"sdpa_unpadded/{n}{tag}": step(None, "sdpa_unpadded", kern, dropout_p)
+                             for n, kern in sdpa_kernels.items()})
             if dropout_p:
                 variants[f"sdpa/auto{tag}"] = step(None, "sdpa", dropout_p=dropout_p)
                 variants[f"math{tag}"] = step(None, "math", dropout_p=dropout_p)
+                variants[f"auto (tuned){tag}"] = step(None, "auto", dropout_p=dropout_p)
         variants["sdpa/auto nomask"] = step(None, "sdpa")
         variants["sdpa/auto padded"] = step(padded, "sdpa")
         for backend in available_backends(q.device, torch.bfloat16):
-            if backend != "sdpa":
+            if backend not in ("sdpa", "sdpa_unpadded"):
                 variants[f"{backend} nomask"] = step(None, backend)
                 variants[f"{backend} padded"] = step(padded, backend)
         for name, fn in variants.items():
@@ -150,6 +144,8 @@ def main() -> int:
         print("attention_check: needs a CUDA device")
         return 2
     device = torch.device("cuda")
+    logging.basicConfig(level=logging.WARNING, format="  %(name)s: %(message)s")
+    logging.getLogger("pretrain.model.autotune").setLevel(logging.INFO)  # the "auto (tuned)" rows' decisions
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     ok = accuracy(device)

@@ -15,13 +15,12 @@ step() {  # name, command...: output to $out/<name>.txt, the last lines echoed
   local start=$SECONDS
   "$@" > "$out/$name.txt" 2>&1
   echo "== $name: exit $? in $((SECONDS - start)) s"
-  grep -E "ratio_vs_hf|attention_accuracy|^(run|bf16|offload) |FAILED" "$out/$name.txt" | tail -6
+  grep -E "ratio_vs_hf|attention_accuracy|^(run|bf16|offload) |FAILED|autotune|kernels/step" "$out/$name.txt" | tail -12
 }
 bench=(python3 bench/model_bench.py --device cuda)
+# The headline first: attention tuned per shape (auto), where the time goes (--profile), the B=16 length sweep.
+step model_eager "${bench[@]}" --profile --out "$out/model_eager.json"
+step model_static_sdpa "${bench[@]}" --no-sweep --no-masked --attention-backend sdpa  # the untuned choice before
 step attention python3 bench/attention_check.py
-step model_eager "${bench[@]}" --out "$out/model_eager.json"
-step model_latent_math "${bench[@]}" --no-sweep --no-masked --latent-attention-backend math
 step model_cudagraphs "${bench[@]}" --no-sweep --no-masked --compile --compile-mode reduce-overhead
-step model_cudagraphs_latent_math "${bench[@]}" --no-sweep --no-masked --compile --compile-mode reduce-overhead \
-  --latent-attention-backend math
 step engine bash bench/engine_gpu_check.sh

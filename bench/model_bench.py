@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import multiprocessing as mp
 import os
 import platform
@@ -195,11 +196,15 @@ def prepare(spec: dict) -> dict:
             forward = lambda: model(input_ids=ids).logits
         else:
             forward = lambda: model.text_logits(ids)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and spec["bf16"] else nullcontext()
     if spec.get("compile") and (variant != HF or spec.get("compile_hf")):
+        if variant != HF:  # attention is tuned eagerly (never while tracing): the compiled graph takes its picks
+            with autocast:
+                forward().float().sum().backward()
+            model.zero_grad(set_to_none=True)
         forward = torch.compile(forward, mode=spec.get("compile_mode"))
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if cuda else {}))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and spec["bf16"] else nullcontext()
 
     def step() -> None:
         with autocast:
@@ -268,10 +273,37 @@ def measure(spec: dict) -> dict:
     result = dict(variant=spec["variant"], batch=spec["batch"], length=spec["length"],
                   flops_per_step=counter.get_total_flops(), peak_mem_bytes=peak, peak_mem_method=peak_method,
                   parity_max_abs_diff=prepared["parity"], params=prepared["params"])
+    if spec.get("profile"):
+        result["profile"] = profile_steps(prepared)
     if times:
         result.update(_timing(spec, times, compile_s))
         result["tflops"] = result["flops_per_step"] / (result["step_ms"] / 1e3) / 1e12
     return result
+
+
+def profile_steps(prepared: dict, steps: int = 3, rows: int = 15) -> str:
+    """Where a step's time goes, from ``torch.profiler`` over a few steps: on GPU the kernels launched per step, their
+    summed time against the step's wall time (far below it: the step waits on Python and launches, not the GPU) and the
+    top kernels; on CPU the top operators."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = prepared["cuda"]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            prepared["step"]()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    summary = f"wall {wall_ms:.1f} ms/step (profiled)"
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        busy_ms = sum(e.device_time_total for e in kernels) / 1e3 / steps
+        summary += f", {len(kernels) / steps:.0f} kernels/step, GPU busy {busy_ms:.1f} ms/step ({busy_ms / wall_ms:.0%})"
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return summary + "\n" + prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
 
 
 def measure_interleaved(specs: list[dict]) -> dict:
@@ -432,6 +464,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--omp-passive", action="store_true",
                    help="OMP_WAIT_POLICY=PASSIVE in the worker processes: on a CPU shared with other jobs, spinning "
                         "OpenMP threads turn contention into 3-10x step-time spikes; passive waiting keeps it ~2x")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile a few steps of each headline variant and print where the time goes "
+                        "(kernels per step, GPU busy time, top kernels or CPU operators)")
     p.add_argument("--out", help="also write the table and the raw numbers as JSON here")
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.device].items():
@@ -452,6 +487,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="  %(name)s: %(message)s")
+    logging.getLogger("pretrain.model.autotune").setLevel(logging.INFO)  # which attention kernel won, per shape
     device = torch.device(args.device)
     cfg = GPU_CONFIG if args.device == "cuda" else CPU_CONFIG
     base = dict(device=args.device, config=cfg, steps=args.steps, warmup=args.warmup, bf16=not args.fp32,
@@ -487,7 +524,7 @@ def main(argv=None) -> int:
               OURS_MASKED: "ours, 15% masked decode [not like-for-like]"}
     variants = [HF, OURS] + ([OURS_MASKED] if args.masked else [])
     specs = [dict(base, variant=v, batch=args.batch, length=args.length, parity=v == OURS,
-                  compile=args.compile) for v in variants]
+                  compile=args.compile, profile=args.profile) for v in variants]
     results = {"headline": run.group(specs), "sweep": []}
     show(results["headline"])
     ref = results["headline"][HF]
@@ -528,6 +565,9 @@ def main(argv=None) -> int:
     ratio = float("nan")
     if not (_failed(ours) or _failed(ref)):
         ratio = ours["samples_per_s"] / ref["samples_per_s"]
+    for variant, r in results["headline"].items():
+        if r.get("profile"):
+            print(f"\nprofile: {labels[variant]}, B={r['batch']} M={r['length']}: {r['profile']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"header": header, "args": vars(args), "config": cfg, "matmul_peak_tflops": peak,

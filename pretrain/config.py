@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from .vocab import VOCAB_SIZE
 
-ATTENTION_BACKENDS = ("auto", "flash_attn", "varlen", "sdpa", "math")
+ATTENTION_BACKENDS = ("auto", "autotune", "flash_attn", "varlen", "sdpa", "sdpa_unpadded", "math")
 
 
 class ConfigError(ValueError):
@@ -74,6 +74,8 @@ class ModelConfig:
 
     ``d_model`` is the channel count of the input array (every adapter projects to it) and of the decoder queries.
     ``qk_channels``/``v_channels`` default to the query's channels (transformers' rules).
+    ``attention_backend``: ``auto`` times the candidate kernels once per attention shape on CUDA and keeps the fastest
+    (the measured static order on CPU); ``autotune`` does so on any device; a backend's name pins it.
     """
 
     d_model: int = 768

@@ -43,7 +43,7 @@ def rel_err(out, ref):
 CASES = [
     (dtype, backend)
     for dtype in (torch.float32, torch.bfloat16)
-    for backend in ["auto", *available_backends(CPU, dtype)]
+    for backend in ["auto", "autotune", *available_backends(CPU, dtype)]
 ]
 
 
@@ -67,8 +67,8 @@ def test_mask_changes_result():
 
 def test_cpu_backends_and_auto_choice():
     """SDPA (its CPU flash kernel) without dropout; the written-out math path, whose dropout is cheaper, with it."""
-    assert available_backends(CPU, torch.float32) == ["sdpa", "math"]
-    assert available_backends(CPU, torch.float32, dropout_p=0.1) == ["math", "sdpa"]
+    assert available_backends(CPU, torch.float32) == ["sdpa", "math", "sdpa_unpadded"]
+    assert available_backends(CPU, torch.float32, dropout_p=0.1) == ["math", "sdpa", "sdpa_unpadded"]
     assert "varlen" not in available_backends(CPU, torch.bfloat16)
 
 
@@ -136,7 +136,7 @@ def test_bad_inputs_raise(args, match):
     "backend,match",
     [
         ("fast", r"backend must be one of"),
-        ("varlen", r"backend 'varlen' cannot run on cpu.*available here: \['sdpa', 'math'\]"),
+        ("varlen", r"backend 'varlen' cannot run on cpu.*available here: \['sdpa', 'math', 'sdpa_unpadded'\]"),
         ("flash_attn", r"backend 'flash_attn' cannot run on cpu"),
     ],
 )

@@ -11,6 +11,8 @@ Backends, in the order ``backend="auto"`` prefers them:
   when there is no mask, the CPU flash kernel on CPU).
 * ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` on CUDA (half precision, no dropout), the same unpadding as
   flash_attn. On an H100 it was slower than SDPA for every Perceiver shape, padded keys included, so it ranks after it.
+* ``sdpa_unpadded``: SDPA on unequal q/k and v head dims as they are (its memory-efficient and cuDNN kernels take
+  them; no padding FLOPs, math fallback elsewhere). Never a static first choice; a candidate for tuning.
 * ``math``: scores, softmax and dropout written out. The CPU default when training with attention dropout: SDPA's CPU
   flash kernel refuses dropout and its fallback makes extra passes over the scores, and ``bernoulli_`` draws the
   dropout mask on one thread; here the mask comes from 15-bit quarters of random int64s (drop probability exact to
@@ -18,6 +20,10 @@ Backends, in the order ``backend="auto"`` prefers them:
   path is one autograd function (``_CpuDropoutAttention``) whose softmax, and whose backward's masking and softmax
   gradient, run in place: every score-sized tensor is a fresh 32 MB allocation at the benchmark's shapes, which
   glibc maps and faults in anew each time, and those passes are what the CPU step spends beyond the matmuls.
+
+``backend="auto"`` on CUDA times every candidate on the first call of each shape and keeps the fastest
+(``pretrain.model.autotune``; logged); on CPU it takes the first of the order above, which was measured there.
+``"autotune"`` tunes on any device.
 
 Unequal query/key and value head dims are zero-padded to the larger one while the softmax scale stays
 ``1/sqrt(qk_head_dim)``: the scores are unchanged and the fused kernels, which need equal dims, become eligible.
@@ -38,6 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ATTENTION_BACKENDS as BACKENDS
+from .autotune import KernelTuner, shape_bucket
+
 _HALF = (torch.bfloat16, torch.float16)
 
 
@@ -55,12 +63,12 @@ def torch_varlen_available() -> bool:
 
 
 def available_backends(device: torch.device, dtype: torch.dtype, dropout_p: float = 0.0) -> list[str]:
-    """The concrete backends that can run on this device and dtype, fastest first."""
+    """The concrete backends that can run on this device and dtype, in the static order of preference."""
     if device.type != "cuda":
-        return ["math", "sdpa"] if dropout_p > 0.0 else ["sdpa", "math"]
+        return ["math", "sdpa", "sdpa_unpadded"] if dropout_p > 0.0 else ["sdpa", "math", "sdpa_unpadded"]
     half = dtype in _HALF
     names = ["flash_attn"] if half and flash_attn_available() else []
-    names.append("sdpa")  # measured faster than varlen on an H100, with and without padded keys (bench/README.md)
+    names += ["sdpa", "sdpa_unpadded"]  # measured faster than varlen on an H100, with and without padded keys
     if half and torch_varlen_available() and dropout_p == 0.0:
         names.append("varlen")
     return names + ["math"]
@@ -203,7 +211,37 @@ def _torch_varlen(q, k, v, key_mask, scale, dropout_p):
     return out.view(q.shape[0], q.shape[1], *out.shape[1:])
 
 
-_KERNELS = {"flash_attn": _flash_attn, "varlen": _torch_varlen, "sdpa": _sdpa, "math": _math}
+_KERNELS = {"flash_attn": _flash_attn, "varlen": _torch_varlen, "sdpa": _sdpa, "sdpa_unpadded": _sdpa, "math": _math}
+_EQUAL_HEAD_DIMS = ("flash_attn", "varlen", "sdpa")  # the fused kernels these reach need equal head dims
+TUNER = KernelTuner()
+
+
+def _run(backend: str, q, k, v, key_mask, scale, dropout_p):
+    dv = v.shape[-1]
+    if backend in _EQUAL_HEAD_DIMS:
+        q, k, v = _pad_head_dims(q, k, v)
+    out = _KERNELS[backend](q, k, v, key_mask, scale, dropout_p)[..., :dv]
+    if key_mask is not None:
+        out = torch.where(key_mask.any(dim=1)[:, None, None, None], out, 0.0)
+    return out
+
+
+def _tuned(names: list[str], q, k, v, key_mask, scale, dropout_p) -> str:
+    """The fastest of ``names`` for this call's kind, measured on its inputs the first time (see ``autotune``)."""
+    (batch, nq, heads, dqk), nk, dv = q.shape, k.shape[1], v.shape[-1]
+    candidates = [n for n in names if n != "sdpa_unpadded" or dqk != dv]  # the same as sdpa on equal dims
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    key = (q.device, q.dtype, shape_bucket(batch), shape_bucket(nq), shape_bucket(nk), heads, dqk, dv,
+           key_mask is not None, dropout_p, grad)
+    return TUNER.choose(
+        key,
+        candidates,
+        lambda name, q, k, v: _run(name, q, k, v, key_mask, scale, dropout_p),
+        (q, k, v),
+        lambda: (f"attention B={batch} Q={nq} K={nk} H={heads} qk={dqk} v={dv} {str(q.dtype)[6:]}"
+                 f"{' masked' if key_mask is not None else ''}{f' dropout {dropout_p}' if dropout_p else ''}"
+                 f"{' fwd+bwd' if grad else ' fwd'}"),
+    )
 
 
 def attend(
@@ -225,18 +263,14 @@ def attend(
     if backend not in BACKENDS:
         raise ValueError(f"attend: backend must be one of {BACKENDS}, got {backend!r}")
     names = available_backends(q.device, q.dtype, dropout_p)
-    if backend == "auto":
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if backend == "autotune" or (backend == "auto" and q.device.type == "cuda"):
+        backend = _tuned(names, q, k, v, key_mask, scale, dropout_p)
+    elif backend == "auto":
         backend = names[0]
     elif backend not in names:
         raise ValueError(
             f"attend: backend {backend!r} cannot run on {q.device.type} with {q.dtype} and dropout {dropout_p}; "
             f"available here: {names}"
         )
-    dv = v.shape[-1]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if backend != "math":  # the fused kernels need equal head dims
-        q, k, v = _pad_head_dims(q, k, v)
-    out = _KERNELS[backend](q, k, v, key_mask, scale, dropout_p)[..., :dv]
-    if key_mask is not None:
-        out = torch.where(key_mask.any(dim=1)[:, None, None, None], out, 0.0)
-    return out
+    return _run(backend, q, k, v, key_mask, scale, dropout_p)

@@ -61,6 +61,36 @@ LAYER_NAMES = {
 }
 
 
+# Our fused projections -> the separate transformers projections they stack (rows in this order). A latent
+# self-attention projects queries, keys and values from one input, a cross-attention keys and values.
+FUSED = {"query_key_value.": ("query.", "key.", "value."), "key_value.": ("key.", "value.")}
+
+
+def _fuse(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Separate query/key/value tensors (our naming otherwise) -> our fused projections."""
+    out = dict(state)
+    for name in [n for n in state if n.endswith((".key.weight", ".key.bias"))]:
+        prefix, _, leaf = name.rpartition("key.")
+        fused = "query_key_value." if "self_attends." in prefix else "key_value."
+        out[prefix + fused + leaf] = torch.cat([out.pop(prefix + part + leaf) for part in FUSED[fused]])
+    return out
+
+
+def _unfuse(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our fused projections -> separate query/key/value tensors; the widths come from the neighbouring layers (the
+    output projection reads the values, a cross-attention's query projection has the key width)."""
+    out = dict(state)
+    for name in state:
+        for fused, parts in FUSED.items():
+            prefix, found, leaf = name.rpartition(fused)
+            if not found or not prefix.endswith(".") or leaf not in ("weight", "bias"):
+                continue
+            rows, v = state[name].shape[0], state[prefix + "out.weight"].shape[1]
+            widths = [(rows - v) // 2] * 2 + [v] if len(parts) == 3 else [rows - v, v]
+            out.update(zip((prefix + part + leaf for part in parts), out.pop(name).split(widths)))
+    return out
+
+
 def _rename(name: str, prefixes: Mapping[str, str], layer_names: Mapping[str, str]) -> str:
     """Apply the prefix table, then (for attention layers) the layer table; both directions use this."""
     for old, new in prefixes.items():
@@ -92,14 +122,14 @@ def hf_to_state_dict(hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
             out[_rename(name, PREFIXES, LAYER_NAMES)] = value
         except KeyError:
             raise KeyError(f"transformers parameter {name!r} has no counterpart in our text MLM model") from None
-    return out
+    return _fuse(out)
 
 
 def state_dict_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our text MLM state dict -> transformers ``PerceiverForMaskedLM``."""
     prefixes, layer_names = _invert(PREFIXES), _invert(LAYER_NAMES)
     out = {}
-    for name, value in state.items():
+    for name, value in _unfuse(state).items():
         try:
             out[_rename(name, prefixes, layer_names)] = value
         except KeyError:

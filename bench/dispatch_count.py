@@ -1,0 +1,98 @@
+"""Operators dispatched per training step, ours against transformers' Perceiver, at the 201M config's depth.
+
+On a GPU a step of small kernels is bound by how many operators Python and the dispatcher hand to the device (the
+H100 step at B=8 took as long as at B=32), and that count does not depend on the device. This counts them on the CPU:
+the 201M language config's structure (26 latent self-attends, 8 heads, unequal q/k and v widths) with tiny widths,
+bf16 autocast like the GPU benchmark, attention dropout 0 (so that SDPA is one operator here as on CUDA), forward,
+backward and a foreach AdamW step. It also times those tiny steps: per-operator overhead with almost no arithmetic.
+
+    PYTHONPATH=. python bench/dispatch_count.py
+
+The last line printed is ``dispatch_ratio=<our operators per step over transformers'>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import model_bench as mb
+
+TINY = dict(mb.GPU_CONFIG, d_model=16, d_latents=32, qk_channels=16, v_channels=32, num_latents=8)
+
+
+class OperatorCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def measure(variant: str, batch: int, length: int, steps: int) -> dict:
+    cfg = dict(TINY)
+    model, _ = mb.build_models(cfg, length, torch.device("cpu"), variant, "auto")
+    for module in model.modules():  # dropout 0 everywhere: SDPA stays one operator, as on CUDA
+        if hasattr(module, "dropout") and isinstance(module.dropout, float):
+            module.dropout = 0.0
+        elif isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.train()
+    ids = torch.randint(0, cfg["vocab_size"], (batch, length))
+    targets = torch.randint(0, cfg["vocab_size"], (batch, length))
+    forward = (lambda: model(input_ids=ids).logits) if variant == mb.HF else (lambda: model.text_logits(ids))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(forward().flatten(0, 1).float(), targets.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    with OperatorCount() as total:
+        step()
+    with OperatorCount() as fwd, torch.autocast("cpu", dtype=torch.bfloat16):
+        forward()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return dict(ops=sum(total.counts.values()), fwd_ops=sum(fwd.counts.values()), ms=statistics.median(times) * 1e3,
+                top=total.counts.most_common(8))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--length", type=int, default=32)
+    p.add_argument("--steps", type=int, default=15, help="timed tiny steps (median reported)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    results = {v: measure(v, args.batch, args.length, args.steps) for v in (mb.HF, mb.OURS)}
+    print(f"201M config depth, tiny widths (d_latents {TINY['d_latents']}), B={args.batch} M={args.length}, "
+          f"bf16 autocast, torch {torch.__version__}, 1 thread")
+    print(f"{'model':<14}{'ops/step':>10}{'fwd ops':>10}{'tiny step ms':>14}  most frequent")
+    for variant, r in results.items():
+        top = ", ".join(f"{name} {count}" for name, count in r["top"][:5])
+        print(f"{variant:<14}{r['ops']:>10}{r['fwd_ops']:>10}{r['ms']:>14.1f}  {top}")
+    ours, hf = results[mb.OURS], results[mb.HF]
+    print(f"tiny step time ours/transformers: {ours['ms'] / hf['ms']:.3f}")
+    print(f"dispatch_ratio={ours['ops'] / hf['ops']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers")
 from transformers import PerceiverConfig, PerceiverForMaskedLM  # noqa: E402
@@ -14,7 +15,8 @@ from conftest import multimodal_config, tiny_config  # noqa: E402
 from pretrain import load_pretrained, save_pretrained  # noqa: E402
 from pretrain.config import ConfigError, ModelConfig, TextConfig  # noqa: E402
 from pretrain.model import PerceiverIO  # noqa: E402
-from pretrain.model.hf import config_from_hf, config_to_hf, hf_to_state_dict, state_dict_to_hf  # noqa: E402
+from pretrain.model.hf import (  # noqa: E402
+    config_from_hf, config_to_hf, hf_to_state_dict, split_projections, state_dict_to_hf)
 from pretrain.model.pretrained import save_hf_pretrained  # noqa: E402
 
 VOCAB, MAX_POS, B, S = 30, 16, 3, 10
@@ -159,15 +161,21 @@ def test_our_format_round_trip(tmp_path, multimodal):
     model = PerceiverIO(cfg).eval()
     perturb(model)
     save_pretrained(model, tmp_path / "m")
-    loaded = load_pretrained(tmp_path / "m")
-    assert loaded.config == model.config
+    # a directory written before the query/key/value projections were fused (separate tensors) loads too
+    save_pretrained(model, tmp_path / "separate")
+    separate = split_projections(model.state_dict())
+    assert any(name.endswith("self_attends.0.value.weight") for name in separate)
+    save_file({k: v.clone() for k, v in separate.items()}, str(tmp_path / "separate" / "model.safetensors"))
     inputs = multimodal_inputs(2, 5) if multimodal else {"text": torch.randint(0, 20, (2, 5))}
     outputs = {name: None for name in model.config.output_modalities}
-    with torch.no_grad():
-        expected, got = model(inputs, outputs), loaded(inputs, outputs)
-    assert set(got) == set(outputs)
-    for name in outputs:
-        assert torch.equal(got[name], expected[name]), name
+    for directory in ("m", "separate"):
+        loaded = load_pretrained(tmp_path / directory)
+        assert loaded.config == model.config
+        with torch.no_grad():
+            expected, got = model(inputs, outputs), loaded(inputs, outputs)
+        assert set(got) == set(outputs)
+        for name in outputs:
+            assert torch.equal(got[name], expected[name]), (directory, name)
 
 
 @pytest.mark.parametrize("cfg", [multimodal_config(num_classes=0), tiny_config(num_classes=3)], ids=["multimodal", "classes"])

@@ -66,8 +66,9 @@ LAYER_NAMES = {
 FUSED = {"query_key_value.": ("query.", "key.", "value."), "key_value.": ("key.", "value.")}
 
 
-def _fuse(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Separate query/key/value tensors (our naming otherwise) -> our fused projections."""
+def fuse_projections(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Separate query/key/value tensors (our naming otherwise, as our directories had it before the projections were
+    fused) -> our fused projections; a state dict without separate ones comes back unchanged."""
     out = dict(state)
     for name in [n for n in state if n.endswith((".key.weight", ".key.bias"))]:
         prefix, _, leaf = name.rpartition("key.")
@@ -76,7 +77,7 @@ def _fuse(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _unfuse(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def split_projections(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our fused projections -> separate query/key/value tensors; the widths come from the neighbouring layers (the
     output projection reads the values, a cross-attention's query projection has the key width)."""
     out = dict(state)
@@ -122,14 +123,14 @@ def hf_to_state_dict(hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
             out[_rename(name, PREFIXES, LAYER_NAMES)] = value
         except KeyError:
             raise KeyError(f"transformers parameter {name!r} has no counterpart in our text MLM model") from None
-    return _fuse(out)
+    return fuse_projections(out)
 
 
 def state_dict_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our text MLM state dict -> transformers ``PerceiverForMaskedLM``."""
     prefixes, layer_names = _invert(PREFIXES), _invert(LAYER_NAMES)
     out = {}
-    for name, value in _unfuse(state).items():
+    for name, value in split_projections(state).items():
         try:
             out[_rename(name, prefixes, layer_names)] = value
         except KeyError:

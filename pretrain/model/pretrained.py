@@ -55,7 +55,7 @@ def load_pretrained(path: Union[str, Path], map_location: Union[str, torch.devic
     path = Path(path)
     if (path / CONFIG).exists():
         cfg = model_config_from_dict(OmegaConf.to_container(OmegaConf.load(path / CONFIG))["model"])
-        state = load_file(str(path / WEIGHTS))
+        state = hf.fuse_projections(load_file(str(path / WEIGHTS)))  # also directories from before the fusion
     elif (path / HF_CONFIG).exists():
         hf_config = json.loads((path / HF_CONFIG).read_text())
         if hf_config.get("model_type") != "perceiver":

@@ -10,10 +10,10 @@ mkdir -p "$out"
 source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 
-step() {  # name, command...: output to $out/<name>.txt, the last lines echoed
+step() {  # name, command...: output to $out/<name>.txt, the last lines echoed; a step over STEP_TIMEOUT is stopped
   local name=$1; shift
   local start=$SECONDS
-  "$@" > "$out/$name.txt" 2>&1
+  timeout "${STEP_TIMEOUT:-240}" "$@" > "$out/$name.txt" 2>&1
   echo "== $name: exit $? in $((SECONDS - start)) s"
   grep -E "ratio_vs_hf|attention_accuracy|^(run|bf16|offload) |FAILED|autotune|kernels/step" "$out/$name.txt" | tail -12
 }

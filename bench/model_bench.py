@@ -17,8 +17,8 @@ Measurements:
 * FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one extra step of each model (matmuls and attention only;
   ours counts the zero padding of the q/k head dim up to the v head dim that its fused attention kernels need).
 * MFU (GPU): achieved FLOP/s over a bf16 matmul rate measured in the same run (8192^3 matmuls timed with CUDA events).
-* peak memory: on GPU ``torch.cuda.max_memory_allocated`` during the steps (weights, grads and optimizer state
-  included). On CPU every measurement runs in a fresh worker process (forkserver, torch preloaded) and reports the
+* peak memory: on GPU ``torch.cuda.max_memory_allocated`` during the timed steps (weights, grads and optimizer state
+  included; after the warm-up, so not the first step's attention tuning or compilation). On CPU every measurement runs in a fresh worker process (forkserver, torch preloaded) and reports the
   growth of the process's peak RSS (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``; falls back to
   ``getrusage`` ``ru_maxrss``) over its RSS right after the model was built: grads, optimizer state and activations.
 
@@ -244,10 +244,7 @@ def measure(spec: dict) -> dict:
     prepared = prepare(spec)
     step = prepared["step"]
     memory = None
-    if prepared["cuda"]:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
+    if not prepared["cuda"]:
         memory = CpuPeakMemory()
         memory.start()
     compile_s = None
@@ -257,6 +254,9 @@ def measure(spec: dict) -> dict:
         compile_s = time.perf_counter() - t0
     for _ in range(max(1, spec["warmup"])):
         step()
+    if prepared["cuda"]:  # steady state: not the first step's attention tuning or compilation
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     times = [_timed(prepared) for _ in range(spec["steps"])]
     if prepared["cuda"]:
         torch.cuda.synchronize()

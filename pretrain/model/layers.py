@@ -45,18 +45,17 @@ class PerceiverLayer(nn.Module):
             if channels % num_heads:
                 raise ValueError(f"{name}={channels} is not divisible by num_heads={num_heads}")
         self.is_cross = kv_dim is not None
-        source_dim = kv_dim if self.is_cross else q_dim
         self.num_heads = num_heads
         self.use_query_residual = use_query_residual
         self.dropout = dropout
         self.backend = backend
         self.q_norm = nn.LayerNorm(q_dim)
-        self.kv_norm = nn.LayerNorm(source_dim) if self.is_cross else nn.Identity()
         # Projections that read the same input are one matmul: fewer kernels and casts, one gradient for the input.
         self.widths = [qk_channels, v_channels] if self.is_cross else [qk_channels, qk_channels, v_channels]
         if self.is_cross:
+            self.kv_norm = nn.LayerNorm(kv_dim)
             self.query = nn.Linear(q_dim, qk_channels)
-            self.key_value = nn.Linear(source_dim, qk_channels + v_channels)
+            self.key_value = nn.Linear(kv_dim, qk_channels + v_channels)
         else:
             self.query_key_value = nn.Linear(q_dim, 2 * qk_channels + v_channels)
         self.out = nn.Linear(v_channels, q_dim)

@@ -18,9 +18,10 @@ step() {  # name, command...: output to $out/<name>.txt, the last lines echoed; 
   grep -E "ratio_vs_hf|attention_accuracy|^(run|bf16|offload) |FAILED|autotune|kernels/step" "$out/$name.txt" | tail -12
 }
 bench=(python3 bench/model_bench.py --device cuda)
-# The headline first: attention tuned per shape (auto), where the time goes (--profile), the B=16 length sweep.
-step model_eager "${bench[@]}" --profile --out "$out/model_eager.json"
+# The headline first: attention tuned per shape (auto) and where the time goes (--profile).
+step model_eager "${bench[@]}" --no-sweep --profile --out "$out/model_eager.json"
 step model_static_sdpa "${bench[@]}" --no-sweep --no-masked --attention-backend sdpa  # the untuned choice before
 step attention python3 bench/attention_check.py
+step model_sweep "${bench[@]}" --no-masked --out "$out/model_sweep.json"  # M = 2k, 8k, 32k at B=16
 step model_cudagraphs "${bench[@]}" --no-sweep --no-masked --compile --compile-mode reduce-overhead
 step engine bash bench/engine_gpu_check.sh

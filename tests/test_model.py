@@ -274,3 +274,21 @@ def test_compiles_to_one_graph(inputs, training):
     finally:
         torch._dynamo.reset()
     assert explained.graph_break_count == 0, [str(reason.reason)[:200] for reason in explained.break_reasons]
+
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_projections_of_one_input_are_one_matmul(cross):
+    """Queries, keys and values of a self-attention (keys and values of a cross-attention) come from one matmul; then
+    the output projection and the MLP's two: 4 projections in a self-attention's forward, 5 in a cross-attention's."""
+    from pretrain.model.layers import PerceiverLayer
+
+    layer = PerceiverLayer(32, 24 if cross else None, 16, 32, 4, 1)
+    calls = []
+    for module in layer.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda m, args, out: calls.append(out.shape[-1]))
+    x, kv = torch.randn(2, 8, 32), torch.randn(2, 11, 24)
+    out = layer(x, kv) if cross else layer(x)
+    assert out.shape == x.shape
+    assert calls == ([16, 16 + 32, 32, 32, 32] if cross else [16 + 16 + 32, 32, 32, 32])

@@ -138,6 +138,17 @@ def test_a_model_tuned_inside_activation_checkpointing_trains_like_one_without(t
         torch.testing.assert_close(param.grad, grads[name].grad, atol=1e-7, rtol=1e-6, msg=name)
 
 
+def test_deterministic_mode_takes_the_static_order(tuner):
+    q, k, v = qkv(dqk=8, dv=16)
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = attend(q, k, v, backend="autotune")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert not tuner.choices
+    torch.testing.assert_close(out, attend(q, k, v, backend=attention.available_backends(q.device, q.dtype)[0]))
+
+
 def test_auto_tunes_only_on_cuda(tuner):
     attend(*qkv(dqk=8, dv=16), backend="auto")
     assert not tuner.choices  # CPU: the measured static order

@@ -1,16 +1,18 @@
 """Pick the fastest of several interchangeable kernels by timing them once on the real inputs, then remember the pick.
 
-Used by ``attend``: which attention kernel wins depends on the card, the torch build and the shape (on an H100 the
-flash kernel was the fastest for 256 latents x 2048 inputs but latency-bound for the 256 x 256 latent
-self-attention), so a fixed preference order leaves time on the table somewhere. Timing happens on the first call
-for each key (shapes rounded up to powers of two), costs a few forward and backward passes per candidate, and is
-logged. Each process decides for itself: ranks may pick differently, which changes rounding, not results.
+Used by ``attend``: which attention kernel wins depends on the card, the torch build and the shape (on an H100,
+cuDNN's kernel was the fastest for 256 latents x 2048 inputs, while the flash kernel SDPA picks for the padded
+256 x 256 latent self-attention was latency-bound), so a fixed preference order leaves time on the table somewhere.
+Timing happens on the first call for each key (shapes rounded up to powers of two), costs a few forward and
+backward passes per candidate, and is logged. Each process decides for itself: ranks may pick differently, which
+changes rounding, not results; so may two runs, so pin a backend where runs must repeat exactly.
 
 Nothing is timed where timing would be wrong or impossible, and the default is used instead, without remembering:
-inside ``torch.compile`` tracing, under a dispatch mode (FLOP counting, fake tensors), during CUDA graph capture and
-on the meta device. The caller's random number generator state is left as it was, so a tuned run draws the same
-dropout masks as a run that names the chosen kernel, and activation checkpointing (whose saved-tensor hooks would
-otherwise apply to the trial passes) is shielded off.
+inside ``torch.compile`` tracing, under a dispatch mode (FLOP counting, fake tensors), during CUDA graph capture, on
+the meta device, and under ``torch.use_deterministic_algorithms(True)`` (two runs must run the same kernels). The
+caller's random number generator state is left as it was, so a tuned run draws the same dropout masks as a run that
+names the chosen kernel, and activation checkpointing (whose saved-tensor hooks would otherwise apply to the trial
+passes) is shielded off.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ def shape_bucket(size: int) -> int:
 
 
 def can_time(device: torch.device) -> bool:
-    """False where a trial run would be traced, counted, captured or has no data."""
+    """False where a trial run would be traced, counted, captured or has no data, and where the pick must not
+    depend on timing (``torch.use_deterministic_algorithms``: two runs must run the same kernels)."""
     if device.type == "meta" or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    if torch.are_deterministic_algorithms_enabled():
         return False
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 

@@ -40,9 +40,9 @@ def can_time(device: torch.device) -> bool:
     depend on timing (``torch.use_deterministic_algorithms``: two runs must run the same kernels)."""
     if device.type == "meta" or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
-    if torch.are_deterministic_algorithms_enabled():
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
-    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    return not torch.are_deterministic_algorithms_enabled()
 
 
 class _Clock:

@@ -51,13 +51,14 @@ class PerceiverLayer(nn.Module):
         self.backend = backend
         self.q_norm = nn.LayerNorm(q_dim)
         # Projections that read the same input are one matmul: fewer kernels and casts, one gradient for the input.
-        self.widths = [qk_channels, v_channels] if self.is_cross else [qk_channels, qk_channels, v_channels]
         if self.is_cross:
             self.kv_norm = nn.LayerNorm(kv_dim)
             self.query = nn.Linear(q_dim, qk_channels)
-            self.key_value = nn.Linear(kv_dim, qk_channels + v_channels)
+            self.widths = [qk_channels, v_channels]
+            self.key_value = nn.Linear(kv_dim, sum(self.widths))
         else:
-            self.query_key_value = nn.Linear(q_dim, 2 * qk_channels + v_channels)
+            self.widths = [qk_channels, qk_channels, v_channels]
+            self.query_key_value = nn.Linear(q_dim, sum(self.widths))
         self.out = nn.Linear(v_channels, q_dim)
         self.mlp_norm = nn.LayerNorm(q_dim)
         self.mlp = MLP(q_dim, widening_factor)

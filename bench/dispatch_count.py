@@ -20,7 +20,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import model_bench as mb
@@ -51,14 +50,7 @@ def measure(variant: str, batch: int, length: int, steps: int) -> dict:
     targets = torch.randint(0, cfg["vocab_size"], (batch, length))
     forward = (lambda: model(input_ids=ids).logits) if variant == mb.HF else (lambda: model.text_logits(ids))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = F.cross_entropy(forward().flatten(0, 1).float(), targets.flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = mb.training_step(forward, targets, optimizer, torch.autocast("cpu", dtype=torch.bfloat16))
     for _ in range(3):
         step()
     with OperatorCount() as total:

@@ -205,6 +205,12 @@ def prepare(spec: dict) -> dict:
         forward = torch.compile(forward, mode=spec.get("compile_mode"))
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if cuda else {}))
+    return dict(step=training_step(forward, targets, optimizer, autocast), cuda=cuda, parity=check,
+                params=sum(p.numel() for p in model.parameters()))
+
+
+def training_step(forward, targets: torch.Tensor, optimizer: torch.optim.Optimizer, autocast):
+    """The measured step: forward under ``autocast``, cross-entropy against ``targets``, backward, optimizer step."""
 
     def step() -> None:
         with autocast:
@@ -214,7 +220,7 @@ def prepare(spec: dict) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return dict(step=step, cuda=cuda, parity=check, params=sum(p.numel() for p in model.parameters()))
+    return step
 
 
 def _timed(prepared: dict) -> float:

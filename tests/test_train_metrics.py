@@ -1,11 +1,13 @@
 """FLOPs for MFU: counted on the eager forward, also when ``train.compile`` compiled the model (the counting mode
-keeps dynamo from compiling a no-grad graph just for it)."""
+keeps dynamo from compiling a graph just for it), and on the Perceiver the training loop counts on a GPU."""
 
 from __future__ import annotations
 
 import torch
 from torch._dynamo.testing import CompileCounter
 
+from conftest import tiny_config
+from pretrain.model import PerceiverIO
 from pretrain.train.metrics import count_flops
 
 
@@ -26,3 +28,17 @@ def test_count_flops_of_a_compiled_model_counts_eagerly_without_compiling():
     model.compile(backend=compiled)
     assert count_flops(model, (x,)) == expected
     assert compiled.frame_count == 0
+
+
+def test_count_flops_of_the_perceiver_equals_three_forwards():
+    """The loop counts the model's FLOPs once on a GPU run (CPU runs report no MFU). The latents expanded over the
+    batch made the counter's module tracker raise there (H100, 2026-11-26); this runs the same count on the CPU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = PerceiverIO(tiny_config())
+    inputs, outputs = {"text": torch.randint(0, 20, (2, 12))}, {"text": None}
+    forward = FlopCounterMode(display=False)
+    with forward:
+        model(inputs, outputs)
+    assert forward.get_total_flops() > 0
+    assert count_flops(model, (inputs, outputs)) == 3.0 * forward.get_total_flops()

@@ -71,6 +71,9 @@ def count_flops(forward, args: Iterable) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():  # dynamo does not compile under a dispatch mode: a compiled model runs eagerly
+    # Dynamo does not compile under a dispatch mode: a compiled model runs eagerly. Grad mode stays on: the counter's
+    # module tracker hooks the gradients of module inputs, and a view of a parameter made under no_grad (the
+    # latents expanded over the batch) requires grad without a gradient function, which it rejects.
+    with counter:
         forward(*args)
     return 3.0 * counter.get_total_flops()

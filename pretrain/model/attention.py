@@ -103,6 +103,10 @@ def _pad_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 
 
 def _sdpa(q, k, v, key_mask, scale, dropout_p):
+    if q.stride(0) == 0 and q.shape[0] > 1:
+        # Queries shared by the batch (expanded): cuDNN's kernel derives the output's layout from the query's and
+        # rejects this one (H100: "stride for the last dimension ... should be 1 for output O").
+        q = q.contiguous()
     mask = None if key_mask is None else key_mask[:, None, None, :]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p, scale=scale

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import multimodal_config, multimodal_inputs
-from pretrain.model import PerceiverIO, attention
+from pretrain.model import PerceiverIO, attention, autotune
 from pretrain.model.attention import attend
 from pretrain.model.autotune import KernelTuner, shape_bucket
 from test_attention import TOLERANCE, padding_mask, qkv, reference, rel_err
@@ -50,7 +50,7 @@ def test_decisions_are_remembered_per_shape_bucket(tuner):
     x = torch.ones(3)
     first = tuner.choose(("k", 8), ["a", "b"], run, (x,), lambda: "test")
     count = len(calls)
-    assert count == 2 * (1 + 3)  # each candidate: one warm-up and three timed runs
+    assert count == 2 * (1 + autotune.TIMED_RUNS)  # each candidate: one warm-up, then the timed runs
     assert tuner.choose(("k", 8), ["a", "b"], run, (x,), lambda: "test") == first and len(calls) == count
     # attend: 200 and 256 queries share a bucket, 300 does not
     tuner.choices.clear()

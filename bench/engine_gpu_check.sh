@@ -41,10 +41,12 @@ common=(data.train_shards="[$out/shards/train]" data.val_shards="[$out/shards/va
         train.global_batch_size=32 optim.warmup_steps=10 train.eval_every_steps=20 train.eval_batches=2
         checkpoint.every_steps=20 checkpoint.every_minutes=0 run.log_every_steps=10 run.progress_bar=false)
 train() {  # run name, then overrides
-  local name=$1; shift
-  /usr/bin/time -f "%e" -o "$out/$name.wall" torchrun --standalone --nproc_per_node "$nproc" -m pretrain train \
+  local name=$1 start=$SECONDS; shift
+  torchrun --standalone --nproc_per_node "$nproc" -m pretrain train \
     --config configs/mlm_bytes_201m.yaml "${common[@]}" "$@" > "$out/$name.log" 2>&1 \
-    || { echo "run $name failed:"; tail -30 "$out/$name.log"; exit 1; }
+    || { echo "run $name failed; the first traceback, then the end of its log:"
+         grep -m1 -A40 "^Traceback\|Error" "$out/$name.log"; tail -15 "$out/$name.log"; exit 1; }
+  echo $((SECONDS - start)) > "$out/$name.wall"  # no /usr/bin/time on the GPU image
 }
 train bf16 run.dir="$out/bf16" train.max_steps=40 "$@"
 train bf16 run.dir="$out/bf16" train.max_steps=60 "$@"   # resumes from step 40

@@ -1,27 +1,42 @@
 #!/usr/bin/env bash
-# Every GPU measurement the project still needs, in one call of the device tool (about 8 minutes on an H100 once the
-# machine is up). Each step writes its output to $OUT (default bench/out/gpu) and a failing step does not stop the
-# others. Collect the wheels first, here:  bash ../shared/tools/gpu-wheels.sh pillow soundfile cffi pycparser
+# The GPU measurements the project needs, in one call of the device tool: `bash bench/gpu_session.sh [STEP ...]`
+# (default: every step below, most important first). No step starts past SESSION_SECONDS (default 540) from the
+# start, so the call ends inside the device tool's limit and what was measured comes back. Each step writes
+# $OUT/<step>.txt (default OUT bench/out/gpu; keep to 7 files there, the device tool returns 8) and a failing step
+# does not stop the others.
+# Collect the wheels first, here:  bash ../shared/tools/gpu-wheels.sh pillow soundfile cffi pycparser
 # then, through the device tool, with .whl carried:  bash bench/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/out/gpu}
+deadline=$((SECONDS + ${SESSION_SECONDS:-540}))
 mkdir -p "$out"
 source bench/gpu_env.sh
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
-step() {  # name, command...: output to $out/<name>.txt, the last lines echoed; a step over STEP_TIMEOUT is stopped
-  local name=$1; shift
-  local start=$SECONDS
-  timeout "${STEP_TIMEOUT:-240}" "$@" > "$out/$name.txt" 2>&1
-  echo "== $name: exit $? in $((SECONDS - start)) s"
-  grep -E "ratio_vs_hf|attention_accuracy|^(run|bf16|offload) |FAILED|autotune|kernels/step" "$out/$name.txt" | tail -12
-}
 bench=(python3 bench/model_bench.py --device cuda)
-# The headline first: attention tuned per shape (auto) and where the time goes (--profile).
-step model_eager "${bench[@]}" --no-sweep --profile --out "$out/model_eager.json"
-step model_static_sdpa "${bench[@]}" --no-sweep --no-masked --attention-backend sdpa  # the untuned choice before
-step attention python3 bench/attention_check.py
-step model_sweep "${bench[@]}" --no-masked --out "$out/model_sweep.json"  # M = 2k, 8k, 32k at B=16
-step model_cudagraphs "${bench[@]}" --no-sweep --no-masked --compile --compile-mode reduce-overhead
-step engine bash bench/engine_gpu_check.sh
+# Eager runs interleave the models step by step: the eager step is bound by the host's kernel launches, and the
+# host's speed drifts on a shared machine, so separately timed rows are not comparable.
+eager=("${bench[@]}" --interleave --steps 30 --no-masked)
+declare -A steps=(
+  [model_eager]="${eager[*]} --no-sweep --profile --out $out/model_eager.json"  # headline: tuned attention
+  [model_sweep]="${eager[*]} --steps 10 --out $out/model_sweep.json"  # + M = 2k, 8k, 32k at B=16
+  [model_static_sdpa]="${eager[*]} --no-sweep --attention-backend sdpa"  # the untuned choice before
+  [model_cudagraphs]="${bench[*]} --no-sweep --no-masked --compile --compile-mode reduce-overhead"
+  [model_compiled_both]="${bench[*]} --interleave --no-sweep --no-masked --compile --compile-hf"
+  [attention]="python3 bench/attention_check.py"
+  [engine]="env OUT=/tmp/engine bash bench/engine_gpu_check.sh"  # its corpus and checkpoints stay on the machine
+)
+order=(model_eager model_sweep model_static_sdpa model_cudagraphs attention engine model_compiled_both)
+
+for name in "${@:-${order[@]}}"; do
+  [[ -v "steps[$name]" ]] || { echo "unknown step $name; steps: ${order[*]}"; exit 2; }
+  left=$((deadline - SECONDS)) limit=${STEP_TIMEOUT:-300}
+  if ((left < 30)); then echo "== $name: skipped, ${left} s left of SESSION_SECONDS"; continue; fi
+  ((left < limit)) && limit=$left
+  start=$SECONDS
+  PYTHONUNBUFFERED=1 timeout "$limit" ${steps[$name]} > "$out/$name.txt" 2>&1
+  echo "== $name: exit $? in $((SECONDS - start)) s (limit $limit s)"
+  grep -E "ratio_vs_hf|attention_accuracy|^(run|bf16|offload|compiled|wall) |FAILED|failed|autotune|kernels/step|M=|samples/s" \
+    "$out/$name.txt" | tail -40
+done

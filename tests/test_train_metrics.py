@@ -1,5 +1,5 @@
-"""FLOPs for MFU: counted on the eager forward, also when ``train.compile`` compiled the model (the counting mode
-keeps dynamo from compiling a graph just for it), and on the Perceiver the training loop counts on a GPU."""
+"""FLOPs for MFU: counted on the eager forward, also when ``train.compile`` compiled the model (no graph is compiled
+for the count, and the model still compiles afterwards), and on the Perceiver as the training loop counts it."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class TwoLayers(torch.nn.Module):
         return self.second(torch.relu(self.first(x)))
 
 
-def test_count_flops_of_a_compiled_model_counts_eagerly_without_compiling():
+def test_count_flops_of_a_compiled_model_counts_eagerly_and_leaves_it_compiling():
     model, x = TwoLayers(), torch.randn(4, 16)
     expected = 3.0 * 2 * 4 * (16 * 32 + 32 * 8)  # forward matmuls, backward as twice the forward
     assert count_flops(model, (x,)) == expected
@@ -28,6 +28,8 @@ def test_count_flops_of_a_compiled_model_counts_eagerly_without_compiling():
     model.compile(backend=compiled)
     assert count_flops(model, (x,)) == expected
     assert compiled.frame_count == 0
+    model(x)  # counting left the code compilable: training after the count runs compiled
+    assert compiled.frame_count == 1
 
 
 def test_count_flops_of_the_perceiver_equals_three_forwards():

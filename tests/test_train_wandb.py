@@ -42,7 +42,7 @@ def test_offline_run_holds_the_metrics_and_a_resumed_run_keeps_its_id(tmp_path, 
     assert sorted(rows) == [1, 2, 3]
     for step, row in rows.items():
         assert row["loss"] == logged[step]["loss"] and row["loss/text"] == logged[step]["loss/text"]
-        assert {"lr", "grad_norm", "samples_per_s", "data_wait_frac", "step_time_s"} <= set(row)
+        assert {"lr", "grad_norm", "samples_per_s", "data_wait_frac", "step_time_s", "tflops"} <= set(row)
 
     config = tiny_config(tmp_path, wandb={"mode": "offline"}, train={"max_steps": 5})
     run(config)

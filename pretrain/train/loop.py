@@ -15,7 +15,7 @@ from ..config import gradient_accumulation_steps
 from ..data import DataStream
 from ..tracking import format_metrics
 from .distributed import any_rank, mean_over_ranks
-from .metrics import Window, count_flops, gpu_metrics, input_tokens, skipped_totals
+from .metrics import Window, compute_metrics, count_flops, input_tokens, skipped_totals
 from .objective import modality_losses, weighted_total
 from .preemption import EXIT_PREEMPTED, Preemption
 from .run import Run
@@ -77,8 +77,8 @@ def train_loop(run: Run) -> int:
                 batch = next(batches)
                 window.add(data_wait=time.perf_counter() - waited, tokens=input_tokens(batch["inputs"]) * world)
                 batch = to_device(batch, run.device, run.dtype)
-                if flops is None and run.device.type == "cuda":
-                    flops = gas * world * count_flops(engine, (batch["inputs"], batch["decode"]))
+                if flops is None:
+                    flops = gas * world * count_flops(engine.module, (batch["inputs"], batch["decode"]))
                 reseed(cfg.train.seed, run.env.rank, progress.step, micro)
                 losses = modality_losses(engine, engine.module, batch)
                 loss = weighted_total(losses, cfg.train.loss_weights)
@@ -96,7 +96,7 @@ def train_loop(run: Run) -> int:
             if step % cfg.run.log_every_steps == 0 or last or stop:
                 metrics = mean_over_ranks(window.flush(), run.device)
                 metrics.update(samples=progress.samples, lr=cfg.optim.lr * lr_factor(step - 1, cfg.optim, cfg.train.max_steps),
-                               **skipped_totals(run.stream.skipped()), **gpu_metrics(run.device, flops, metrics["step_time_s"]))
+                               **skipped_totals(run.stream.skipped()), **compute_metrics(run.device, flops, metrics["step_time_s"]))
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)

@@ -54,11 +54,13 @@ def skipped_totals(counts: Dict[str, int]) -> Dict[str, int]:
     return {f"skipped/{reason}": n for reason, n in sorted(total.items())}
 
 
-def gpu_metrics(device: torch.device, flops_per_step: Optional[float], step_time_s: float) -> Dict[str, float]:
-    """Peak memory and model FLOP utilisation on GPU; nothing on CPU."""
+def compute_metrics(device: torch.device, flops_per_step: Optional[float], step_time_s: float) -> Dict[str, float]:
+    """Achieved TFLOP/s (all ranks together) on every device; peak memory and model FLOP utilisation on GPU. Counting
+    on every device keeps the counting path in the CPU tests: it once failed on GPUs only."""
+    out = {"tflops": flops_per_step / step_time_s / 1e12} if flops_per_step and step_time_s > 0 else {}
     if device.type != "cuda":
-        return {}
-    out = {"memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+        return out
+    out["memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     name = torch.cuda.get_device_name(device)
     peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
     if peak and flops_per_step:
@@ -66,14 +68,16 @@ def gpu_metrics(device: torch.device, flops_per_step: Optional[float], step_time
     return out
 
 
-def count_flops(forward, args: Iterable) -> float:
+def count_flops(model: torch.nn.Module, args: Iterable) -> float:
     """FLOPs of one training micro-step: 3 x a counted forward (backward ~ 2 x forward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    # Dynamo does not compile under a dispatch mode: a compiled model runs eagerly. Grad mode stays on: the counter's
-    # module tracker hooks the gradients of module inputs, and a view of a parameter made under no_grad (the
-    # latents expanded over the batch) requires grad without a gradient function, which it rejects.
+    # The model runs eagerly, past a ``train.compile`` wrapper (``_call_impl``: hooks as usual, no dynamo): a compiled
+    # call under a dispatch mode is not compiled, and dynamo then marks the forward's code never to compile, so
+    # training would silently run eagerly. Grad mode stays on: the counter's module tracker hooks the gradients of
+    # module inputs, and a view of a parameter made under no_grad (the latents expanded over the batch) requires grad
+    # without a gradient function, which it rejects.
     with counter:
-        forward(*args)
+        model._call_impl(*args)
     return 3.0 * counter.get_total_flops()

@@ -45,7 +45,7 @@ train() {  # run name, then overrides
   torchrun --standalone --nproc_per_node "$nproc" -m pretrain train \
     --config configs/mlm_bytes_201m.yaml "${common[@]}" "$@" > "$out/$name.log" 2>&1 \
     || { echo "run $name failed; the first traceback, then the end of its log:"
-         grep -m1 -A40 "^Traceback\|Error" "$out/$name.log"; tail -15 "$out/$name.log"; exit 1; }
+         grep -m1 -A60 "Traceback" "$out/$name.log"; tail -15 "$out/$name.log"; exit 1; }
   echo $((SECONDS - start)) > "$out/$name.wall"  # no /usr/bin/time on the GPU image
 }
 train bf16 run.dir="$out/bf16" train.max_steps=40 "$@"

@@ -27,7 +27,7 @@ declare -A steps=(
   [attention]="python3 bench/attention_check.py"
   [engine]="env OUT=/tmp/engine bash bench/engine_gpu_check.sh"  # its corpus and checkpoints stay on the machine
 )
-order=(model_eager model_sweep model_static_sdpa model_cudagraphs attention engine model_compiled_both)
+order=(model_eager engine model_cudagraphs model_sweep model_static_sdpa attention model_compiled_both)
 
 for name in "${@:-${order[@]}}"; do
   [[ -v "steps[$name]" ]] || { echo "unknown step $name; steps: ${order[*]}"; exit 2; }

@@ -33,9 +33,11 @@ def modality_losses(forward: Forward, model: nn.Module, batch: Mapping[str, dict
     for name, pred in out.items():
         if name in ("text", "label"):
             target = targets[name].reshape(-1)
-            losses[name] = F.cross_entropy(pred.float().reshape(target.shape[0], -1), target, ignore_index=IGNORE_INDEX)
-            if not (target != IGNORE_INDEX).any():  # cross_entropy gives nan on no target; keep the graph, add 0
-                losses[name] = pred.sum() * 0.0
+            # The mean over the kept targets, as a sum over their count: 0 (not nan) for a batch without any, and no
+            # test of that on the host (a GPU would wait for the step's kernels at every step).
+            total = F.cross_entropy(pred.float().reshape(target.shape[0], -1), target, ignore_index=IGNORE_INDEX,
+                                    reduction="sum")
+            losses[name] = total / (target != IGNORE_INDEX).sum().clamp(min=1)
         else:
             patches = model.adapters[name].patchify(inputs[name])
             losses[name] = _patch_mse(pred, patches, decode[name], mask[name])

@@ -78,6 +78,10 @@ def train_loop(run: Run) -> int:
                 window.add(data_wait=time.perf_counter() - waited, tokens=input_tokens(batch["inputs"]) * world)
                 batch = to_device(batch, run.device, run.dtype)
                 if flops is None:
+                    if cfg.train.compile != "none":
+                        # One eager forward (past the compile wrapper) tunes attention for this shape: compiled code
+                        # cannot time kernels, so without it the compiled graph would keep the static order.
+                        engine.module._call_impl(batch["inputs"], batch["decode"])
                     flops = gas * world * count_flops(engine.module, (batch["inputs"], batch["decode"]))
                 reseed(cfg.train.seed, run.env.rank, progress.step, micro)
                 losses = modality_losses(engine, engine.module, batch)

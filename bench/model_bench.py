@@ -287,17 +287,17 @@ def measure(spec: dict) -> dict:
                   flops_per_step=counter.get_total_flops(), peak_mem_bytes=peak, peak_mem_method=peak_method,
                   parity_max_abs_diff=prepared["parity"], params=prepared["params"])
     if spec.get("profile"):
-        result["profile"] = profile_steps(prepared)
+        result["profile"], result["gpu_busy_ms"] = profile_steps(prepared)
     if times:
         result.update(_timing(spec, times, compile_s))
         result["tflops"] = result["flops_per_step"] / (result["step_ms"] / 1e3) / 1e12
     return result
 
 
-def profile_steps(prepared: dict, steps: int = 3, rows: int = 15) -> str:
+def profile_steps(prepared: dict, steps: int = 3, rows: int = 15) -> tuple[str, float | None]:
     """Where a step's time goes, from ``torch.profiler`` over a few steps: on GPU the kernels launched per step, their
     summed time against the step's wall time (far below it: the step waits on Python and launches, not the GPU) and the
-    top kernels; on CPU the top operators."""
+    top kernels; on CPU the top operators. Also the GPU's busy ms per step (None on CPU)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -310,13 +310,13 @@ def profile_steps(prepared: dict, steps: int = 3, rows: int = 15) -> str:
         if cuda:
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-    summary = f"wall {wall_ms:.1f} ms/step (profiled)"
+    summary, busy_ms = f"wall {wall_ms:.1f} ms/step (profiled)", None
     if cuda:
         kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
         busy_ms = sum(e.device_time_total for e in kernels) / 1e3 / steps
         summary += f", {len(kernels) / steps:.0f} kernels/step, GPU busy {busy_ms:.1f} ms/step ({busy_ms / wall_ms:.0%})"
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    return summary + "\n" + prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+    return summary + "\n" + prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60), busy_ms
 
 
 def measure_interleaved(specs: list[dict]) -> dict:
@@ -588,6 +588,8 @@ def main(argv=None) -> int:
     for r in [*results["headline"].values(), *(x[v] for x in results["sweep"] for v in (HF, OURS))]:
         if r.get("traceback"):
             print(r["traceback"], file=sys.stderr)
+    if ours.get("gpu_busy_ms") and ref.get("gpu_busy_ms"):  # the ratio of GPU work, whatever the host's speed
+        print(f"gpu_busy_ratio_vs_hf={ref['gpu_busy_ms'] / ours['gpu_busy_ms']:.3f}")
     print(f"ratio_vs_hf={ratio:.3f}")
     return 0
 

@@ -8,16 +8,12 @@ from __future__ import annotations
 import datetime
 import os
 from contextlib import contextmanager
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterator, List
 
 import torch
 import torch.distributed as dist
 
 from launch.env import DistEnv, backend_for, device_for, export_env
-
-# A gloo group beside the training one, for decisions every rank must share (stop now? save now?): exchanging host
-# flags over nccl would copy them through the GPU and wait there for the whole step's kernels, every step.
-_control: Optional[dist.ProcessGroup] = None
 
 
 def device_of(env: DistEnv, data_workers: int) -> torch.device:
@@ -49,12 +45,9 @@ def process_group(env: DistEnv, device: torch.device, timeout_s: float = 1800.0)
         rank=env.rank,
         world_size=env.world_size,
     )
-    global _control
     try:
-        _control = dist.new_group(backend="gloo")
         yield
     finally:
-        _control = None
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -66,11 +59,10 @@ def all_gather(obj: Any) -> List[Any]:
     return out
 
 
-def any_rank(flags: List[bool]) -> List[bool]:
-    """Element-wise OR of ``flags`` over all ranks, so every rank takes the same decision: one small all_reduce on
-    the host (the control group), which leaves the GPU's queue running."""
-    tensor = torch.tensor([float(f) for f in flags])
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_control)
+def any_rank(flags: List[bool], device: torch.device) -> List[bool]:
+    """Element-wise OR of ``flags`` over all ranks: one small all_reduce, so every rank takes the same decision."""
+    tensor = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return [bool(v) for v in tensor.tolist()]
 
 

@@ -95,7 +95,7 @@ def train_loop(run: Run) -> int:
             bar.update(1)
             step, last = progress.step, progress.step == cfg.train.max_steps
             minutes_due = 0 < cfg.checkpoint.every_minutes * 60 <= time.monotonic() - last_save
-            stop, minutes_due = any_rank([preemption.requested, minutes_due])
+            stop, minutes_due = any_rank([preemption.requested, minutes_due], run.device)
             metrics: Dict[str, float] = {}
             if step % cfg.run.log_every_steps == 0 or last or stop:
                 metrics = mean_over_ranks(window.flush(), run.device)

@@ -29,7 +29,7 @@ declare -A steps=(
   [attention]="python3 bench/attention_check.py"
   [engine]="env OUT=/tmp/engine bash bench/engine_gpu_check.sh"  # its corpus and checkpoints stay on the machine
 )
-order=(model_eager model_graphs_both engine model_cudagraphs model_sweep model_static_sdpa attention)
+order=(engine model_eager model_graphs_both model_cudagraphs model_sweep model_static_sdpa attention)
 
 for name in "${@:-${order[@]}}"; do
   [[ -v "steps[$name]" ]] || { echo "unknown step $name; steps: ${order[*]}"; exit 2; }

@@ -248,6 +248,11 @@ def _tuned(names: list[str], q, k, v, key_mask, scale, dropout_p) -> str:
     )
 
 
+def tunes(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` picks its kernel by timing on ``device`` (``autotune`` anywhere, ``auto`` on CUDA)."""
+    return backend == "autotune" or (backend == "auto" and device.type == "cuda")
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -268,7 +273,7 @@ def attend(
         raise ValueError(f"attend: backend must be one of {BACKENDS}, got {backend!r}")
     names = available_backends(q.device, q.dtype, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if backend == "autotune" or (backend == "auto" and q.device.type == "cuda"):
+    if tunes(backend, q.device):
         backend = _tuned(names, q, k, v, key_mask, scale, dropout_p)
     elif backend == "auto":
         backend = names[0]

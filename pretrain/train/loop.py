@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ..config import gradient_accumulation_steps
 from ..data import DataStream
+from ..model.attention import tunes
 from ..tracking import format_metrics
 from .distributed import any_rank, mean_over_ranks
 from .metrics import Window, compute_metrics, count_flops, input_tokens, skipped_totals
@@ -78,7 +79,7 @@ def train_loop(run: Run) -> int:
                 window.add(data_wait=time.perf_counter() - waited, tokens=input_tokens(batch["inputs"]) * world)
                 batch = to_device(batch, run.device, run.dtype)
                 if flops is None:
-                    if cfg.train.compile != "none":
+                    if cfg.train.compile != "none" and tunes(cfg.model.attention_backend, run.device):
                         # One eager forward (past the compile wrapper) tunes attention for this shape: compiled code
                         # cannot time kernels, so without it the compiled graph would keep the static order.
                         engine.module._call_impl(batch["inputs"], batch["decode"])

@@ -57,14 +57,15 @@ def skipped_totals(counts: Dict[str, int]) -> Dict[str, int]:
 def compute_metrics(device: torch.device, flops_per_step: Optional[float], step_time_s: float) -> Dict[str, float]:
     """Achieved TFLOP/s (all ranks together) on every device; peak memory and model FLOP utilisation on GPU. Counting
     on every device keeps the counting path in the CPU tests: it once failed on GPUs only."""
-    out = {"tflops": flops_per_step / step_time_s / 1e12} if flops_per_step and step_time_s > 0 else {}
+    achieved = flops_per_step / step_time_s if flops_per_step and step_time_s > 0 else None
+    out = {"tflops": achieved / 1e12} if achieved else {}
     if device.type != "cuda":
         return out
     out["memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     name = torch.cuda.get_device_name(device)
     peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-    if peak and flops_per_step:
-        out["mfu"] = flops_per_step / step_time_s / peak
+    if peak and achieved:
+        out["mfu"] = achieved / peak
     return out
 
 

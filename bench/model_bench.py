@@ -201,8 +201,7 @@ def prepare(spec: dict) -> dict:
     if compiled:
         if variant != HF:  # attention is tuned eagerly (never while tracing): the compiled graph takes its picks
             with autocast:
-                forward().float().sum().backward()
-            model.zero_grad(set_to_none=True)
+                forward()
         forward = torch.compile(forward, mode=spec.get("compile_mode"))
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if cuda else {}))

@@ -1,4 +1,4 @@
-"""Exact resume: a run stopped by SIGTERM (checkpoint at the next step boundary, exit 143) and resumed gives the same
+"""Exact resume: a run stopped by SIGTERM (checkpoint one step boundary later, exit 143) and resumed gives the same
 per-step losses, bit for bit (fp32 on CPU), and the same final weights as an uninterrupted run."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 from contextlib import contextmanager
-from typing import Any, Iterator, List
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -59,11 +59,45 @@ def all_gather(obj: Any) -> List[Any]:
     return out
 
 
-def any_rank(flags: List[bool], device: torch.device) -> List[bool]:
-    """Element-wise OR of ``flags`` over all ranks: one small all_reduce, so every rank takes the same decision."""
-    tensor = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in tensor.tolist()]
+class DeferredAgreement:
+    """Element-wise OR over all ranks of per-rank flags, read one step after they were posted, so that every rank
+    takes the same decision without the host waiting for the GPU.
+
+    ``post`` starts the all_reduce of this step's flags; ``result`` returns the previous post's agreed flags (all
+    False before the first). An answer read at once would make the host wait, every step, for all the work queued on
+    the GPU: the reduction runs behind it. Read a step later, it has long been done unless the GPU is more than a step
+    behind. On CUDA the flags go up from pinned memory and come back into pinned memory, ordered by an event, so no
+    copy syncs the stream either (a copy from pageable memory, or ``tolist`` of a GPU tensor, would)."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.size, self.device = size, device
+        self._pending: Optional[Tuple[Callable[[], Any], torch.Tensor]] = None
+
+    def post(self, flags: List[bool]) -> None:
+        """Every rank must post the same number of times, in the same order relative to other collectives."""
+        if len(flags) != self.size:
+            raise ValueError(f"DeferredAgreement.post: {len(flags)} flags, expected {self.size}")
+        if self._pending is not None:
+            raise RuntimeError("DeferredAgreement.post: the previous post was not read (call result() first)")
+        tensor = torch.tensor([float(f) for f in flags])
+        if self.device.type != "cuda":
+            self._pending = (dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True).wait, tensor)
+            return
+        tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)  # NCCL: queued on its stream, the host goes on
+        host = torch.empty(self.size).pin_memory()
+        host.copy_(tensor, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        self._pending = (copied.synchronize, host)
+
+    def result(self) -> List[bool]:
+        if self._pending is None:
+            return [False] * self.size
+        ready, values = self._pending
+        ready()
+        self._pending = None
+        return [bool(v) for v in values.tolist()]
 
 
 def mean_over_ranks(values: dict, device: torch.device) -> dict:

@@ -15,7 +15,7 @@ from ..config import gradient_accumulation_steps
 from ..data import DataStream
 from ..model.attention import tunes
 from ..tracking import format_metrics
-from .distributed import any_rank, mean_over_ranks
+from .distributed import DeferredAgreement, mean_over_ranks
 from .metrics import Window, compute_metrics, count_flops, input_tokens, skipped_totals
 from .objective import modality_losses, weighted_total
 from .preemption import EXIT_PREEMPTED, Preemption
@@ -69,6 +69,7 @@ def train_loop(run: Run) -> int:
     gas = gradient_accumulation_steps(cfg, world)
     step_samples = cfg.data.batch_size * gas * world
     batches, preemption, window = forever(run.stream), Preemption(), Window()
+    agreement = DeferredAgreement(2, run.device)  # [stop for a signal, checkpoint minutes due], one step late
     last_save, flops, checkpoint_time = time.monotonic(), None, None
     bar = tqdm(total=cfg.train.max_steps, initial=progress.step, disable=run.env.rank != 0 or not cfg.run.progress_bar)
     try:
@@ -95,8 +96,7 @@ def train_loop(run: Run) -> int:
             window.add(steps=1, samples=step_samples)
             bar.update(1)
             step, last = progress.step, progress.step == cfg.train.max_steps
-            minutes_due = 0 < cfg.checkpoint.every_minutes * 60 <= time.monotonic() - last_save
-            stop, minutes_due = any_rank([preemption.requested, minutes_due], run.device)
+            stop, minutes_due = agreement.result()
             metrics: Dict[str, float] = {}
             if step % cfg.run.log_every_steps == 0 or last or stop:
                 metrics = mean_over_ranks(window.flush(), run.device)
@@ -120,6 +120,9 @@ def train_loop(run: Run) -> int:
                 log.info("signal %s: checkpointed step %d, exiting with %d for a requeue", preemption.signal, step,
                          EXIT_PREEMPTED)
                 return EXIT_PREEMPTED
+            if not last:  # posted after the save, so a save made for the minutes is not asked for again
+                agreement.post([preemption.requested,
+                                0 < cfg.checkpoint.every_minutes * 60 <= time.monotonic() - last_save])
         return 0
     finally:
         bar.close()

@@ -1,4 +1,5 @@
-"""SIGUSR1/SIGTERM -> a flag; the loop checkpoints at the next step boundary on every rank, then exits with
+"""SIGUSR1/SIGTERM -> a flag; the loop checkpoints on every rank at the step boundary after the next (the ranks agree
+on the flag one step late, so the host never waits for the GPU to agree), then exits with
 ``EXIT_PREEMPTED`` so a batch script can requeue the job (Slurm sends SIGUSR1 ahead of time with
 ``--signal=USR1@60``, and SIGTERM on ``scontrol requeue`` or preemption)."""
 

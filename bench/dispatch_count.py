@@ -3,10 +3,11 @@
 On a GPU a step of small kernels is bound by how many operators Python and the dispatcher hand to the device (the
 H100 step at B=8 took as long as at B=32), and that count does not depend on the device. This counts them on the CPU:
 the 201M language config's structure (26 latent self-attends, 8 heads, unequal q/k and v widths) with tiny widths,
-bf16 autocast like the GPU benchmark, attention dropout 0 (so that SDPA is one operator here as on CUDA), forward,
-backward and a foreach AdamW step. It also times those tiny steps: per-operator overhead with almost no arithmetic.
+bf16 autocast like the GPU benchmark (``--precision bf16``: bf16 weights with fp32 master copies, model_bench's
+other mode), attention dropout 0 (so that SDPA is one operator here as on CUDA), forward, backward and a fused AdamW
+step (one operator, as on CUDA). It also times those tiny steps: per-operator overhead with almost no arithmetic.
 
-    PYTHONPATH=. python bench/dispatch_count.py
+    PYTHONPATH=. python bench/dispatch_count.py [--precision bf16]
 
 The last line printed is ``dispatch_ratio=<our operators per step over transformers'>``.
 """
@@ -18,6 +19,7 @@ import collections
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -37,7 +39,7 @@ class OperatorCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def measure(variant: str, batch: int, length: int, steps: int) -> dict:
+def measure(variant: str, batch: int, length: int, steps: int, precision: str) -> dict:
     cfg = dict(TINY)
     model, _ = mb.build_models(cfg, length, torch.device("cpu"), variant, "auto")
     for module in model.modules():  # dropout 0 everywhere: SDPA stays one operator, as on CUDA
@@ -49,13 +51,18 @@ def measure(variant: str, batch: int, length: int, steps: int) -> dict:
     ids = torch.randint(0, cfg["vocab_size"], (batch, length))
     targets = torch.randint(0, cfg["vocab_size"], (batch, length))
     forward = (lambda: model(input_ids=ids).logits) if variant == mb.HF else (lambda: model.text_logits(ids))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    step = mb.training_step(forward, targets, optimizer, torch.autocast("cpu", dtype=torch.bfloat16))
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+        optimizer, autocast = mb.MasterWeightAdamW(model.parameters(), lr=1e-4, fused=True), nullcontext()
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    step = mb.training_step(forward, targets, optimizer, autocast)
     for _ in range(3):
         step()
     with OperatorCount() as total:
         step()
-    with OperatorCount() as fwd, torch.autocast("cpu", dtype=torch.bfloat16):
+    with OperatorCount() as fwd, autocast:
         forward()
     times = []
     for _ in range(steps):
@@ -71,11 +78,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--length", type=int, default=32)
     p.add_argument("--steps", type=int, default=15, help="timed tiny steps (median reported)")
+    p.add_argument("--precision", choices=("autocast", "bf16"), default="autocast",
+                   help="bf16 autocast over fp32 weights, or bf16 weights with fp32 master copies (model_bench's)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    results = {v: measure(v, args.batch, args.length, args.steps) for v in (mb.HF, mb.OURS)}
+    results = {v: measure(v, args.batch, args.length, args.steps, args.precision) for v in (mb.HF, mb.OURS)}
     print(f"201M config depth, tiny widths (d_latents {TINY['d_latents']}), B={args.batch} M={args.length}, "
-          f"bf16 autocast, torch {torch.__version__}, 1 thread")
+          f"{mb.PRECISIONS[args.precision]}, torch {torch.__version__}, 1 thread")
     print(f"{'model':<14}{'ops/step':>10}{'fwd ops':>10}{'tiny step ms':>14}  most frequent")
     for variant, r in results.items():
         top = ", ".join(f"{name} {count}" for name, count in r["top"][:5])

@@ -23,13 +23,16 @@ declare -A steps=(
   [model_sweep]="${eager[*]} --steps 10"  # + M = 2k, 8k, 32k at B=16
   # Both models with CUDA graphs: the launch-bound host out of both, so the ratio is the GPU work's.
   [model_graphs_both]="${bench[*]} --interleave --no-sweep --no-masked --compile --compile-mode reduce-overhead --compile-hf"
+  # Both models as `pretrain train` trains on GPU (DeepSpeed's bf16: bf16 weights, fp32 master copies): no
+  # per-weight casts, ~30% of an autocast step's kernels, so a launch-bound host weighs less.
+  [model_bf16]="${eager[*]} --no-sweep --precision bf16 --profile"
   [model_static_sdpa]="${eager[*]} --no-sweep --attention-backend sdpa"  # the untuned choice before
   [model_cudagraphs]="${bench[*]} --no-sweep --no-masked --compile --compile-mode reduce-overhead"
   [model_compiled_both]="${bench[*]} --interleave --no-sweep --no-masked --compile --compile-hf"
   [attention]="python3 bench/attention_check.py"
   [engine]="env OUT=/tmp/engine bash bench/engine_gpu_check.sh"  # its corpus and checkpoints stay on the machine
 )
-order=(engine model_eager model_graphs_both model_cudagraphs model_sweep model_static_sdpa attention)
+order=(engine model_eager model_graphs_both model_bf16 model_cudagraphs model_sweep attention)
 
 for name in "${@:-${order[@]}}"; do
   [[ -v "steps[$name]" ]] || { echo "unknown step $name; steps: ${order[*]}"; exit 2; }

@@ -56,8 +56,15 @@ CPU_CONFIG = dict(
 )
 DEFAULTS = {
     # batch, length, steps, warmup, sweep lengths, sweep batch
-    "cpu": dict(batch=8, length=1024, steps=8, warmup=2, sweep_lengths=[256, 1024, 4096], sweep_batch=2),
-    "cuda": dict(batch=32, length=2048, steps=10, warmup=3, sweep_lengths=[2048, 8192, 32768], sweep_batch=16),
+    "cpu": dict(batch=8, length=1024, steps=8, warmup=2, sweep_lengths=[256, 1024, 4096], sweep_batch=2,
+                precision="fp32"),
+    "cuda": dict(batch=32, length=2048, steps=10, warmup=3, sweep_lengths=[2048, 8192, 32768], sweep_batch=16,
+                 precision="autocast"),
+}
+PRECISIONS = {  # --precision: what it means, for the header line
+    "autocast": "bf16 autocast over fp32 weights (fp32 AdamW)",
+    "bf16": "bf16 weights, fp32 master copies in AdamW (DeepSpeed's bf16 mode, as `pretrain train` runs on GPU)",
+    "fp32": "fp32",
 }
 MASK_FRACTION = 0.15
 HF = "transformers"
@@ -196,7 +203,10 @@ def prepare(spec: dict) -> dict:
             forward = lambda: model(input_ids=ids).logits
         else:
             forward = lambda: model.text_logits(ids)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and spec["bf16"] else nullcontext()
+    precision = spec["precision"]
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "autocast" else nullcontext()
     compiled = bool(spec.get("compile") and (variant != HF or spec.get("compile_hf")))
     if compiled:
         if variant != HF:  # attention is tuned eagerly (never while tracing): the compiled graph takes its picks
@@ -204,10 +214,34 @@ def prepare(spec: dict) -> dict:
                 forward()
         forward = torch.compile(forward, mode=spec.get("compile_mode"))
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if cuda else {}))
+    adamw = dict(lr=1e-4, **({"fused": True} if cuda else {}))
+    optimizer = MasterWeightAdamW(model.parameters(), **adamw) if precision == "bf16" else \
+        torch.optim.AdamW(model.parameters(), **adamw)
     return dict(step=training_step(forward, targets, optimizer, autocast), cuda=cuda, parity=check,
                 params=sum(p.numel() for p in model.parameters()),
                 graphed=compiled and spec.get("compile_mode") == "reduce-overhead")
+
+
+class MasterWeightAdamW:
+    """AdamW on fp32 master copies of bf16 weights: the step copies the bf16 gradients up and the updated weights
+    back down, one multi-tensor copy each (``_foreach_copy_`` converts dtypes in its fused CUDA kernel)."""
+
+    def __init__(self, params, **adamw):
+        self.params = list(params)
+        self.masters = [p.detach().float() for p in self.params]
+        for master in self.masters:
+            master.grad = torch.empty_like(master)
+        self.adamw = torch.optim.AdamW(self.masters, **adamw)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        torch._foreach_copy_([m.grad for m in self.masters], [p.grad for p in self.params])
+        self.adamw.step()
+        torch._foreach_copy_(self.params, self.masters)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
 
 
 def training_step(forward, targets: torch.Tensor, optimizer: torch.optim.Optimizer, autocast):
@@ -466,7 +500,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="another backend for our latent self-attention layers only (e.g. math: 256 x 256 scores, "
                         "where a fused kernel is latency-bound)")
     p.add_argument("--compile-hf", action="store_true", help="with --compile, compile transformers' model too")
-    p.add_argument("--fp32", action="store_true", help="on CUDA, run in fp32 instead of bf16 autocast")
+    p.add_argument("--precision", choices=sorted(PRECISIONS),
+                   help="both models: autocast (cuda default), bf16 (bf16 weights, fp32 master copies) or fp32 "
+                        "(cpu default)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads in each measurement (CPU)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one worker process per measurement (default: on for CPU, where peak RSS needs it)")
@@ -503,7 +539,7 @@ def main(argv=None) -> int:
     logging.getLogger("pretrain.model.autotune").setLevel(logging.INFO)  # which attention kernel won, per shape
     device = torch.device(args.device)
     cfg = GPU_CONFIG if args.device == "cuda" else CPU_CONFIG
-    base = dict(device=args.device, config=cfg, steps=args.steps, warmup=args.warmup, bf16=not args.fp32,
+    base = dict(device=args.device, config=cfg, steps=args.steps, warmup=args.warmup, precision=args.precision,
                 threads=args.threads, compile_mode=args.compile_mode, compile_hf=args.compile_hf,
                 attention_backend=args.attention_backend, latent_attention_backend=args.latent_attention_backend)
     if args.omp_passive:
@@ -517,7 +553,7 @@ def main(argv=None) -> int:
 
     header = (f"device={args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else cpu_name()}, "
               f"{torch.get_num_threads()} threads) torch={torch.__version__} transformers={transformers.__version__} "
-              f"precision={'bf16 autocast, fp32 master' if args.device == 'cuda' and not args.fp32 else 'fp32'}")
+              f"precision={args.precision}: {PRECISIONS[args.precision]}")
     print(header, flush=True)
     print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()) + ", attention dropout 0.1, train mode", flush=True)
 

@@ -3,9 +3,12 @@ batches, one process on CPU. A benchmark, not a test: it prints a table and asse
 
 Both loops run the same step -- seeded dropout, masked multimodal losses, backward, gradient clipping, AdamW, the
 warmup+cosine schedule -- on the same batches, pre-loaded from the demo corpus so data loading is not measured. The
-plain loop calls torch directly; the engine goes through ``deepspeed.initialize`` with the JSON our schema generates
-(ZeRO stages 0 and 2). Step time: median over ``--steps`` timed steps after ``--warmup``, the three loops
-interleaved round-robin so machine noise hits all alike.
+plain loop calls torch directly (under bf16 autocast with ``train.precision=bf16``); the engine goes through
+``deepspeed.initialize`` with the JSON our schema generates (ZeRO stages 0, 1 and 2; bf16 weights with fp32 master
+copies with ``train.precision=bf16``). Step time: median over ``--steps`` timed steps after ``--warmup``, the loops
+interleaved round-robin so machine noise hits all alike. ops/step: the operators one step dispatches
+(``bench/dispatch_count.py``'s count), which on a GPU are the kernel launches and their host work: with tiny widths
+(``model.d_latents=32 ...``) a CPU step is bound by them, as a GPU step is when the host cannot launch fast enough.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python bench/engine_bench.py [--config configs/demo.yaml] [--steps 40] [key=value ...]
 
@@ -20,9 +23,11 @@ import itertools
 import statistics
 import time
 from pathlib import Path
+from contextlib import nullcontext
 from typing import Callable, Dict, List
 
 import torch
+from dispatch_count import OperatorCount
 
 from launch.env import detect_env
 from pretrain.config import load_config
@@ -30,7 +35,8 @@ from pretrain.data import DataStream
 from pretrain.model import PerceiverIO
 from pretrain.train.distributed import process_group
 from pretrain.train.engine import build_engine
-from pretrain.train.loop import reseed
+from pretrain.train.engine import resolve_precision
+from pretrain.train.loop import reseed, to_device
 from pretrain.train.objective import modality_losses, weighted_total
 from pretrain.train.schedule import build_optimizer, build_scheduler
 
@@ -41,9 +47,14 @@ def plain_step(cfg) -> Callable[[dict, int], None]:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
 
+    bf16 = resolve_precision(cfg, torch.device("cpu")) == "bf16"
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+
     def step(batch: dict, index: int) -> None:
         reseed(cfg.train.seed, 0, index, 0)
-        weighted_total(modality_losses(model, model, batch), cfg.train.loss_weights).backward()
+        with autocast:
+            loss = weighted_total(modality_losses(model, model, batch), cfg.train.loss_weights)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -58,6 +69,7 @@ def engine_step(cfg, stage: int, run_dir) -> Callable[[dict, int], None]:
     engine = build_engine(cfg, PerceiverIO(cfg.model), 1, torch.device("cpu"), run_dir)
 
     def step(batch: dict, index: int) -> None:
+        batch = to_device(batch, engine.device, next(engine.module.parameters()).dtype)
         reseed(cfg.train.seed, 0, index, 0)
         engine.backward(weighted_total(modality_losses(engine, engine.module, batch), cfg.train.loss_weights))
         engine.step()
@@ -69,10 +81,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first; the last one is counted")
     parser.add_argument("--run-dir", default="bench/out/engine")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be >= 1 (the last warm-up step is the counted one)")
     overrides = ["data.num_workers=0", "train.precision=fp32", *args.overrides]
     cfg = load_config(args.config, overrides)
     batches = list(itertools.islice(DataStream(cfg.data, cfg.model), args.warmup + args.steps))
@@ -81,24 +95,30 @@ def main() -> None:
     env = detect_env({})
     with process_group(env, torch.device("cpu")):
         loops: Dict[str, Callable] = {"plain PyTorch": plain_step(cfg)}
-        for stage in (0, 2):
+        for stage in (0, 1, 2):
             loops[f"engine ZeRO-{stage}"] = engine_step(load_config(args.config, overrides), stage, run_dir)
         times: Dict[str, List[float]] = {name: [] for name in loops}
+        ops: Dict[str, int] = {}
         for index, batch in enumerate(batches):
             for name, step in loops.items():
+                if index == args.warmup - 1:
+                    with OperatorCount() as count:
+                        step(batch, index)
+                    ops[name] = sum(count.counts.values())
+                    continue
                 start = time.perf_counter()
                 step(batch, index)
                 if index >= args.warmup:
                     times[name].append(time.perf_counter() - start)
     base = statistics.median(times["plain PyTorch"])
     print(f"\nCPU, 1 process, {torch.get_num_threads()} threads, batch {cfg.data.batch_size}, "
-          f"{args.steps} timed steps (median), config {args.config}\n")
-    print(f"| loop | step (ms) | steps/s | samples/s | vs plain | overhead/step |")
-    print(f"| --- | --- | --- | --- | --- | --- |")
+          f"{args.steps} timed steps (median), config {args.config}, precision {cfg.train.precision}\n")
+    print(f"| loop | step (ms) | steps/s | samples/s | vs plain | overhead/step | ops/step |")
+    print(f"| --- | --- | --- | --- | --- | --- | --- |")
     for name, values in times.items():
         median = statistics.median(values)
         print(f"| {name} | {median * 1e3:.1f} | {1 / median:.2f} | {cfg.data.batch_size / median:.1f} | "
-              f"{base / median:.3f}x | {(median - base) / base * 100:+.1f}% |")
+              f"{base / median:.3f}x | {(median - base) / base * 100:+.1f}% | {ops[name]} |")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
     python -m pretrain train --config configs/demo.yaml [key=value ...] [--resume auto|none|PATH] [--print-config]
 
 Exit codes: 0 trained to ``train.max_steps``; 2 a bad config, data path or checkpoint path (before any training, the
-message names the key); 143 a checkpoint was written after SIGUSR1/SIGTERM: requeue the job and it resumes; anything
-else is a failure (the last complete checkpoint stays the ``latest``).
+message names the key); 3 training diverged (a non-finite loss or gradient norm): nothing was saved after it, do not
+requeue, resume from the last checkpoint or an earlier one with changed ``optim`` settings (a resumed run takes its
+optimizer settings from its config); 143 a checkpoint was written after SIGUSR1/SIGTERM: requeue the job and it
+resumes; anything else is a failure (the last complete checkpoint stays the ``latest``).
 
 A process that seems stuck prints the Python stack of every thread to its stderr on ``kill -USR2 <pid>`` and keeps
 running; so do its data-loader workers (the grandchildren of the trainer, under its multiprocessing fork server).

@@ -1,8 +1,10 @@
-"""The loop's stop/save agreement across ranks (``DeferredAgreement``): read one step late, the same on every rank,
-with the other collectives of a step in between, and the time-based checkpoints it decides in a real 2-rank run."""
+"""The loop's decisions that every rank takes together: the stop/save agreement (``DeferredAgreement``, read one step
+late, with the other collectives of a step in between), the time-based checkpoints it decides, and stopping on a
+diverged run before anything non-finite is saved, in real 2-rank runs."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -10,10 +12,11 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from test_train_engine import ROOT, free_port, run, tiny_config
+from test_train_engine import ROOT, final_weights, free_port, launch, logs, metrics, run, tiny_config, wait
 
 from pretrain.checkpoint import read_latest
 from pretrain.train.distributed import DeferredAgreement
+from pretrain.train.loop import EXIT_DIVERGED, divergence
 
 TWO_RANKS = """
 import sys, torch, torch.distributed as dist
@@ -78,3 +81,47 @@ def test_checkpoint_every_minutes_saves_on_both_ranks(tmp_path):
     saved = {p.name for p in checkpoints.iterdir() if p.is_dir()}
     assert {"step_00000002", "step_00000004"} <= saved and "step_00000001" not in saved
     assert read_latest(checkpoints) == checkpoints / "step_00000004"
+
+
+@pytest.mark.parametrize("line, found", [
+    ({"loss": 2.5, "grad_norm": 0.7}, None),
+    ({"loss": 2.5, "grad_norm": 0.0}, None),
+    ({"val/loss": float("nan")}, None),  # an evaluation line alone: the training loss decides
+    ({"loss": float("nan"), "grad_norm": 0.7}, "loss nan"),
+    ({"loss": float("inf")}, "loss inf"),
+    ({"loss": 2.5, "grad_norm": -1.0}, "gradient norm -1.0"),
+    ({"loss": 2.5, "grad_norm": float("inf")}, "gradient norm inf"),
+])
+def test_divergence_reads_the_log_line(line, found):
+    got = divergence(line)
+    assert got == found if found is None else got.startswith(found)
+
+
+@pytest.mark.slow
+def test_diverged_run_stops_before_saving_and_resumes_with_the_configs_learning_rate(tmp_path):
+    """A run saved at step 1 resumes with lr 1e30 from its changed config: step 2 updates the weights to ~1e30 (its
+    loss still finite, so step 2 is saved), step 3's loss is NaN, and the check before step 3's save stops both ranks
+    (EXIT_DIVERGED, no requeue) with step 3 never saved. Resumed from step 1 (saved with the original lr) under the
+    original config, the run goes on with finite losses."""
+    def config(lr: float, max_steps: int):
+        return tiny_config(tmp_path, train={"max_steps": max_steps}, optim={"lr": lr, "warmup_steps": 0},
+                           checkpoint={"every_steps": 1, "keep_last": 10},
+                           run={"dir": str(tmp_path / "run"), "log_every_steps": 100, "progress_bar": False})
+
+    run(config(3e-3, 1))
+    codes = wait(launch(config(1e30, 6)))
+    assert codes == [EXIT_DIVERGED] * 2, f"exit codes {codes}\n{logs(tmp_path)}"
+    log = logs(tmp_path)
+    assert "resuming with the config's optimizer setting, not the checkpoint's: param group 0 lr: 0.003 -> 1e+30" in log
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert read_latest(checkpoints) == checkpoints / "step_00000002"
+    assert not (checkpoints / "step_00000003").exists()
+    assert all(torch.isfinite(w).all() for w in final_weights(checkpoints).values())
+    assert f"training diverged by step 3: loss nan. Stopped without saving: the last checkpoint, " \
+           f"{checkpoints / 'step_00000002'}" in log
+
+    run(config(3e-3, 3), args=["--resume", str(checkpoints / "step_00000001")])
+    log = logs(tmp_path)
+    assert f"resumed from {checkpoints / 'step_00000001'} at step 1" in log
+    losses = {step: line["loss"] for step, line in metrics(tmp_path / "run").items()}
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(loss) for loss in losses.values())

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections import defaultdict
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 import torch
 from tqdm import tqdm
 
+from ..checkpoint import read_latest
 from ..config import gradient_accumulation_steps
 from ..data import DataStream
 from ..model.attention import tunes
@@ -23,6 +25,7 @@ from .run import Run
 from .schedule import lr_factor
 
 log = logging.getLogger("pretrain")
+EXIT_DIVERGED = 3  # the loss or the gradient norm is no longer finite: stopped without saving, do not requeue
 
 
 def forever(stream: DataStream) -> Iterator[dict]:
@@ -63,8 +66,21 @@ def evaluate(run: Run) -> Dict[str, float]:
     return {("val/loss" if k == "total" else f"val/loss/{k}"): v for k, v in mean_over_ranks(sums, run.device).items()}
 
 
+def divergence(metrics: Dict[str, float]) -> Optional[str]:
+    """What in a log line shows that training diverged, if anything: a non-finite mean loss over the steps since the
+    last line (NaN and infinity survive the mean), or a non-finite gradient norm (DeepSpeed reports one as -1)."""
+    loss, grad_norm = metrics.get("loss"), metrics.get("grad_norm")
+    if loss is not None and not math.isfinite(loss):
+        return f"loss {loss}"
+    if grad_norm is not None and not (math.isfinite(grad_norm) and grad_norm >= 0):
+        return f"gradient norm {grad_norm} (DeepSpeed's -1: infinite or NaN)"
+    return None
+
+
 def train_loop(run: Run) -> int:
-    """Steps until ``train.max_steps`` (0 returned) or a preemption signal (checkpoint, ``EXIT_PREEMPTED``)."""
+    """Steps until ``train.max_steps`` (0 returned), a preemption signal (checkpoint, ``EXIT_PREEMPTED``) or a
+    divergence (``EXIT_DIVERGED``, nothing saved: every checkpoint holds finite weights, as every save follows a
+    check of all steps since the previous one)."""
     cfg, engine, progress, world = run.cfg, run.engine, run.progress, run.env.world_size
     gas = gradient_accumulation_steps(cfg, world)
     step_samples = cfg.data.batch_size * gas * world
@@ -97,8 +113,10 @@ def train_loop(run: Run) -> int:
             bar.update(1)
             step, last = progress.step, progress.step == cfg.train.max_steps
             stop, minutes_due = agreement.result()
+            save = bool(cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or minutes_due or \
+                stop or last
             metrics: Dict[str, float] = {}
-            if step % cfg.run.log_every_steps == 0 or last or stop:
+            if step % cfg.run.log_every_steps == 0 or save:  # a save is checked for divergence first
                 metrics = mean_over_ranks(window.flush(), run.device)
                 metrics.update(samples=progress.samples, lr=cfg.optim.lr * lr_factor(step - 1, cfg.optim, cfg.train.max_steps),
                                **skipped_totals(run.stream.skipped()), **compute_metrics(run.device, flops, metrics["step_time_s"]))
@@ -113,7 +131,16 @@ def train_loop(run: Run) -> int:
                 run.tracker.log(metrics, step)
                 if run.env.rank == 0:
                     bar.write(format_metrics(metrics, step, cfg.train.max_steps))
-            if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or minutes_due or stop or last:
+            diverged = divergence(metrics)  # the same on every rank: means over ranks, the one global norm
+            if diverged:
+                latest = read_latest(run.checkpointer.directory)
+                log.error("training diverged by step %d: %s. Stopped without saving: the last checkpoint, %s, was "
+                          "saved while the loss was finite. Resume from it (--resume auto) or from an earlier one "
+                          "(--resume PATH) with changed optim settings (a lower lr, a longer warmup_steps, a lower "
+                          "grad_clip): a resumed run takes them from its config", step, diverged,
+                          latest if latest else "none (no checkpoint was saved)")
+                return EXIT_DIVERGED
+            if save:
                 checkpoint_time = run.checkpointer.save(step)
                 last_save = time.monotonic()
             if stop:

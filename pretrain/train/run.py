@@ -19,6 +19,7 @@ from ..data import DataStream
 from ..model import PerceiverIO
 from ..tracking import Tracker
 from .engine import build_engine, resolve_precision
+from .schedule import apply_optim_config
 
 log = logging.getLogger("pretrain")
 
@@ -94,6 +95,8 @@ def build_run(cfg: Config, env: DistEnv, device: torch.device, resume_from: Opti
             log.info("checkpoint %s was saved by %d processes, resuming with %d: loading it as a DeepSpeed universal "
                      "checkpoint", resume_from, saved["world_size"], env.world_size)
         checkpointer.load(resume_from, universal)
+        for change in apply_optim_config(engine.optimizer, engine.lr_scheduler, cfg.optim):
+            log.info("resuming with the config's optimizer setting, not the checkpoint's: %s", change)
         log.info("resumed from %s at step %d (%d samples seen)", resume_from, progress.step, progress.samples)
     dtype = torch.bfloat16 if resolve_precision(cfg, device) == "bf16" else torch.float32
     return Run(cfg, env, device, dtype, run_dir, engine, stream, val, progress, tracker, checkpointer)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import List
 
 import torch
 
@@ -25,6 +26,27 @@ def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR (its state -- the step count -- is saved in checkpoints; the curve comes from the config)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, optim=optim, max_steps=max_steps))
+
+
+def apply_optim_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                       optim: OptimConfig) -> List[str]:
+    """Put the config's hyperparameters back after a checkpoint load, which restored the saved run's: its learning
+    rate (the schedule's base and the groups' current rate), betas, eps and weight decay. A resumed run follows its
+    config, as the schedule's shape already does. Returns what changed, as "name: saved -> config" lines."""
+    changed: List[str] = []
+    decays = [optim.weight_decay, 0.0]  # the groups of build_optimizer
+    for i, (group, decay) in enumerate(zip(optimizer.param_groups, decays)):
+        wanted = {"betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": decay}
+        for key, value in wanted.items():
+            saved = tuple(group[key]) if key == "betas" else group[key]
+            if saved != value:
+                changed.append(f"param group {i} {key}: {saved} -> {value}")
+            group[key] = value
+        if scheduler.base_lrs[i] != optim.lr:
+            changed.append(f"param group {i} lr: {scheduler.base_lrs[i]} -> {optim.lr}")
+        scheduler.base_lrs[i] = optim.lr
+        group["lr"] = optim.lr * scheduler.lr_lambdas[i](scheduler.last_epoch)
+    return changed
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:

@@ -85,7 +85,7 @@ class DeferredAgreement:
             return
         tensor = tensor.pin_memory().to(self.device, non_blocking=True)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)  # NCCL: queued on its stream, the host goes on
-        host = torch.empty(self.size).pin_memory()
+        host = torch.empty(self.size, pin_memory=True)
         host.copy_(tensor, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()

@@ -22,23 +22,23 @@ import argparse
 import itertools
 import statistics
 import time
-from pathlib import Path
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
-from dispatch_count import OperatorCount
 
 from launch.env import detect_env
 from pretrain.config import load_config
 from pretrain.data import DataStream
 from pretrain.model import PerceiverIO
 from pretrain.train.distributed import process_group
-from pretrain.train.engine import build_engine
-from pretrain.train.engine import resolve_precision
+from pretrain.train.engine import build_engine, resolve_precision
 from pretrain.train.loop import reseed, to_device
 from pretrain.train.objective import modality_losses, weighted_total
 from pretrain.train.schedule import build_optimizer, build_scheduler
+
+from dispatch_count import OperatorCount
 
 
 def plain_step(cfg) -> Callable[[dict, int], None]:

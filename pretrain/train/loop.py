@@ -134,11 +134,12 @@ def train_loop(run: Run) -> int:
             diverged = divergence(metrics)  # the same on every rank: means over ranks, the one global norm
             if diverged:
                 latest = read_latest(run.checkpointer.directory)
-                log.error("training diverged by step %d: %s. Stopped without saving: the last checkpoint, %s, was "
-                          "saved while the loss was finite. Resume from it (--resume auto) or from an earlier one "
-                          "(--resume PATH) with changed optim settings (a lower lr, a longer warmup_steps, a lower "
-                          "grad_clip): a resumed run takes them from its config", step, diverged,
-                          latest if latest else "none (no checkpoint was saved)")
+                where = (f"the last checkpoint, {latest}, was saved while the loss was finite. Resume from it "
+                         f"(--resume auto) or from an earlier one (--resume PATH)" if latest else
+                         "no checkpoint was saved. Start again")
+                log.error("training diverged by step %d: %s. Stopped without saving: %s, with changed optim settings "
+                          "(a lower lr, a longer warmup_steps, a lower grad_clip): a resumed run takes them from its "
+                          "config", step, diverged, where)
                 return EXIT_DIVERGED
             if save:
                 checkpoint_time = run.checkpointer.save(step)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import List
+from typing import Any, Dict, List
 
 import torch
 
@@ -34,9 +34,7 @@ def apply_optim_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.
     rate (the schedule's base and the groups' current rate), betas, eps and weight decay. A resumed run follows its
     config, as the schedule's shape already does. Returns what changed, as "name: saved -> config" lines."""
     changed: List[str] = []
-    decays = [optim.weight_decay, 0.0]  # the groups of build_optimizer
-    for i, (group, decay) in enumerate(zip(optimizer.param_groups, decays)):
-        wanted = {"betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": decay}
+    for i, (group, wanted) in enumerate(zip(optimizer.param_groups, group_settings(optim))):
         for key, value in wanted.items():
             saved = tuple(group[key]) if key == "betas" else group[key]
             if saved != value:
@@ -49,10 +47,16 @@ def apply_optim_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.
     return changed
 
 
+def group_settings(optim: OptimConfig) -> List[Dict[str, Any]]:
+    """The settings of the two parameter groups: weight decay on matrices, none on biases, norms and other 1-D."""
+    common = {"betas": tuple(optim.betas), "eps": optim.eps}
+    return [dict(common, weight_decay=optim.weight_decay), dict(common, weight_decay=0.0)]
+
+
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """A client ``torch.optim.AdamW`` (DeepSpeed's FusedAdam/CPUAdam JIT-compile for ~30 s); no weight decay on
-    biases, norms and other 1-D parameters."""
+    """A client ``torch.optim.AdamW`` (DeepSpeed's FusedAdam/CPUAdam JIT-compile for ~30 s), in the groups of
+    ``group_settings``."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    groups = [dict(settings, params=params) for params, settings in zip((decay, rest), group_settings(optim))]
+    return torch.optim.AdamW(groups, lr=optim.lr)

@@ -55,7 +55,10 @@ def check_data_paths(cfg) -> None:
 
 def train_command(config: str, overrides: Sequence[str], resume: str, print_config: bool) -> int:
     from launch.env import detect_env
-    from pretrain.checkpoint import resolve_resume
+    import torch
+
+    from pretrain.checkpoint import check_fits, resolve_resume
+    from pretrain.model import PerceiverIO
     from pretrain.config import config_to_dict, load_config, validate_config
     from pretrain.train import checkpoint_dir
 
@@ -68,6 +71,9 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
             return 0
         check_data_paths(cfg)
         resume_from: Optional[Path] = resolve_resume(resume, checkpoint_dir(cfg))
+        if resume_from is not None:
+            with torch.device("meta"):  # names and shapes only, no memory
+                check_fits(resume_from, PerceiverIO(cfg.model))
     except ValueError as exc:  # ConfigError, DataError, CheckpointError and launch's environment errors
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG

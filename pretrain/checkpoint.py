@@ -1,7 +1,8 @@
 """Checkpoints: collect the state of every component, save it through DeepSpeed (sharded per rank), move ``latest``.
 
-Layout: ``<dir>/<tag>/`` as DeepSpeed writes it (``mp_rank_00_model_states.pt`` holds our client state, one
-``*_optim_states.pt`` per rank) and ``<dir>/latest`` holding the newest complete tag. ``latest`` moves only after every
+Layout: ``<dir>/<tag>/`` as DeepSpeed writes it (``mp_rank_00_model_states.pt`` holds our client state, or
+``zero_pp_rank_0_mp_rank_00_model_states.pt`` under ZeRO-3, which writes one per rank; one ``*_optim_states.pt`` per
+rank) and ``<dir>/latest`` holding the newest complete tag. ``latest`` moves only after every
 rank has finished writing (a barrier, then rank 0 replaces it atomically), so it never names a partial checkpoint; a
 directory newer than ``latest`` is a write that was cut off and is replaced when that step is saved again.
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 MODEL_STATES = "mp_rank_00_model_states.pt"
+ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3 writes one per rank; rank 0's has ours
 TAG = re.compile(r"^step_(\d{8})$")
 
 
@@ -63,6 +65,11 @@ def write_latest(directory: Path, tag: str) -> None:
     os.replace(tmp, directory / LATEST)
 
 
+def model_states(tag_dir: Path) -> Optional[Path]:
+    """The file of a tag that holds our client state and the weights' names (rank 0's under ZeRO-3), if any."""
+    return next((tag_dir / name for name in (MODEL_STATES, ZERO3_MODEL_STATES) if (tag_dir / name).is_file()), None)
+
+
 def resolve_resume(resume: str, checkpoint_dir: Path) -> Optional[Path]:
     """``auto`` -> the run's latest tag directory or None; ``none`` -> None (refused when the run already has
     checkpoints, which a fresh start would silently overwrite and prune); a path -> a tag directory, or a checkpoint
@@ -78,7 +85,7 @@ def resolve_resume(resume: str, checkpoint_dir: Path) -> Optional[Path]:
         return None
     path = Path(resume)
     tag_dir = read_latest(path) if (path / LATEST).is_file() else path
-    if not (tag_dir / MODEL_STATES).is_file():
+    if model_states(tag_dir) is None:
         raise CheckpointError(f"--resume: {resume} is neither a checkpoint tag directory (with {MODEL_STATES}) nor a "
                               f"checkpoint directory with a '{LATEST}' file; give an existing path, 'auto' or 'none'")
     return tag_dir
@@ -86,8 +93,33 @@ def resolve_resume(resume: str, checkpoint_dir: Path) -> Optional[Path]:
 
 def peek_client_state(tag_dir: Path) -> Dict[str, Any]:
     """Our client state without building an engine (memory-mapped: the weights next to it are not read)."""
-    state = torch.load(tag_dir / MODEL_STATES, map_location="cpu", mmap=True, weights_only=False)
+    state = torch.load(model_states(tag_dir), map_location="cpu", mmap=True, weights_only=False)
     return {k: state[k] for k in ("world_size", "shared", "config") if k in state}
+
+
+def check_fits(tag_dir: Path, model: torch.nn.Module) -> None:
+    """Refuse a checkpoint whose weights do not match ``model``'s names and shapes (another model config, or an older
+    layout of the model), before any process starts: DeepSpeed would fail mid-start-up, on every rank, with torch's
+    list of every key. The weights are memory-mapped: only their names and shapes are read."""
+    saved = torch.load(model_states(tag_dir), map_location="cpu", mmap=True, weights_only=False).get("module") or {}
+    have = {name: tuple(t.shape) for name, t in saved.items()}
+    want = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = [name for name in want if name not in have]
+    unknown = [name for name in have if name not in want]
+    # ZeRO-3 saves its partitioned weights with no elements: their shapes say nothing
+    shapes = [f"{name} {have[name]} in it, {want[name]} in the model" for name in want
+              if name in have and have[name] != want[name] and have[name] != (0,)]
+    if missing or unknown or shapes:
+        def some(names: List[str]) -> str:
+            return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+        problems = [f"{len(missing)} weights missing from it ({some(missing)})" if missing else "",
+                    f"{len(unknown)} weights the model does not have ({some(unknown)})" if unknown else "",
+                    f"{len(shapes)} of another shape ({some(shapes)})" if shapes else ""]
+        raise CheckpointError(
+            f"--resume: {tag_dir} does not fit the model of this config: {'; '.join(p for p in problems if p)}. It was "
+            f"saved with another model config or an older layout of the model: resume from a checkpoint of this "
+            f"model, or start a new run in another run.dir")
 
 
 class RngState:

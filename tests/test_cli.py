@@ -7,8 +7,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
+from test_data_shards import multimodal_model
 from test_train_engine import ROOT, tiny_config
+
+from pretrain.checkpoint import MODEL_STATES
+from pretrain.config import model_config_from_dict, model_config_to_dict
+from pretrain.model import PerceiverIO
 
 
 def cli(*args: str, script: str = "") -> subprocess.CompletedProcess:
@@ -46,6 +52,27 @@ def test_resume_none_refuses_a_run_dir_with_checkpoints(tmp_path):
     (checkpoints / "latest").write_text("step_00000003")
     done = cli("train", "--config", str(config), "--resume", "none")
     assert done.returncode == 2 and "--resume none" in done.stderr and "step_00000003" in done.stderr
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"d_latents": 64}, "27 of another shape (encoder.latents (8, 64) in it, (8, 32) in the model"),
+    ({"num_self_attends_per_block": 2}, "12 weights the model does not have (encoder.self_attends.1.q_norm.weight"),
+])
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, change, named):
+    """Before any process starts: a checkpoint whose weights' names or shapes differ from the model of the config
+    (another model config, or an older layout of the model) exits 2, naming the weights."""
+    config = tiny_config(tmp_path)
+    model_config = model_config_to_dict(multimodal_model())
+    with torch.device("meta"):
+        other = PerceiverIO(model_config_from_dict({**model_config, **change}))
+    tag = tmp_path / "run" / "checkpoints" / "step_00000003"
+    tag.mkdir(parents=True)
+    torch.save({"module": other.state_dict()}, tag / MODEL_STATES)
+    (tag.parent / "latest").write_text(tag.name)
+    done = cli("train", "--config", str(config))
+    assert done.returncode == 2, done.stderr
+    assert f"--resume: {tag} does not fit the model of this config" in done.stderr and named in done.stderr
+    assert "another run.dir" in done.stderr
 
 
 def test_print_config_shows_the_resolved_config_with_overrides(tmp_path):

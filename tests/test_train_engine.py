@@ -160,11 +160,14 @@ def final_weights(checkpoint_dir: Path) -> Dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_trains_and_checkpoints_with_two_processes(tmp_path, stage):
-    config = tiny_config(tmp_path, deepspeed={"zero_stage": stage}, train={"max_steps": 6},
-                         checkpoint={"every_steps": 3, "keep_last": 1})
-    run(config)
+def test_zero_stage_trains_checkpoints_and_resumes_with_two_processes(tmp_path, stage):
+    """Each stage trains, saves, and resumes from its own checkpoint (ZeRO-3 names its files per rank)."""
+    for max_steps in (3, 6):
+        config = tiny_config(tmp_path, deepspeed={"zero_stage": stage}, train={"max_steps": max_steps},
+                             checkpoint={"every_steps": 3, "keep_last": 1})
+        run(config)
     run_dir = tmp_path / "run"
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000003'} at step 3" in logs(tmp_path)
     got = losses(run_dir)
     assert sorted(got) == list(range(1, 7))
     assert all(torch.isfinite(torch.tensor(list(row.values()))).all() for row in got.values())

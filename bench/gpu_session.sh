@@ -24,8 +24,9 @@ declare -A steps=(
   # Both models with CUDA graphs: the launch-bound host out of both, so the ratio is the GPU work's.
   [model_graphs_both]="${bench[*]} --interleave --no-sweep --no-masked --compile --compile-mode reduce-overhead --compile-hf"
   # Both models as `pretrain train` trains on GPU (DeepSpeed's bf16: bf16 weights, fp32 master copies): no
-  # per-weight casts, ~30% of an autocast step's kernels, so a launch-bound host weighs less.
-  [model_bf16]="${eager[*]} --no-sweep --precision bf16 --profile"
+  # per-weight casts, ~30% of an autocast step's kernels, so a launch-bound host weighs less. With the 15%-decode
+  # row, the model alone against the engine check's bf16 run (the same decoding): what DeepSpeed costs per step.
+  [model_bf16]="${bench[*]} --interleave --steps 30 --no-sweep --precision bf16 --profile"
   [model_static_sdpa]="${eager[*]} --no-sweep --attention-backend sdpa"  # the untuned choice before
   [model_cudagraphs]="${bench[*]} --no-sweep --no-masked --compile --compile-mode reduce-overhead"
   [model_compiled_both]="${bench[*]} --interleave --no-sweep --no-masked --compile --compile-hf"

@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first; the last one is counted")
     parser.add_argument("--run-dir", default="bench/out/engine")
+    parser.add_argument("--stages", type=lambda text: [int(s) for s in text.split(",")], default=[0, 1, 2],
+                        help="comma-separated ZeRO stages to time, default 0,1,2 (DeepSpeed refuses some overrides "
+                             "at stage 0, e.g. deepspeed.extra.data_types.grad_accum_dtype=fp32 with bf16)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 1:
@@ -95,7 +98,7 @@ def main() -> None:
     env = detect_env({})
     with process_group(env, torch.device("cpu")):
         loops: Dict[str, Callable] = {"plain PyTorch": plain_step(cfg)}
-        for stage in (0, 1, 2):
+        for stage in args.stages:
             loops[f"engine ZeRO-{stage}"] = engine_step(load_config(args.config, overrides), stage, run_dir)
         times: Dict[str, List[float]] = {name: [] for name in loops}
         ops: Dict[str, int] = {}

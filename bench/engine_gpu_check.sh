@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The training engine on a GPU: what CPU CI cannot show. nccl, bf16 on CUDA, the MFU and memory metrics, a checkpoint
-# and its resume on the GPU, ZeRO-2 with the optimizer offloaded to (pinned) CPU memory, and train.compile with CUDA
+# and its resume on the GPU, ZeRO-2 with the optimizer offloaded to (pinned) CPU memory, ZeRO-1 with fp32 gradient
+# accumulation (the engine's speed without ZeRO-2's per-tensor bucketing), and train.compile with CUDA
 # graphs (the samples/s of its last 10 steps against the eager run's). Model: the paper's 201M
 # language Perceiver (configs/mlm_bytes_201m.yaml) on a synthetic byte corpus written here. Prints a table and exits
 # non-zero when a check fails.
@@ -51,6 +52,10 @@ train() {  # run name, then overrides
 train bf16 run.dir="$out/bf16" train.max_steps=40 "$@"
 train bf16 run.dir="$out/bf16" train.max_steps=60 "$@"   # resumes from step 40
 train offload run.dir="$out/offload" train.max_steps=20 deepspeed.offload_optimizer=true "$@"
+# The lightest engine on the host in bench/engine_bench.py (a third less time per step than ZeRO-2's, CPU): ZeRO-1
+# accumulating gradients in fp32. Its samples/s against the bf16 run's (ZeRO-2) is the GPU's answer.
+train zero1 run.dir="$out/zero1" train.max_steps=40 deepspeed.zero_stage=1 \
+  deepspeed.extra.data_types.grad_accum_dtype=fp32 "$@"
 train compiled run.dir="$out/compiled" train.max_steps=40 train.compile=reduce-overhead "$@"
 
 python3 - "$out" <<'EOF'
@@ -64,7 +69,7 @@ def check(ok, what):
     if not ok:
         failures.append(what)
 print(f"{'run':<10}{'steps':>6}{'samples/s':>11}{'step s':>8}{'MFU':>7}{'mem GB':>8}{'loss first':>11}{'loss last':>10}")
-for name in ("bf16", "offload", "compiled"):
+for name in ("bf16", "offload", "zero1", "compiled"):
     train = [r for r in rows(name) if "samples_per_s" in r]
     last = train[-1]
     mfu = f"{last['mfu']:.1%}" if "mfu" in last else "-"
@@ -79,7 +84,7 @@ check("resumed from" in log and "at step 40" in log, "bf16: the second run did n
 check(sorted({r["step"] for r in rows("bf16") if "loss" in r}) == list(range(10, 61, 10)), "bf16: logged steps")
 offload = json.loads((out / "offload" / "deepspeed.json").read_text())["zero_optimization"]["offload_optimizer"]
 print(f"deepspeed bf16={config['bf16']['enabled']} offload={offload}")
-print("wall s: " + ", ".join(f"{n} {(out / f'{n}.wall').read_text().split()[-1]}" for n in ("bf16", "offload", "compiled")))
+print("wall s: " + ", ".join(f"{n} {(out / f'{n}.wall').read_text().split()[-1]}" for n in ("bf16", "offload", "zero1", "compiled")))
 for failure in failures:
     print("FAILED:", failure)
 sys.exit(1 if failures else 0)

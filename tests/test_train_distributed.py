@@ -19,7 +19,7 @@ from pretrain.train.distributed import DeferredAgreement
 from pretrain.train.loop import EXIT_DIVERGED, divergence
 
 TWO_RANKS = """
-import sys, torch, torch.distributed as dist
+import torch, torch.distributed as dist
 from pretrain.train.distributed import DeferredAgreement, mean_over_ranks
 dist.init_process_group("gloo")
 rank, device = dist.get_rank(), torch.device("cpu")

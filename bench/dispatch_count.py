@@ -15,28 +15,17 @@ The last line printed is ``dispatch_ratio=<our operators per step over transform
 from __future__ import annotations
 
 import argparse
-import collections
 import statistics
 import sys
 import time
 from contextlib import nullcontext
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import model_bench as mb
+from pretrain.train.metrics import OperatorCount
 
 TINY = dict(mb.GPU_CONFIG, d_model=16, d_latents=32, qk_channels=16, v_channels=32, num_latents=8)
-
-
-class OperatorCount(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def measure(variant: str, batch: int, length: int, steps: int, precision: str) -> dict:

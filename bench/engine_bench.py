@@ -7,7 +7,7 @@ plain loop calls torch directly (under bf16 autocast with ``train.precision=bf16
 ``deepspeed.initialize`` with the JSON our schema generates (ZeRO stages 0, 1 and 2; bf16 weights with fp32 master
 copies with ``train.precision=bf16``). Step time: median over ``--steps`` timed steps after ``--warmup``, the loops
 interleaved round-robin so machine noise hits all alike. ops/step: the operators one step dispatches
-(``bench/dispatch_count.py``'s count), which on a GPU are the kernel launches and their host work: with tiny widths
+(``pretrain.train.metrics.OperatorCount``), which on a GPU are the kernel launches and their host work: with tiny widths
 (``model.d_latents=32 ...``) a CPU step is bound by them, as a GPU step is when the host cannot launch fast enough.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python bench/engine_bench.py [--config configs/demo.yaml] [--steps 40] [key=value ...]
@@ -35,10 +35,9 @@ from pretrain.model import PerceiverIO
 from pretrain.train.distributed import process_group
 from pretrain.train.engine import build_engine, resolve_precision
 from pretrain.train.loop import reseed, to_device
+from pretrain.train.metrics import OperatorCount
 from pretrain.train.objective import modality_losses, weighted_total
 from pretrain.train.schedule import build_optimizer, build_scheduler
-
-from dispatch_count import OperatorCount
 
 
 def plain_step(cfg) -> Callable[[dict, int], None]:

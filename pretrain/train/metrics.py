@@ -7,6 +7,7 @@ from collections import Counter, defaultdict
 from typing import Dict, Iterable, Mapping, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .distributed import all_gather
 
@@ -82,3 +83,17 @@ def count_flops(model: torch.nn.Module, args: Iterable) -> float:
     with counter:
         model._call_impl(*args)
     return 3.0 * counter.get_total_flops()
+
+
+class OperatorCount(TorchDispatchMode):
+    """While active, counts the operators dispatched, by name (``counts``). On a GPU each is a kernel launch or host
+    work, and ``_local_scalar_dense`` a host sync, whatever the device counted on: the benchmarks and tests count
+    on the CPU what a GPU step would pay per launch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))

@@ -48,14 +48,16 @@ train() {  # run name, then overrides
     || { echo "run $name failed; the first traceback, then the end of its log:"
          grep -m1 -A60 "Traceback" "$out/$name.log"; tail -15 "$out/$name.log"; exit 1; }
   echo $((SECONDS - start)) > "$out/$name.wall"  # no /usr/bin/time on the GPU image
+  # At once, so a run cut off by a time limit still leaves the runs before it on the record.
+  echo "$name done in $((SECONDS - start)) s: $(grep -E '^step [0-9]+/' "$out/$name.log" | tail -1 | cut -c1-150)"
 }
 train bf16 run.dir="$out/bf16" train.max_steps=40 "$@"
 train bf16 run.dir="$out/bf16" train.max_steps=60 "$@"   # resumes from step 40
-train offload run.dir="$out/offload" train.max_steps=20 deepspeed.offload_optimizer=true "$@"
 # The lightest engine on the host in bench/engine_bench.py (a third less time per step than ZeRO-2's, CPU): ZeRO-1
 # accumulating gradients in fp32. Its samples/s against the bf16 run's (ZeRO-2) is the GPU's answer.
 train zero1 run.dir="$out/zero1" train.max_steps=40 deepspeed.zero_stage=1 \
   deepspeed.extra.data_types.grad_accum_dtype=fp32 "$@"
+train offload run.dir="$out/offload" train.max_steps=20 deepspeed.offload_optimizer=true "$@"
 train compiled run.dir="$out/compiled" train.max_steps=40 train.compile=reduce-overhead "$@"
 
 python3 - "$out" <<'EOF'

@@ -58,8 +58,8 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
     import torch
 
     from pretrain.checkpoint import check_fits, resolve_resume
-    from pretrain.model import PerceiverIO
     from pretrain.config import config_to_dict, load_config, validate_config
+    from pretrain.model import PerceiverIO
     from pretrain.train import checkpoint_dir
 
     try:

@@ -124,3 +124,14 @@ def test_text_logits_without_text():
     model = PerceiverIO(multimodal_config(text=None))
     with pytest.raises(ValueError, match=r"text_logits: this model has no text modality"):
         model.text_logits(torch.zeros(B, S, dtype=torch.long))
+
+
+def test_cross_attention_names_a_query_batch_that_fits_neither_way():
+    """Queries of batch 1 are shared by the batch of keys and values; any other mismatch is refused by name."""
+    from pretrain.model.layers import PerceiverLayer
+
+    layer = PerceiverLayer(16, 8, 8, 16, 2, 1)
+    kv = torch.randn(4, 5, 8)
+    assert layer(torch.randn(1, 3, 16), kv).shape == (4, 3, 16)
+    with pytest.raises(ValueError, match=r"queries have batch 3 and kv batch 4.*batch 1 when every sample shares"):
+        layer(torch.randn(3, 3, 16), kv)

@@ -292,3 +292,18 @@ def test_projections_of_one_input_are_one_matmul(cross):
     out = layer(x, kv) if cross else layer(x)
     assert out.shape == x.shape
     assert calls == ([16, 16 + 32, 32, 32, 32] if cross else [16 + 16 + 32, 32, 32, 32])
+
+
+def test_one_input_and_one_output_array_are_not_copied():
+    """A text-only training step copies neither the input array nor the decoded array (a cat or a split of one part
+    is a copy, and so is its gradient), and the queries every sample shares (the latents, the decoder's queries of
+    every position) get their gradients without a batch-sized zero array (what a slice of them would cost)."""
+    from pretrain.train.metrics import OperatorCount
+
+    model = PerceiverIO(tiny_config(d_model=24)).train()
+    ids = torch.randint(0, TEXT_VOCAB, (4, S))
+    with OperatorCount() as count:
+        model.text_logits(ids).sum().backward()
+    array = (4, S, 24)  # the input array's shape, and the decoded array's
+    assert count.written["native_layer_norm"].count(array) == 2  # the encoder's kv_norm, the decoder's mlp_norm
+    assert array not in count.written["cat"] and "slice_backward" not in count.counts

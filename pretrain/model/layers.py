@@ -71,12 +71,16 @@ class PerceiverLayer(nn.Module):
     ) -> torch.Tensor:
         if self.is_cross != (kv is not None):
             raise ValueError("a cross-attention layer needs kv; a self-attention layer takes none")
-        # Queries expanded over the batch (the encoder's latents, the decoder's queries of every position) are
-        # normalised and projected once.
-        shared = self.is_cross and x.shape[0] > 1 and x.stride(0) == 0
-        h = self.q_norm(x[:1] if shared else x)
+        h = self.q_norm(x)
         if self.is_cross:
-            query = self.query(h).expand(x.shape[0], -1, -1) if shared else self.query(h)
+            # Queries of batch 1 against a batch of kv (the encoder's latents, the decoder's queries of every position)
+            # are the same for every sample: normalised and projected once, broadcast in the residual.
+            if x.shape[0] not in (1, kv.shape[0]):
+                raise ValueError(
+                    f"queries have batch {x.shape[0]} and kv batch {kv.shape[0]}: give both the same batch, or the "
+                    f"queries batch 1 when every sample shares them"
+                )
+            query = self.query(h).expand(kv.shape[0], -1, -1)
             key, value = self.key_value(self.kv_norm(kv)).split(self.widths, dim=-1)
         else:
             query, key, value = self.query_key_value(h).split(self.widths, dim=-1)

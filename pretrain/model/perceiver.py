@@ -11,7 +11,7 @@ that sample. Outputs to decode: ``{"text": positions [B, P] or None (every posit
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import List, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,12 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig, validate_model_config
 from .adapters import build_adapters
 from .layers import PerceiverLayer
+
+
+def _join(parts: List[torch.Tensor]) -> torch.Tensor:
+    """Concatenation along the sequence; a single part as it is. A cat of one array is a copy, and its gradient (a
+    split's is a cat too) another: at B=32 and M=2048 an input array of 201 MB each way, for nothing."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 class PerceiverEncoder(nn.Module):
@@ -57,7 +63,7 @@ class PerceiverEncoder(nn.Module):
 
     def forward(self, inputs: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """inputs [B, M, d_model], key_mask [B, M] -> latents [B, N, d_latents]."""
-        z = self.cross_attention(self.latents.expand(inputs.shape[0], -1, -1), inputs, key_mask)
+        z = self.cross_attention(self.latents[None], inputs, key_mask)
         use_checkpoint = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for _ in range(self.num_blocks):
             for layer in self.self_attends:
@@ -82,7 +88,7 @@ class PerceiverDecoder(nn.Module):
         )
 
     def forward(self, queries: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """queries [B, P, d_model] attend to latents [B, N, d_latents] -> [B, P, d_model]."""
+        """queries [B or 1, P, d_model] attend to latents [B, N, d_latents] -> [B, P, d_model]."""
         return self.cross_attention(queries, latents)
 
 
@@ -134,12 +140,11 @@ class PerceiverIO(nn.Module):
             raise ValueError(f"inputs: every modality must have the same batch size, got {batch_sizes}")
         key_mask = None
         if any(mask is not None for mask in masks):
-            key_mask = torch.cat(
+            key_mask = _join(
                 [torch.ones(f.shape[:2], dtype=torch.bool, device=f.device) if m is None else m
-                 for f, m in zip(features, masks)],
-                dim=1,
+                 for f, m in zip(features, masks)]
             )
-        return self.encoder(torch.cat(features, dim=1), key_mask)
+        return self.encoder(_join(features), key_mask)
 
     def decode(
         self,
@@ -149,8 +154,8 @@ class PerceiverIO(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """One decoder cross-attention for the queries of every requested output, then each modality's head.
 
-        Queries of every position (``None``) are the same for every sample: they are built for one row and expanded,
-        so that the decoder normalises and projects them once for the batch when no output has given positions."""
+        Queries of every position (``None``) are the same for every sample: they are built for one row, which the
+        decoder normalises and projects once for the batch when no output has given positions."""
         batch = latents.shape[0]
         queries, sizes = [], []
         for name, positions in outputs.items():
@@ -168,13 +173,12 @@ class PerceiverIO(nn.Module):
             queries.append(self._modality(name, adapter.queries(positions)))
             sizes.append(positions.shape[1])
         if all(q.shape[0] == 1 for q in queries):
-            query_array = torch.cat(queries, dim=1).expand(batch, -1, -1)
+            query_array = _join(queries)
         else:
-            query_array = torch.cat([q.expand(batch, -1, -1) for q in queries], dim=1)
+            query_array = _join([q.expand(batch, -1, -1) for q in queries])
         decoded = self.decoder(query_array, latents)
-        return {
-            name: self.adapters[name].head(part) for name, part in zip(outputs, decoded.split(sizes, dim=1))
-        }
+        parts = decoded.split(sizes, dim=1) if len(sizes) > 1 else [decoded]
+        return {name: self.adapters[name].head(part) for name, part in zip(outputs, parts)}
 
     def forward(
         self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, Optional[torch.Tensor]]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .distributed import all_gather
 
@@ -78,7 +79,7 @@ def count_flops(model: torch.nn.Module, args: Iterable) -> float:
     # The model runs eagerly, past a ``train.compile`` wrapper (``_call_impl``: hooks as usual, no dynamo): a compiled
     # call under a dispatch mode is not compiled, and dynamo then marks the forward's code never to compile, so
     # training would silently run eagerly. Grad mode stays on: the counter's module tracker hooks the gradients of
-    # module inputs, and a view of a parameter made under no_grad (the latents expanded over the batch) requires grad
+    # module inputs, and a view of a parameter made under no_grad (the latents given a batch dimension) requires grad
     # without a gradient function, which it rejects.
     with counter:
         model._call_impl(*args)
@@ -86,14 +87,20 @@ def count_flops(model: torch.nn.Module, args: Iterable) -> float:
 
 
 class OperatorCount(TorchDispatchMode):
-    """While active, counts the operators dispatched, by name (``counts``). On a GPU each is a kernel launch or host
-    work, and ``_local_scalar_dense`` a host sync, whatever the device counted on: the benchmarks and tests count
-    on the CPU what a GPU step would pay per launch."""
+    """While active, counts the operators dispatched, by name (``counts``), and keeps the output shapes of those that
+    write new memory (``written``: not views). On a GPU each operator is a kernel launch or host work, and
+    ``_local_scalar_dense`` a host sync, whatever the device counted on: the benchmarks and tests count on the CPU
+    what a GPU step would pay per launch, and which arrays it copies."""
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter = Counter()
+        self.written: Dict[str, List[Tuple[int, ...]]] = defaultdict(list)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.counts[name] += 1
+        out = func(*args, **(kwargs or {}))
+        if not any(r.alias_info is not None for r in func._schema.returns):
+            self.written[name] += [tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out

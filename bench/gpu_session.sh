@@ -33,7 +33,7 @@ declare -A steps=(
   [attention]="python3 bench/attention_check.py"
   [engine]="env OUT=/tmp/engine bash bench/engine_gpu_check.sh"  # its corpus and checkpoints stay on the machine
 )
-order=(engine model_eager model_graphs_both model_bf16 model_cudagraphs model_sweep attention)
+order=(model_eager model_bf16 engine model_graphs_both model_cudagraphs model_sweep attention)
 
 for name in "${@:-${order[@]}}"; do
   [[ -v "steps[$name]" ]] || { echo "unknown step $name; steps: ${order[*]}"; exit 2; }

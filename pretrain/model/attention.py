@@ -167,7 +167,11 @@ def _math(q, k, v, key_mask, scale, dropout_p):
     scores = q @ k.transpose(-1, -2)
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1)
+    # In the scores' dtype: CUDA autocast would otherwise run softmax in fp32 and hand the next matmul a copy cast back,
+    # doubling the bytes of the score-sized passes (softmax, dropout, and their gradients). The kernel accumulates in
+    # fp32 either way and the probabilities reach the matmul in bf16 either way (with dropout, its 1/(1-p) rescale
+    # is rounded once more).
+    probs = torch.softmax(scores, dim=-1, dtype=scores.dtype)
     if dropout_p > 0.0:  # fused by torch.compile
         probs = F.dropout(probs, dropout_p)
     return (probs @ v).transpose(1, 2)

@@ -15,11 +15,13 @@ source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 bench=(python3 bench/model_bench.py --device cuda)
-# Eager runs interleave the models step by step: the eager step is bound by the host's kernel launches, and the
-# host's speed drifts on a shared machine, so separately timed rows are not comparable.
+# Eager runs interleave the models block by block (model_bench's --block, 5 steps run back to back on CUDA): the eager
+# step is bound by the host's kernel launches, and the host's speed drifts on a shared machine, so separately timed
+# rows are not comparable.
 eager=("${bench[@]}" --interleave --steps 30 --no-masked)
 declare -A steps=(
   [model_eager]="${eager[*]} --no-sweep --profile --out $out/model_eager.json"  # headline: tuned attention
+  [model_eager_each]="${eager[*]} --no-sweep --block 1"  # each step timed alone, as before the sixth session
   [model_sweep]="${eager[*]} --steps 10"  # + M = 2k, 8k, 32k at B=16
   # Both models with CUDA graphs: the launch-bound host out of both, so the ratio is the GPU work's.
   [model_graphs_both]="${bench[*]} --interleave --no-sweep --no-masked --compile --compile-mode reduce-overhead --compile-hf"

@@ -13,7 +13,10 @@ of the positions (the pretraining objective's subsampled decoding; not part of t
 models decode all M positions (transformers needs ``max_position_embeddings = M`` for that; so does ours).
 
 Measurements:
-* step time: median over ``--steps`` timed steps after ``--warmup`` steps (CUDA events on GPU, perf_counter on CPU).
+* step time: median over ``--steps`` timed steps after ``--warmup`` steps (CUDA events on GPU, perf_counter on CPU),
+  timed in blocks of ``--block`` steps run back to back, as a training loop runs them: the host may queue the next
+  step while the GPU finishes this one, unless the model waits for the GPU itself (transformers reads a mask value
+  back to the host in every forward). Each block's mean per step is one sample of the median.
 * FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one extra step of each model (matmuls and attention only;
   ours counts the zero padding of the q/k head dim up to the v head dim that its fused attention kernels need).
 * MFU (GPU): achieved FLOP/s over a bf16 matmul rate measured in the same run (8192^3 matmuls timed with CUDA events).
@@ -57,9 +60,9 @@ CPU_CONFIG = dict(
 DEFAULTS = {
     # batch, length, steps, warmup, sweep lengths, sweep batch
     "cpu": dict(batch=8, length=1024, steps=8, warmup=2, sweep_lengths=[256, 1024, 4096], sweep_batch=2,
-                precision="fp32"),
-    "cuda": dict(batch=32, length=2048, steps=10, warmup=3, sweep_lengths=[2048, 8192, 32768], sweep_batch=16,
-                 precision="autocast"),
+                precision="fp32", block=1),
+    "cuda": dict(batch=32, length=2048, steps=20, warmup=3, sweep_lengths=[2048, 8192, 32768], sweep_batch=16,
+                 precision="autocast", block=5),
 }
 PRECISIONS = {  # --precision: what it means, for the header line
     "autocast": "bf16 autocast over fp32 weights (fp32 AdamW)",
@@ -258,18 +261,26 @@ def training_step(forward, targets: torch.Tensor, optimizer: torch.optim.Optimiz
     return step
 
 
-def _timed(prepared: dict) -> float:
-    """Seconds for one step (CUDA events on GPU)."""
+def _timed(prepared: dict, block: int) -> float:
+    """Seconds per step over ``block`` steps run back to back (CUDA events around them on GPU): a training loop does
+    not wait for the GPU between steps, so timing each step alone would charge every step the host's time to its
+    first kernel launches and the GPU's tail, which overlap in training."""
     if prepared["cuda"]:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        prepared["step"]()
+        for _ in range(block):
+            prepared["step"]()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3
+        return start.elapsed_time(end) / 1e3 / block
     t0 = time.perf_counter()
-    prepared["step"]()
-    return time.perf_counter() - t0
+    for _ in range(block):
+        prepared["step"]()
+    return (time.perf_counter() - t0) / block
+
+
+def _blocks(spec: dict) -> int:
+    return spec["steps"] // spec["block"]
 
 
 def _timing(spec: dict, times: list[float], compile_s: float | None) -> dict:
@@ -298,7 +309,7 @@ def measure(spec: dict) -> dict:
     if prepared["cuda"]:  # steady state: not the first step's attention tuning or compilation
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = [_timed(prepared) for _ in range(spec["steps"])]
+    times = [_timed(prepared, spec["block"]) for _ in range(_blocks(spec))]
     if prepared["cuda"] and not times:  # timed interleaved elsewhere: one step here for the steady-state peak
         step()
     if prepared["cuda"]:
@@ -367,9 +378,9 @@ def measure_interleaved(specs: list[dict]) -> dict:
         for p in prepared:
             p["step"]()
     times = {spec["variant"]: [] for spec in specs}
-    for _ in range(specs[0]["steps"]):
+    for _ in range(_blocks(specs[0])):
         for spec, p in zip(specs, prepared):
-            times[spec["variant"]].append(_timed(p))
+            times[spec["variant"]].append(_timed(p, spec["block"]))
     return {spec["variant"]: _timing(spec, times[spec["variant"]], compile_s[spec["variant"]]) for spec in specs}
 
 
@@ -485,8 +496,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, help="headline batch (cpu 8, cuda 32)")
     p.add_argument("--length", type=int, help="headline input length M (cpu 1024, cuda 2048)")
-    p.add_argument("--steps", type=int, help="timed steps; the median is reported (cpu 8, cuda 10)")
+    p.add_argument("--steps", type=int, help="timed steps; the median is reported (cpu 8, cuda 20)")
     p.add_argument("--warmup", type=int, help="untimed steps first (cpu 2, cuda 3)")
+    p.add_argument("--block", type=int,
+                   help="steps timed back to back, without waiting for the GPU between them, per sample of the "
+                        "median (cpu 1, cuda 5; 1 times each step alone)")
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="length sweep (default on)")
     p.add_argument("--sweep-lengths", type=lambda s: [int(x) for x in s.split(",")],
                    help="comma-separated M values (cpu 256,1024,4096; cuda 2048,8192,32768)")
@@ -520,8 +534,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if min(args.batch, args.length, args.sweep_batch, *args.sweep_lengths) < 1 or args.steps < 1 or args.warmup < 0:
-        p.error("--batch, --length, --sweep-batch, --sweep-lengths and --steps must be positive, --warmup >= 0")
+    if min(args.batch, args.length, args.sweep_batch, *args.sweep_lengths, args.steps, args.block) < 1 or args.warmup < 0:
+        p.error("--batch, --length, --sweep-batch, --sweep-lengths, --steps and --block must be positive, --warmup >= 0")
+    if args.steps < args.block:
+        p.error(f"--steps {args.steps} is less than one --block of {args.block} steps")
     if args.isolate is None:
         args.isolate = args.device == "cpu"
     if args.interleave is None:
@@ -539,7 +555,8 @@ def main(argv=None) -> int:
     logging.getLogger("pretrain.model.autotune").setLevel(logging.INFO)  # which attention kernel won, per shape
     device = torch.device(args.device)
     cfg = GPU_CONFIG if args.device == "cuda" else CPU_CONFIG
-    base = dict(device=args.device, config=cfg, steps=args.steps, warmup=args.warmup, precision=args.precision,
+    base = dict(device=args.device, config=cfg, steps=args.steps, warmup=args.warmup, block=args.block,
+                precision=args.precision,
                 threads=args.threads, compile_mode=args.compile_mode, compile_hf=args.compile_hf,
                 attention_backend=args.attention_backend, latent_attention_backend=args.latent_attention_backend)
     if args.omp_passive:
@@ -595,6 +612,9 @@ def main(argv=None) -> int:
     notes = [
         f"peak mem: {'torch.cuda.max_memory_allocated (weights, grads, optimizer state, activations)' if args.device == 'cuda' else 'growth of the worker process peak RSS over its RSS after building the model (grads, optimizer state, activations; not the weights)' if args.isolate else 'peak RSS growth in one process (order-dependent: use --isolate)'}",
         "GFLOP/step: FlopCounterMode over one step (matmuls + attention; ours includes the q/k head-dim zero padding)",
+        (f"step ms: median of {args.steps // args.block} blocks of {args.block} steps run back to back"
+         if args.block > 1 else f"step ms: median of {args.steps} steps, each timed alone")
+        + (", the variants interleaved" if args.interleave else ""),
     ]
     if ours.get("parity_max_abs_diff") is not None:
         notes.append(f"same weights: max |logits(ours) - logits(transformers)| = {ours['parity_max_abs_diff']:.2e} (fp32, eval)")

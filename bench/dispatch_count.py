@@ -58,8 +58,8 @@ def measure(variant: str, batch: int, length: int, steps: int, precision: str) -
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return dict(ops=sum(total.counts.values()), fwd_ops=sum(fwd.counts.values()), ms=statistics.median(times) * 1e3,
-                top=total.counts.most_common(8))
+    return dict(ops=sum(total.counts.values()), launches=total.launches, fwd_ops=sum(fwd.counts.values()),
+                ms=statistics.median(times) * 1e3, top=total.counts.most_common(8))
 
 
 def main(argv=None) -> int:
@@ -74,10 +74,11 @@ def main(argv=None) -> int:
     results = {v: measure(v, args.batch, args.length, args.steps, args.precision) for v in (mb.HF, mb.OURS)}
     print(f"201M config depth, tiny widths (d_latents {TINY['d_latents']}), B={args.batch} M={args.length}, "
           f"{mb.PRECISIONS[args.precision]}, torch {torch.__version__}, 1 thread")
-    print(f"{'model':<14}{'ops/step':>10}{'fwd ops':>10}{'tiny step ms':>14}  most frequent")
+    print(f"{'model':<14}{'ops/step':>10}{'kernels':>9}{'fwd ops':>10}{'tiny step ms':>14}  most frequent")
     for variant, r in results.items():
         top = ", ".join(f"{name} {count}" for name, count in r["top"][:5])
-        print(f"{variant:<14}{r['ops']:>10}{r['fwd_ops']:>10}{r['ms']:>14.1f}  {top}")
+        print(f"{variant:<14}{r['ops']:>10}{r['launches']:>9}{r['fwd_ops']:>10}{r['ms']:>14.1f}  {top}")
+    print("kernels: the operators that would launch a GPU kernel (not views, allocations or profiler marks)")
     ours, hf = results[mb.OURS], results[mb.HF]
     print(f"tiny step time ours/transformers: {ours['ms'] / hf['ms']:.3f}")
     print(f"dispatch_ratio={ours['ops'] / hf['ops']:.3f}")

@@ -307,3 +307,55 @@ def test_one_input_and_one_output_array_are_not_copied():
     array = (4, S, 24)  # the input array's shape, and the decoded array's
     assert count.written["native_layer_norm"].count(array) == 2  # the encoder's kv_norm, the decoder's mlp_norm
     assert array not in count.written["cat"] and "slice_backward" not in count.counts
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+def test_autocast_casts_linear_weights_together_with_the_same_results(inputs, checkpointing):
+    """Under autocast the forward casts every Linear's weight and bias in one multi-tensor copy (and their gradients
+    back in one more) instead of one cast kernel each way per tensor: outputs and gradients stay bit-identical to
+    autocast's own casts (``encode``/``decode`` called directly take those), and the parameters are back after."""
+    from pretrain.train.metrics import OperatorCount
+
+    torch.manual_seed(0)
+    model = PerceiverIO(multimodal_config(activation_checkpointing=checkpointing)).train()
+    params = dict(model.named_parameters())
+    outputs = {"text": None, "image": None, "label": None}
+
+    def step(together: bool):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        with OperatorCount() as count:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(inputs, outputs) if together else model.decode(model.encode(inputs), outputs, inputs)
+                loss = sum(value.float().square().mean() for value in out.values())
+            loss.backward()
+        return out, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}, count
+
+    out, grads, count = step(True)
+    ref_out, ref_grads, ref_count = step(False)
+    for name in ref_out:
+        assert torch.equal(out[name], ref_out[name]), name
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+    assert count.counts["_foreach_copy_"] == 2 and ref_count.counts["_foreach_copy_"] == 0
+    assert count.counts["_to_copy"] + 2 * len(model._linears) <= ref_count.counts["_to_copy"]
+    assert dict(model.named_parameters()) == params  # the very same Parameter objects
+
+
+def test_weights_cast_together_only_where_autocast_would_cast_them(inputs):
+    """No autocast, or weights already in the autocast dtype: nothing is cast. A forward that fails midway leaves the
+    parameters in place."""
+    from pretrain.train.metrics import OperatorCount
+
+    model = PerceiverIO(multimodal_config()).train()
+    params = dict(model.named_parameters())
+    with OperatorCount() as plain:
+        model(inputs, {"text": None})
+    with pytest.raises(ValueError, match="unknown keys"), torch.autocast("cpu", dtype=torch.bfloat16):
+        model({**inputs, "smell": torch.zeros(2)}, {"text": None})
+    assert dict(model.named_parameters()) == params
+    model.to(torch.bfloat16)
+    with OperatorCount() as bf16, torch.autocast("cpu", dtype=torch.bfloat16):
+        model(inputs, {"text": None})
+    assert plain.counts["_foreach_copy_"] == bf16.counts["_foreach_copy_"] == 0

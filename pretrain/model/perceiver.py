@@ -11,6 +11,7 @@ that sample. Outputs to decode: ``{"text": positions [B, P] or None (every posit
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import List, Mapping, Optional
 
 import torch
@@ -19,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig, validate_model_config
 from .adapters import build_adapters
+from .casting import linear_weights_cast_together
 from .layers import PerceiverLayer
 
 
@@ -103,6 +105,7 @@ class PerceiverIO(nn.Module):
         )
         self.encoder = PerceiverEncoder(cfg)
         self.decoder = PerceiverDecoder(cfg)
+        self._linears = [m for m in self.modules() if isinstance(m, nn.Linear)]  # their casts go together (autocast)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -183,7 +186,9 @@ class PerceiverIO(nn.Module):
     def forward(
         self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, Optional[torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
-        return self.decode(self.encode(inputs), outputs, inputs)
+        compiling = torch.compiler.is_compiling()
+        with nullcontext() if compiling else linear_weights_cast_together(self._linears):
+            return self.decode(self.encode(inputs), outputs, inputs)
 
     def text_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, S] ids (and an optional [B, S] 1/0 or bool mask) -> [B, S, vocab] logits for every input position."""

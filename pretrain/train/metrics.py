@@ -86,20 +86,28 @@ def count_flops(model: torch.nn.Module, args: Iterable) -> float:
     return 3.0 * counter.get_total_flops()
 
 
+# Operators that are neither views nor kernels: allocations without a fill, a view by another name, profiler marks.
+_NO_KERNEL = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view",
+                        "_record_function_enter_new", "_record_function_exit"})
+
+
 class OperatorCount(TorchDispatchMode):
-    """While active, counts the operators dispatched, by name (``counts``), and keeps the output shapes of those that
-    write new memory (``written``: not views). On a GPU each operator is a kernel launch or host work, and
+    """While active, counts the operators dispatched, by name (``counts``), those of them that would launch a GPU kernel
+    (``launches``: not views, allocations or profiler marks), and keeps the output shapes of the operators that write
+    new memory (``written``: not views). On a GPU each operator is host work and most are a kernel launch, and
     ``_local_scalar_dense`` a host sync, whatever the device counted on: the benchmarks and tests count on the CPU
     what a GPU step would pay per launch, and which arrays it copies."""
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter = Counter()
+        self.launches = 0
         self.written: Dict[str, List[Tuple[int, ...]]] = defaultdict(list)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         self.counts[name] += 1
+        self.launches += not func.is_view and name not in _NO_KERNEL
         out = func(*args, **(kwargs or {}))
         if not any(r.alias_info is not None for r in func._schema.returns):
             self.written[name] += [tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]

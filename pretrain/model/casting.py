@@ -1,0 +1,72 @@
+"""Under autocast, the weights and biases of every ``nn.Linear`` cast to the autocast dtype together, once a forward.
+
+Autocast casts each fp32 weight and bias as its matmul runs, and the backward casts each of their gradients back:
+two kernel launches per tensor and step. The 201M language model has 115 Linear layers, so about 460 of its ~2,000
+kernels per step under CUDA autocast were these casts, and its eager step is bound by how fast the host launches
+kernels. Here one multi-tensor copy casts them all and one more casts their gradients back: the same roundings, so the
+same outputs and gradients as autocast's own casts, bit for bit.
+
+Nothing changes where nothing would be cast (no autocast, weights already in the autocast dtype, as under DeepSpeed's
+bf16 mode) or with DeepSpeed ZeRO-3's partitioned weights (gathered by hooks only when each layer runs). Compiled code
+should not enter it: inductor fuses the casts itself.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+
+class _CastTogether(torch.autograd.Function):
+    """Casts of many tensors in one ``_foreach_copy_``; their gradients cast back in another."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)  # an unused copy (a head this forward does not decode) gets no gradient
+        ctx.dtypes = [t.dtype for t in tensors]
+        copies = [torch.empty_like(t, dtype=dtype) for t in tensors]
+        torch._foreach_copy_(copies, tensors)
+        return tuple(copies)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        present = [i for i, g in enumerate(grads) if g is not None]
+        # Tensors of their own (not views of one buffer), so that each parameter's gradient is taken as it is.
+        up = [torch.empty_like(grads[i], dtype=ctx.dtypes[i]) for i in present]
+        if up:
+            torch._foreach_copy_(up, [grads[i] for i in present])
+        out: List[torch.Tensor | None] = [None] * len(grads)
+        for i, g in zip(present, up):
+            out[i] = g
+        return (None, *out)
+
+
+def _castable(params: Sequence[torch.Tensor]) -> bool:
+    if not params:
+        return False
+    device_type = params[0].device.type
+    if not torch.is_autocast_enabled(device_type) or torch.get_autocast_dtype(device_type) == torch.float32:
+        return False
+    return all(p.dtype == torch.float32 and p.device.type == device_type and not hasattr(p, "ds_id") for p in params)
+
+
+@contextmanager
+def linear_weights_cast_together(linears: Sequence[nn.Linear]) -> Iterator[None]:
+    """While active, ``linears`` hold their weights and biases cast to the autocast dtype (see the module docstring);
+    their parameters are back in place on exit, also after an error."""
+    slots = [(module, name) for module in linears for name, p in module._parameters.items() if p is not None]
+    params = [module._parameters[name] for module, name in slots]
+    if not _castable(params):
+        yield
+        return
+    copies = _CastTogether.apply(torch.get_autocast_dtype(params[0].device.type), *params)
+    try:
+        for (module, name), copy in zip(slots, copies):
+            module._parameters[name] = copy
+        yield
+    finally:
+        for (module, name), param in zip(slots, params):
+            module._parameters[name] = param

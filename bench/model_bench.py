@@ -171,14 +171,20 @@ def build_models(cfg: dict, length: int, device: torch.device, want: str, attent
 
 
 @torch.no_grad()
-def parity(ours, hf, length: int, device: torch.device) -> float:
-    """Max |logit difference| in fp32 eval mode on one sample (dropout off): the models are the same function."""
+def parity(ours, hf, length: int, device: torch.device) -> dict:
+    """Max |logit difference| in eval mode on one sample (dropout off): against transformers in fp32 (the models are
+    the same function), and, under bf16 autocast, ours' forward (its Linear weights cast together) against its encode
+    and decode called directly (autocast's own per-tensor casts), which must agree bit for bit."""
     ids = torch.randint(0, ours.config.text.vocab_size, (1, length), device=device,
                         generator=torch.Generator(device).manual_seed(1))
     ours.eval(), hf.eval()
-    diff = (ours.text_logits(ids) - hf(input_ids=ids).logits).abs().max().item()
+    with torch.no_grad():
+        fp32 = (ours.text_logits(ids) - hf(input_ids=ids).logits).abs().max().item()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            own = ours.decode(ours.encode({"text": ids}), {"text": None})["text"]
+            together = (ours.text_logits(ids) - own).abs().max().item()
     ours.train(), hf.train()
-    return diff
+    return {"fp32_vs_transformers": fp32, "autocast_casts_together_vs_own": together}
 
 
 def prepare(spec: dict) -> dict:
@@ -329,7 +335,7 @@ def measure(spec: dict) -> dict:
         step()
     result = dict(variant=spec["variant"], batch=spec["batch"], length=spec["length"],
                   flops_per_step=counter.get_total_flops(), peak_mem_bytes=peak, peak_mem_method=peak_method,
-                  parity_max_abs_diff=prepared["parity"], params=prepared["params"])
+                  parity=prepared["parity"], params=prepared["params"])
     if spec.get("profile"):
         result["profile"], result["gpu_busy_ms"] = profile_steps(prepared)
     if times:
@@ -620,8 +626,11 @@ def main(argv=None) -> int:
          if args.block > 1 else f"step ms: median of {args.steps} steps, each timed alone")
         + (", the variants interleaved" if args.interleave else ""),
     ]
-    if ours.get("parity_max_abs_diff") is not None:
-        notes.append(f"same weights: max |logits(ours) - logits(transformers)| = {ours['parity_max_abs_diff']:.2e} (fp32, eval)")
+    if ours.get("parity") is not None:
+        notes.append(f"same weights: max |logits(ours) - logits(transformers)| = "
+                     f"{ours['parity']['fp32_vs_transformers']:.2e} (fp32, eval); ours under bf16 autocast, Linear "
+                     f"weights cast together vs autocast's own casts: "
+                     f"{ours['parity']['autocast_casts_together_vs_own']:.2e}")
     timed = [r for r in [*results["headline"].values(), *(x[v] for x in results["sweep"] for v in (HF, OURS))]
              if not _failed(r)]
     spread = max((max(r["step_ms_all"]) / min(r["step_ms_all"]) for r in timed), default=1.0)

@@ -18,7 +18,6 @@ import argparse
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -40,12 +39,7 @@ def measure(variant: str, batch: int, length: int, steps: int, precision: str) -
     ids = torch.randint(0, cfg["vocab_size"], (batch, length))
     targets = torch.randint(0, cfg["vocab_size"], (batch, length))
     forward = (lambda: model(input_ids=ids).logits) if variant == mb.HF else (lambda: model.text_logits(ids))
-    if precision == "bf16":
-        model.to(torch.bfloat16)
-        optimizer, autocast = mb.MasterWeightAdamW(model.parameters(), lr=1e-4, fused=True), nullcontext()
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    optimizer, autocast = mb.for_precision(model, precision, torch.device("cpu"), fused=True)
     step = mb.training_step(forward, targets, optimizer, autocast)
     for _ in range(3):
         step()

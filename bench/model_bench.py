@@ -178,11 +178,10 @@ def parity(ours, hf, length: int, device: torch.device) -> dict:
     ids = torch.randint(0, ours.config.text.vocab_size, (1, length), device=device,
                         generator=torch.Generator(device).manual_seed(1))
     ours.eval(), hf.eval()
-    with torch.no_grad():
-        fp32 = (ours.text_logits(ids) - hf(input_ids=ids).logits).abs().max().item()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            own = ours.decode(ours.encode({"text": ids}), {"text": None})["text"]
-            together = (ours.text_logits(ids) - own).abs().max().item()
+    fp32 = (ours.text_logits(ids) - hf(input_ids=ids).logits).abs().max().item()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        own = ours.decode(ours.encode({"text": ids}), {"text": None})["text"]
+        together = (ours.text_logits(ids) - own).abs().max().item()
     ours.train(), hf.train()
     return {"fp32_vs_transformers": fp32, "autocast_casts_together_vs_own": together}
 
@@ -212,23 +211,27 @@ def prepare(spec: dict) -> dict:
             forward = lambda: model(input_ids=ids).logits
         else:
             forward = lambda: model.text_logits(ids)
-    precision = spec["precision"]
-    if precision == "bf16":
-        model.to(torch.bfloat16)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "autocast" else nullcontext()
+    optimizer, autocast = for_precision(model, spec["precision"], device, fused=cuda)
     compiled = bool(spec.get("compile") and (variant != HF or spec.get("compile_hf")))
     if compiled:
         if variant != HF:  # attention is tuned eagerly (never while tracing): the compiled graph takes its picks
             with autocast:
                 forward()
         forward = torch.compile(forward, mode=spec.get("compile_mode"))
-
-    adamw = dict(lr=1e-4, **({"fused": True} if cuda else {}))
-    optimizer = MasterWeightAdamW(model.parameters(), **adamw) if precision == "bf16" else \
-        torch.optim.AdamW(model.parameters(), **adamw)
     return dict(step=training_step(forward, targets, optimizer, autocast), cuda=cuda, parity=check,
                 params=sum(p.numel() for p in model.parameters()),
                 graphed=compiled and spec.get("compile_mode") == "reduce-overhead")
+
+
+def for_precision(model: torch.nn.Module, precision: str, device: torch.device, fused: bool):
+    """``model`` set up for ``precision`` (see PRECISIONS; bf16 weights for ``bf16``), with its AdamW and the autocast
+    context its forward runs in."""
+    adamw = dict(lr=1e-4, **({"fused": True} if fused else {}))
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+        return MasterWeightAdamW(model.parameters(), **adamw), nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "autocast" else nullcontext()
+    return torch.optim.AdamW(model.parameters(), **adamw), autocast
 
 
 class MasterWeightAdamW:
@@ -271,17 +274,19 @@ def _timed(prepared: dict, block: int) -> float:
     """Seconds per step over ``block`` steps run back to back (CUDA events around them on GPU): a training loop does
     not wait for the GPU between steps, so timing each step alone would charge every step the host's time to its
     first kernel launches and the GPU's tail, which overlap in training."""
+    def run() -> None:
+        for _ in range(block):
+            prepared["step"]()
+
     if prepared["cuda"]:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(block):
-            prepared["step"]()
+        run()
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3 / block
     t0 = time.perf_counter()
-    for _ in range(block):
-        prepared["step"]()
+    run()
     return (time.perf_counter() - t0) / block
 
 

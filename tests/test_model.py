@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import ARRAY, AUDIO, IMAGE, NUM_CLASSES, TEXT_VOCAB, VIDEO, multimodal_config, multimodal_inputs, tiny_config
 from pretrain.model import PerceiverIO
 from pretrain.model.adapters import blocks_to_patches
+from pretrain.train.metrics import OperatorCount
 
 B, S = 2, 7
 # modality -> (number of decodable positions, trailing output shape)
@@ -298,8 +299,6 @@ def test_one_input_and_one_output_array_are_not_copied():
     """A text-only training step copies neither the input array nor the decoded array (a cat or a split of one part
     is a copy, and so is its gradient), and the queries every sample shares (the latents, the decoder's queries of
     every position) get their gradients without a batch-sized zero array (what a slice of them would cost)."""
-    from pretrain.train.metrics import OperatorCount
-
     model = PerceiverIO(tiny_config(d_model=24)).train()
     ids = torch.randint(0, TEXT_VOCAB, (4, S))
     with OperatorCount() as count:
@@ -314,8 +313,6 @@ def test_autocast_casts_linear_weights_together_with_the_same_results(inputs, ch
     """Under autocast the forward casts every Linear's weight and bias in one multi-tensor copy (and their gradients
     back in one more) instead of one cast kernel each way per tensor: outputs and gradients stay bit-identical to
     autocast's own casts (``encode``/``decode`` called directly take those), and the parameters are back after."""
-    from pretrain.train.metrics import OperatorCount
-
     torch.manual_seed(0)
     model = PerceiverIO(multimodal_config(activation_checkpointing=checkpointing)).train()
     params = dict(model.named_parameters())
@@ -346,8 +343,6 @@ def test_autocast_casts_linear_weights_together_with_the_same_results(inputs, ch
 def test_weights_cast_together_only_where_autocast_would_cast_them(inputs):
     """No autocast, or weights already in the autocast dtype: nothing is cast. A forward that fails midway leaves the
     parameters in place."""
-    from pretrain.train.metrics import OperatorCount
-
     model = PerceiverIO(multimodal_config()).train()
     params = dict(model.named_parameters())
     with OperatorCount() as plain:

@@ -14,7 +14,7 @@ should not enter it: inductor fuses the casts itself.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -44,25 +44,31 @@ class _CastTogether(torch.autograd.Function):
         return (None, *out)
 
 
-def _castable(params: Sequence[torch.Tensor]) -> bool:
-    if not params:
-        return False
-    device_type = params[0].device.type
-    if not torch.is_autocast_enabled(device_type) or torch.get_autocast_dtype(device_type) == torch.float32:
-        return False
-    return all(p.dtype == torch.float32 and p.device.type == device_type and not hasattr(p, "ds_id") for p in params)
+def _castable(linears: Sequence[nn.Linear]) -> Optional[Tuple[torch.dtype, list, list]]:
+    """The autocast dtype, the (module, name) slots and the parameters to cast together, or None where autocast would
+    not cast them. Autocast is checked first: without it (DeepSpeed's bf16 training) nothing else runs."""
+    if not linears:
+        return None
+    device = linears[0].weight.device
+    if not torch.is_autocast_enabled(device.type) or torch.get_autocast_dtype(device.type) == torch.float32:
+        return None
+    slots = [(module, name) for module in linears for name, p in module._parameters.items() if p is not None]
+    params = [module._parameters[name] for module, name in slots]
+    if not all(p.dtype == torch.float32 and p.device == device and not hasattr(p, "ds_id") for p in params):
+        return None
+    return torch.get_autocast_dtype(device.type), slots, params
 
 
 @contextmanager
 def linear_weights_cast_together(linears: Sequence[nn.Linear]) -> Iterator[None]:
     """While active, ``linears`` hold their weights and biases cast to the autocast dtype (see the module docstring);
     their parameters are back in place on exit, also after an error."""
-    slots = [(module, name) for module in linears for name, p in module._parameters.items() if p is not None]
-    params = [module._parameters[name] for module, name in slots]
-    if not _castable(params):
+    plan = _castable(linears)
+    if plan is None:
         yield
         return
-    copies = _CastTogether.apply(torch.get_autocast_dtype(params[0].device.type), *params)
+    dtype, slots, params = plan
+    copies = _CastTogether.apply(dtype, *params)
     try:
         for (module, name), copy in zip(slots, copies):
             module._parameters[name] = copy

@@ -34,7 +34,11 @@ BATCH_SHELL = {
 TORCH_VARS = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node-a", "MASTER_PORT": "29500"}
 TORCHRUN_EXTRA = {"GROUP_RANK": "2", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none", "ROLE_NAME": "default"}
 DEEPSPEED_EXTRA = {"CROSS_RANK": "2", "CROSS_SIZE": "4", "LOCAL_SIZE": "2"}
-SHOW_ENV = "import json; from launch import detect_env; print('ENV ' + json.dumps(detect_env().__dict__), flush=True)"
+# Each process writes its own file: the launchers share one stdout between their children, whose lines can interleave.
+SHOW_ENV = (
+    "import json, pathlib, sys; from launch import detect_env\n"
+    "env = detect_env(); pathlib.Path(sys.argv[-1], f'env_{env.rank}.json').write_text(json.dumps(env.__dict__))\n"
+)
 
 
 def clean_environ() -> dict:
@@ -160,13 +164,13 @@ def test_two_srun_tasks_form_a_gloo_group():
     assert outputs == [["0", str(port), "3"], ["1", str(port), "3"]]
 
 
-def launched(command: list) -> list:
-    """The DistEnv of each process a real launcher started, sorted by rank."""
-    out = subprocess.run(command, env=clean_environ(), cwd=ROOT, capture_output=True, text=True, timeout=180,
-                         check=False)
+def launched(command: list, out_dir: Path) -> list:
+    """The DistEnv of each process a real launcher started with SHOW_ENV writing into out_dir, sorted by rank."""
+    out_dir.mkdir()
+    out = subprocess.run([*command, str(out_dir)], env=clean_environ(), cwd=ROOT, capture_output=True, text=True,
+                         timeout=180, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
-    envs = [json.loads(line.split("ENV ", 1)[1]) for line in out.stdout.splitlines() if "ENV " in line]
-    return sorted(envs, key=lambda env: env["rank"])
+    return [json.loads(path.read_text()) for path in sorted(out_dir.glob("env_*.json"))]
 
 
 @pytest.mark.slow
@@ -175,11 +179,11 @@ def test_real_torchrun_and_deepspeed_launchers(tmp_path):
     script.write_text(SHOW_ENV)
     port = next(p for p in random.sample(range(20000, 30000), 200) if port_is_free(p))
     torchrun = launched([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                         f"--master_port={port}", str(script)])
+                         f"--master_port={port}", str(script)], tmp_path / "torchrun")
     assert [(e["rank"], e["world_size"], e["local_rank"], e["master_port"], e["launcher"]) for e in torchrun] == [
         (0, 2, 0, port, "torchrun"), (1, 2, 1, port, "torchrun")]
     world_info = base64.urlsafe_b64encode(json.dumps({"localhost": [0, 1]}).encode()).decode()
     ds = launched([sys.executable, "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
-                   "--master_addr=127.0.0.1", f"--master_port={port}", str(script)])
+                   "--master_addr=127.0.0.1", f"--master_port={port}", str(script)], tmp_path / "deepspeed")
     assert ds == [dict(rank=r, world_size=2, local_rank=r, master_addr="127.0.0.1", master_port=port,
                        launcher="deepspeed") for r in (0, 1)]

@@ -1,12 +1,17 @@
 """The ``pretrain`` command line (also the ``perceiver-pretrain`` console script).
 
     python -m pretrain train --config configs/demo.yaml [key=value ...] [--resume auto|none|PATH] [--print-config]
+    python -m pretrain export runs/demo --out exported/demo [--hf exported/demo-hf]
 
-Exit codes: 0 trained to ``train.max_steps``; 2 a bad config, data path or checkpoint path (before any training, the
-message names the key); 3 training diverged (a non-finite loss or gradient norm): nothing was saved after it, do not
-requeue, resume from the last checkpoint or an earlier one with changed ``optim`` settings (a resumed run takes its
-optimizer settings from its config); 143 a checkpoint was written after SIGUSR1/SIGTERM: requeue the job and it
-resumes; anything else is a failure (the last complete checkpoint stays the ``latest``).
+``train`` exit codes: 0 trained to ``train.max_steps``; 2 a bad config, data path or checkpoint path (before any
+training, the message names the key); 3 training diverged (a non-finite loss or gradient norm): nothing was saved
+after it, do not requeue, resume from the last checkpoint or an earlier one with changed ``optim`` settings (a resumed
+run takes its optimizer settings from its config); 143 a checkpoint was written after SIGUSR1/SIGTERM: requeue the
+job and it resumes; anything else is a failure (the last complete checkpoint stays the ``latest``).
+
+``export`` writes the fp32 weights of a run's latest checkpoint (or of the checkpoint directory or tag given) as a
+model directory that ``pretrain.load_pretrained`` loads, and with ``--hf`` as a transformers ``PerceiverForMaskedLM``
+directory (text-only MLM models); exit 2 names a path or config that cannot be exported.
 
 A process that seems stuck prints the Python stack of every thread to its stderr on ``kill -USR2 <pid>`` and keeps
 running; so do its data-loader workers (the grandchildren of the trainer, under its multiprocessing fork server).
@@ -34,9 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     train.add_argument("--resume", default="auto",
                        help="auto: continue the run directory's latest checkpoint if any (default); none: start fresh "
-                            "(refused when the run directory has checkpoints); PATH: a checkpoint tag directory or a "
-                            "checkpoints directory with a 'latest' file")
+                            "(refused when the run directory has checkpoints); PATH: a checkpoint tag directory, or a "
+                            "checkpoints or run directory whose 'latest' file names one")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    export = commands.add_parser("export", help="a training checkpoint -> a model directory to fine-tune from")
+    export.add_argument("checkpoint", type=Path,
+                        help="a run directory or a checkpoint directory (their latest checkpoint), or a tag directory")
+    export.add_argument("--out", required=True, type=Path,
+                        help="new directory for our format (model.safetensors + config.yaml; pretrain.load_pretrained)")
+    export.add_argument("--hf", type=Path, help="also this new directory as a transformers PerceiverForMaskedLM "
+                                                "(text-only MLM models)")
     return parser
 
 
@@ -83,8 +95,22 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
     return train(cfg, env, resume_from)
 
 
+def export_command(checkpoint: Path, out: Path, hf_out: Optional[Path]) -> int:
+    from pretrain.export import export_checkpoint
+
+    try:
+        exported = export_checkpoint(checkpoint, out, hf_out)
+    except ValueError as exc:  # ExportError, and ConfigError for a config the checkpoint holds
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    print(f"exported step {exported.step} ({exported.tag_dir}) to {', '.join(map(str, exported.directories))}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "export":
+        return export_command(args.checkpoint, args.out, args.hf)
     return train_command(args.config, args.overrides, args.resume, args.print_config)
 
 

@@ -33,9 +33,12 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+CHECKPOINTS = "checkpoints"  # a run directory's checkpoint directory, unless checkpoint.dir names another
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3 writes one per rank; rank 0's has ours
 TAG = re.compile(r"^step_(\d{8})$")
+NOT_A_CHECKPOINT = (f"is not a checkpoint tag directory (with {MODEL_STATES}), nor a checkpoint directory or a run "
+                    f"directory (with {CHECKPOINTS}/) whose '{LATEST}' file names one")
 
 
 class Stateful(Protocol):
@@ -72,8 +75,8 @@ def model_states(tag_dir: Path) -> Optional[Path]:
 
 def resolve_resume(resume: str, checkpoint_dir: Path) -> Optional[Path]:
     """``auto`` -> the run's latest tag directory or None; ``none`` -> None (refused when the run already has
-    checkpoints, which a fresh start would silently overwrite and prune); a path -> a tag directory, or a checkpoint
-    directory whose ``latest`` names one."""
+    checkpoints, which a fresh start would silently overwrite and prune); a path -> the tag directory it names
+    (``find_tag``)."""
     if resume == "auto":
         return read_latest(checkpoint_dir)
     if resume == "none":
@@ -83,12 +86,20 @@ def resolve_resume(resume: str, checkpoint_dir: Path) -> Optional[Path]:
                 f"use --resume auto to continue them, or set run.dir to a new directory for a fresh run"
             )
         return None
-    path = Path(resume)
-    tag_dir = read_latest(path) if (path / LATEST).is_file() else path
-    if model_states(tag_dir) is None:
-        raise CheckpointError(f"--resume: {resume} is neither a checkpoint tag directory (with {MODEL_STATES}) nor a "
-                              f"checkpoint directory with a '{LATEST}' file; give an existing path, 'auto' or 'none'")
+    tag_dir = find_tag(Path(resume))
+    if tag_dir is None:
+        raise CheckpointError(f"--resume: {resume} {NOT_A_CHECKPOINT}; give an existing path, 'auto' or 'none'")
     return tag_dir
+
+
+def find_tag(path: Path) -> Optional[Path]:
+    """The checkpoint tag directory ``path`` names: itself, the ``latest`` of a checkpoint directory, or the
+    ``latest`` of a run directory's checkpoints; None when it names none."""
+    for directory in (path, path / CHECKPOINTS):
+        if (directory / LATEST).is_file():
+            path = read_latest(directory)
+            break
+    return path if model_states(path) is not None else None
 
 
 def peek_client_state(tag_dir: Path) -> Dict[str, Any]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: installs, builds the demo corpus if missing, pretrains configs/demo.yaml (a small multimodal
-# Perceiver IO, DeepSpeed ZeRO-2, 2 CPU processes, a few minutes), then says where the checkpoint, metrics and W&B
-# files are. Extra arguments are config overrides, e.g. `bash scripts/main.sh train.max_steps=50`.
+# Perceiver IO, DeepSpeed ZeRO-2, 2 CPU processes, a few minutes), exports its last checkpoint as a model directory,
+# then says where the checkpoint, the exported model, metrics and W&B files are. Extra arguments are config
+# overrides, e.g. `bash scripts/main.sh train.max_steps=50`.
 # Rerunning continues the run from its latest checkpoint (--resume auto); `rm -rf runs/demo` starts over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,11 @@ NPROC="${NPROC:-2}"
 python3 -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m pretrain train --config configs/demo.yaml "$@"
 RUN_DIR="$(python3 -m pretrain train --config configs/demo.yaml "$@" --print-config \
   | python3 -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["run"]["dir"])')"
+TAG="$(cat "$RUN_DIR/checkpoints/latest")"
+EXPORTED="$RUN_DIR/exported/$TAG"
+[ -d "$EXPORTED" ] || python3 -m pretrain export "$RUN_DIR" --out "$EXPORTED"
 echo
-echo "checkpoint: $RUN_DIR/checkpoints/$(cat "$RUN_DIR/checkpoints/latest")"
+echo "checkpoint: $RUN_DIR/checkpoints/$TAG"
+echo "model:      $EXPORTED  (python: pretrain.load_pretrained(\"$EXPORTED\"))"
 echo "metrics:    $RUN_DIR/metrics.jsonl (log: $RUN_DIR/train.log)"
 echo "W&B:        $(ls -d "$RUN_DIR"/wandb/offline-run-* | tail -1)  (upload: wandb sync $RUN_DIR/wandb/offline-run-*)"

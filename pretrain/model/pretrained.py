@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Union
+from typing import Dict, Optional, Union
 
 import torch
 from omegaconf import OmegaConf
@@ -21,24 +21,25 @@ HF_CONFIG = "config.json"
 HF_BIN = "pytorch_model.bin"
 
 
-def save_pretrained(model: PerceiverIO, path: Union[str, Path]) -> Path:
-    """Write ``model`` to our directory format; returns the directory."""
+def save_pretrained(model: PerceiverIO, path: Union[str, Path], metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Write ``model`` to our directory format (``metadata``: strings kept in the weights file's header, such as the
+    checkpoint an export came from); returns the directory."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path / WEIGHTS))
+    save_file(state, str(path / WEIGHTS), metadata=metadata)
     OmegaConf.save(OmegaConf.create({"model": model_config_to_dict(model.config)}), path / CONFIG)
     return path
 
 
-def save_hf_pretrained(model: PerceiverIO, path: Union[str, Path]) -> Path:
-    """Write a text MLM ``model`` as a transformers ``PerceiverForMaskedLM`` directory."""
+def save_hf_pretrained(model: PerceiverIO, path: Union[str, Path], metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Write a text MLM ``model`` as a transformers ``PerceiverForMaskedLM`` directory (``metadata`` as above)."""
     path = Path(path)
     hf_config = hf.config_to_hf(model.config)
     state = hf.state_dict_to_hf({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
     path.mkdir(parents=True, exist_ok=True)
     (path / HF_CONFIG).write_text(json.dumps(hf_config, indent=2))
-    save_file(state, str(path / WEIGHTS), metadata={"format": "pt"})
+    save_file(state, str(path / WEIGHTS), metadata={**(metadata or {}), "format": "pt"})
     return path
 
 

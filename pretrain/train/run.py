@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from launch.env import DistEnv
-from ..checkpoint import Checkpointer, RngState, peek_client_state
+from ..checkpoint import CHECKPOINTS, Checkpointer, RngState, peek_client_state
 from ..config import Config, config_to_dict
 from ..data import DataStream
 from ..model import PerceiverIO
@@ -54,7 +54,7 @@ class Run:
 
 
 def checkpoint_dir(cfg: Config) -> Path:
-    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.dir) / "checkpoints"
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.dir) / CHECKPOINTS
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:

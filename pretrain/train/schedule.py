@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -53,10 +53,16 @@ def group_settings(optim: OptimConfig) -> List[Dict[str, Any]]:
     return [dict(common, weight_decay=optim.weight_decay), dict(common, weight_decay=0.0)]
 
 
+def parameter_groups(model: torch.nn.Module) -> List[List[Tuple[str, torch.nn.Parameter]]]:
+    """The trainable parameters, named, in the optimizer's groups and order (those of ``group_settings``); export
+    maps the optimizer's per-group master copies back to names through it."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [[(name, p) for name, p in named if p.dim() >= 2], [(name, p) for name, p in named if p.dim() < 2]]
+
+
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """A client ``torch.optim.AdamW`` (DeepSpeed's FusedAdam/CPUAdam JIT-compile for ~30 s), in the groups of
-    ``group_settings``."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [dict(settings, params=params) for params, settings in zip((decay, rest), group_settings(optim))]
+    ``parameter_groups`` with the settings of ``group_settings``."""
+    groups = [dict(settings, params=[p for _, p in named])
+              for named, settings in zip(parameter_groups(model), group_settings(optim))]
     return torch.optim.AdamW(groups, lr=optim.lr)

@@ -1,0 +1,118 @@
+"""Export: a training checkpoint -> a model directory to fine-tune from (ours, loaded by ``load_pretrained``) and, for
+a text MLM model, a transformers ``PerceiverForMaskedLM`` directory.
+
+The weights are the optimizer's fp32 master copies, not the bf16 copies a bf16 run computed with: under ZeRO 1-3
+DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` gathers them from every rank's shard; ZeRO-0 keeps whole
+weights in its model-states file, the module's when it trained in fp32, else the bf16 optimizer's ``fp32_groups``,
+named through the optimizer's parameter groups and checked against the module's bf16 weights. The model config is
+the one the checkpoint holds: an export needs nothing but the checkpoint.
+
+Each directory is written under a temporary name beside its destination and renamed into place when complete: an
+interrupted export leaves nothing under the name, and a destination that exists with files in it is refused before
+any work, never overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .checkpoint import NOT_A_CHECKPOINT, find_tag, model_states, peek_client_state
+from .config import ConfigError, ModelConfig, model_config_from_dict
+from .model import PerceiverIO, hf
+from .model.pretrained import save_hf_pretrained, save_pretrained
+from .train.schedule import parameter_groups
+
+
+class ExportError(ValueError):
+    """A checkpoint or destination an export cannot use; the message names it and the fix."""
+
+
+@dataclass
+class Exported:
+    tag_dir: Path
+    step: int
+    directories: List[Path]
+
+
+def _zero0_masters(tag_dir: Path, cfg: ModelConfig, states: Dict) -> Dict[str, torch.Tensor]:
+    """ZeRO-0 with bf16: the optimizer's fp32 copies, group by group in the optimizer's parameter order."""
+    with torch.device("meta"):
+        groups = parameter_groups(PerceiverIO(cfg))
+    masters = states["optimizer"]["fp32_groups"]
+    if [[tuple(p.shape) for _, p in named] for named in groups] != [[tuple(t.shape) for t in g] for g in masters]:
+        raise ExportError(f"{tag_dir}: the optimizer's fp32 copies do not line up with the parameters of the model "
+                          f"config saved with it")
+    weights = {name: tensor for named, tensors in zip(groups, masters) for (name, _), tensor in zip(named, tensors)}
+    module = states["module"]
+    if any(not torch.equal(weights[name].to(module[name].dtype), module[name]) for name in weights):
+        raise ExportError(f"{tag_dir}: the optimizer's fp32 copies do not round to the module's weights; the "
+                          f"checkpoint is inconsistent, export another one")
+    return weights
+
+
+def master_weights(tag_dir: Path, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+    """The fp32 state dict of the model a checkpoint tag holds (see the module docstring)."""
+    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):  # ZeRO 1-3, fp32 or bf16
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    states = torch.load(model_states(tag_dir), map_location="cpu", weights_only=False)
+    weights = dict(states["module"])
+    if "fp32_groups" in (states.get("optimizer") or {}):
+        weights.update(_zero0_masters(tag_dir, cfg, states))
+    return weights
+
+
+def _refuse_occupied(destinations: List[Path]) -> None:
+    if len({d.resolve() for d in destinations}) < len(destinations):
+        raise ExportError(f"--out and --hf name the same directory {destinations[0]}: give each its own")
+    for destination in destinations:
+        if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+            raise ExportError(f"{destination} exists and is not an empty directory: give another destination, or "
+                              f"remove it first")
+
+
+def _write_into_place(destination: Path, write: Callable[[Path], Path]) -> None:
+    tmp = destination.with_name(f".{destination.name}.export-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export
+    write(tmp)
+    if destination.is_dir():
+        destination.rmdir()  # empty: checked before the export began
+    os.replace(tmp, destination)
+
+
+def export_checkpoint(checkpoint: Path, out: Path, hf_out: Optional[Path] = None) -> Exported:
+    """Write the model of ``checkpoint`` (a run directory, a checkpoint directory or a tag directory; see
+    ``find_tag``) to ``out`` in our format and, when given, to ``hf_out`` in transformers'."""
+    tag_dir = find_tag(Path(checkpoint))
+    if tag_dir is None:
+        raise ExportError(f"{checkpoint} {NOT_A_CHECKPOINT}")
+    if tag_dir.name.endswith("_universal"):
+        raise ExportError(f"{tag_dir} is a universal conversion made at a resume: export the tag it was converted "
+                          f"from, {tag_dir.with_name(tag_dir.name[: -len('_universal')])}")
+    destinations = [Path(out)] + ([Path(hf_out)] if hf_out is not None else [])
+    _refuse_occupied(destinations)
+    saved = peek_client_state(tag_dir)
+    cfg = model_config_from_dict(saved["config"]["model"])
+    if hf_out is not None:
+        try:
+            hf.config_to_hf(cfg)
+        except ConfigError as exc:
+            raise ExportError(f"--hf: {exc}") from None
+    model = PerceiverIO(cfg)
+    try:
+        model.load_state_dict(master_weights(tag_dir, cfg), strict=True)
+    except RuntimeError as exc:
+        raise ExportError(f"{tag_dir}: its weights do not fit the model config saved with it: {exc}") from None
+    step = int(saved["shared"]["progress"]["step"])
+    metadata = {"checkpoint": str(tag_dir.resolve()), "step": str(step)}
+    _write_into_place(destinations[0], lambda tmp: save_pretrained(model, tmp, metadata))
+    if hf_out is not None:
+        _write_into_place(destinations[1], lambda tmp: save_hf_pretrained(model, tmp, metadata))
+    return Exported(tag_dir, step, destinations)

@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 bash scripts/install_demo_sources.sh
 command -v g++ >/dev/null || bash scripts/apt_install.sh g++  # torch.compile on CPU (train.compile tests) builds C++
+# a local Slurm cluster (tests/slurm_cluster.py) runs slurm/pretrain.sbatch
+command -v slurmctld >/dev/null || bash scripts/apt_install.sh slurmctld slurmd slurm-client munge
 python3 -m pytest -q -ra "$@"

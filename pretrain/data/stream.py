@@ -23,6 +23,7 @@ import hashlib
 import faulthandler
 import itertools
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 from collections import Counter, deque
@@ -121,9 +122,29 @@ WORKER_START = multiprocessing.get_context("forkserver")
 WORKER_START.set_forkserver_preload([__name__])  # a worker then imports nothing but what this module did
 
 
+# A Slurm requeue, preemption or time-limit warning signals every process of the job step. The trainer alone acts on
+# them (it checkpoints, then stops its workers); a worker or fork server killed by one would fail the trainer's next
+# batch or its next epoch's workers.
+IGNORED_IN_WORKERS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _start_worker_server() -> None:
+    """Start the fork server (once) with the signals above ignored, which it and the workers it forks inherit. A
+    signal that reaches the trainer within this call, before its first batch, is lost with nothing to save."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in IGNORED_IN_WORKERS}
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _worker_init(_worker_id: int) -> None:
-    """``kill -USR2 <worker pid>`` prints the worker's Python stacks, as it does for the trainer (``python -m
-    pretrain``); a worker started from the fork server inherits no handler from the trainer."""
+    """The signals above ignored again (torch's worker loop installs its own SIGTERM handler, which exits); a worker
+    still ends when the trainer stops it or dies (torch's watchdog). ``kill -USR2 <worker pid>`` prints the worker's
+    Python stacks, as it does for the trainer (``python -m pretrain``)."""
+    for sig in IGNORED_IN_WORKERS:
+        signal.signal(sig, signal.SIG_IGN)
     faulthandler.register(signal.SIGUSR2, all_threads=True)
 
 
@@ -187,6 +208,8 @@ class DataStream:
     def _loader(self, epoch: int, start: int) -> DataLoader:
         data = self.plan.data
         workers = data.num_workers
+        if workers:
+            _start_worker_server()
         return DataLoader(
             _EpochBatches(self.plan, epoch, start),
             batch_size=None,

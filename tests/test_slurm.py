@@ -1,0 +1,119 @@
+"""``slurm/pretrain.sbatch`` on a real local Slurm cluster (``slurm_cluster.py``: two emulated nodes): a job of two
+srun tasks on two nodes trains; a job interrupted by ``scontrol requeue`` (SIGTERM, as at a preemption) or by the
+time-limit warning (SIGUSR1: the script requeues the job itself) checkpoints, is requeued, resumes and finishes."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Dict
+
+import pytest
+from slurm_cluster import LocalSlurm, available
+from test_train_engine import ROOT, losses, metrics, run, tiny_config
+
+from launch.env import SLURM_PORT_BASE, SLURM_PORT_SPAN
+
+pytestmark = pytest.mark.slow
+SBATCH = ROOT / "slurm" / "pretrain.sbatch"
+JOB_TIMEOUT = 300.0
+STEPS = 40  # of an interrupted job: enough that the signal comes well before the end
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def submit(slurm: LocalSlurm, config: Path) -> str:
+    """Two tasks on two nodes, one CPU each; returns the job id. The job inherits this environment (as a user's
+    activated environment), with the repository importable and one thread per task."""
+    done = slurm.run("sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+                     f"--chdir={ROOT}", f"--output={config.parent / 'slurm-%j.out'}", str(SBATCH), str(config),
+                     env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    return done.stdout.strip().split(";")[0]
+
+
+def job(slurm: LocalSlurm, job_id: str) -> Dict[str, str]:
+    """``scontrol show job``'s fields."""
+    out = slurm.run("scontrol", "show", "job", "-o", job_id).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_until(slurm: LocalSlurm, job_id: str, predicate, what: str) -> Dict[str, str]:
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while time.monotonic() < deadline:
+        fields = job(slurm, job_id)
+        if predicate(fields):
+            return fields
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id}: no {what} in {JOB_TIMEOUT} s: {job(slurm, job_id)}\n{slurm.logs()}")
+
+
+def finished(slurm: LocalSlurm, job_id: str, config: Path) -> Dict[str, str]:
+    fields = wait_until(slurm, job_id, lambda f: f["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+                        "end")
+    output = (config.parent / f"slurm-{job_id}.out").read_text()
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{fields}\n{output[-6000:]}"
+    return fields
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Dict[int, Dict[str, float]]:
+    """The losses of the interrupted jobs' config trained without interruption (two processes, no Slurm)."""
+    path = tmp_path_factory.mktemp("uninterrupted")
+    run(tiny_config(path, train={"max_steps": STEPS}))
+    return losses(path / "run")
+
+
+def reached_step(run_dir: Path, step: int):
+    def check(fields: Dict[str, str]) -> bool:
+        assert fields["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), fields
+        path = run_dir / "metrics.jsonl"
+        return path.is_file() and bool(metrics(run_dir)) and max(metrics(run_dir)) >= step
+    return check
+
+
+def test_two_node_job_trains(slurm, tmp_path):
+    config = tiny_config(tmp_path, train={"max_steps": 3})
+    job_id = submit(slurm, config)
+    fields = finished(slurm, job_id, config)
+    assert fields["NodeList"] == "n[1-2]" and fields["Restarts"] == "0"
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"rank 0 of 2 (slurm launcher), master n1:{SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN}" in log
+    assert sorted(metrics(tmp_path / "run")) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("interruption", ["scontrol requeue", "time-limit signal"])
+def test_interrupted_job_checkpoints_requeues_and_resumes(slurm, uninterrupted, tmp_path, interruption):
+    """``scontrol requeue`` sends SIGTERM and requeues the job itself; the time-limit warning (``--signal=USR1@180``,
+    here sent at once with ``scancel --signal=USR1``) reaches the tasks, and the script requeues the job on their exit
+    143. Either way the ranks checkpoint first (the data loader's workers, signalled too, keep serving them), and the
+    restarted job resumes there and trains every step with the losses of an uninterrupted run."""
+    config = tiny_config(tmp_path, train={"max_steps": STEPS})  # no periodic checkpoints: only the signal saves
+    job_id = submit(slurm, config)
+    run_dir = tmp_path / "run"
+    wait_until(slurm, job_id, reached_step(run_dir, 2), "step 2")
+    if interruption == "scontrol requeue":
+        slurm.run("scontrol", "requeue", job_id)
+    else:
+        slurm.run("scancel", "--signal=USR1", job_id)
+    fields = finished(slurm, job_id, config)
+    assert fields["Restarts"] == "1"
+    log = (run_dir / "train.log").read_text()
+    stopped = int(re.search(r"checkpointed step (\d+), exiting with 143", log).group(1))
+    assert 2 <= stopped < STEPS
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped:08d}'} at step {stopped}" in log
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step, want in uninterrupted.items():
+        assert got[step]["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6), step
+    output = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert "(restart 1)" in output
+    assert ("checkpointed after a signal: requeueing job" in output) == (interruption == "time-limit signal")

@@ -167,3 +167,64 @@ def test_text_only_stream_skips_samples_without_text(tmp_path):
     keys = [k for b in stream for k in b["keys"]]
     assert len(keys) == 8 and all(int(k[-4:]) % 3 for k in keys)
     assert Counter(stream.skipped())["no_usable_modality"] >= 2
+
+
+WORKER_SIGNALS = """
+import itertools, sys
+from pretrain.data import DataStream
+from test_data_shards import data_config, text_model
+batches = iter(DataStream(data_config([sys.argv[1]], num_workers=2, prefetch_factor=1), text_model()))
+next(batches)
+print("started", flush=True)
+sys.stdin.readline()  # meanwhile the test signals the workers and their fork server
+print("batches", sum(1 for _ in itertools.islice(batches, 4)), flush=True)  # 2 prefetched before the signals
+sys.stdin.readline()  # meanwhile the test kills this process
+"""
+
+
+def ended(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` (not necessarily ours) ends within ``timeout`` seconds."""
+    import os
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+def test_workers_outlive_slurms_signals_but_not_the_trainer(tmp_path):
+    """Slurm signals every process of a job step (SIGTERM at a requeue or preemption, SIGUSR1 before the time limit):
+    the data-loader workers and their fork server ignore both, so the trainer reads the rest of its epoch while it
+    checkpoints. When the trainer dies, even by SIGKILL, its workers and fork server end too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_train_engine import ROOT, children
+
+    write_shards(tmp_path / "shards", [16] * 2)
+    trainer = subprocess.Popen([sys.executable, "-c", WORKER_SIGNALS, str(tmp_path / "shards")], cwd=ROOT,
+                               env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}"), stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert trainer.stdout.readline() == "started\n"
+        servers = [pid for pid in children(trainer.pid) if "forkserver" in Path(f"/proc/{pid}/cmdline").read_text()]
+        workers = [worker for server in servers for worker in children(server)]
+        assert len(servers) == 1 and len(workers) == 2
+        for pid in servers + workers:
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGUSR1)
+        trainer.stdin.write("\n")
+        trainer.stdin.flush()
+        assert trainer.stdout.readline() == "batches 4\n"  # each worker made batches after the signals
+        trainer.kill()
+        assert trainer.wait(30) == -signal.SIGKILL
+        assert all(ended(pid, 30) for pid in workers + servers)
+    finally:
+        trainer.kill()

@@ -125,7 +125,8 @@ def test_inconsistent_values_name_the_variable(environ, variable):
 def test_export_env_drives_torch_distributed(monkeypatch):
     """One process, exactly as every rank does it: detect, export, ``env://`` initialisation of a gloo group."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded first, so that what export_env writes is undone after the test
+        monkeypatch.delenv(name)
     env = detect_env({})
     export_env(env)
     assert detect_env(os.environ) == DistEnv(0, 1, 0, "127.0.0.1", env.master_port, "env")

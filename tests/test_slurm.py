@@ -33,10 +33,11 @@ def slurm(tmp_path_factory):
 
 def submit(slurm: LocalSlurm, config: Path) -> str:
     """Two tasks on two nodes, one CPU each; returns the job id. The job inherits this environment (as a user's
-    activated environment), with the repository importable and one thread per task."""
+    activated environment), with the repository importable, one thread per task, and a launcher's variables, which
+    the script must not let override srun's."""
     done = slurm.run("sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
                      f"--chdir={ROOT}", f"--output={config.parent / 'slurm-%j.out'}", str(SBATCH), str(config),
-                     env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                     env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": "5", "WORLD_SIZE": "8"})
     return done.stdout.strip().split(";")[0]
 
 

@@ -21,11 +21,15 @@ from __future__ import annotations
 import bisect
 import hashlib
 import faulthandler
+import functools
 import itertools
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import select
 import signal
+import threading
+import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -139,12 +143,34 @@ def _start_worker_server() -> None:
             signal.signal(sig, handler)
 
 
-def _worker_init(_worker_id: int) -> None:
-    """The signals above ignored again (torch's worker loop installs its own SIGTERM handler, which exits); a worker
-    still ends when the trainer stops it or dies (torch's watchdog). ``kill -USR2 <worker pid>`` prints the worker's
-    Python stacks, as it does for the trainer (``python -m pretrain``)."""
+def _exit_with(trainer: int) -> None:
+    """End this worker when the trainer process ends, however it ends (SIGKILL included). torch's watchdog watches
+    the worker's parent, here the fork server, which outlives the trainer while its workers live."""
+    try:
+        select.select([os.pidfd_open(trainer)], [], [])  # readable once the trainer has exited
+    except ProcessLookupError:  # already gone
+        pass
+    except AttributeError:  # no pidfd outside Linux: poll
+        while _alive(trainer):
+            time.sleep(1.0)
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _worker_init(trainer: int, _worker_id: int) -> None:
+    """The signals above ignored again (torch's worker loop installs a SIGTERM handler that exits), and the worker
+    tied to the trainer's life instead. ``kill -USR2 <worker pid>`` prints the worker's Python stacks, as it does for
+    the trainer (``python -m pretrain``)."""
     for sig in IGNORED_IN_WORKERS:
         signal.signal(sig, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(trainer,), name="exit-with-trainer", daemon=True).start()
     faulthandler.register(signal.SIGUSR2, all_threads=True)
 
 
@@ -216,7 +242,7 @@ class DataStream:
             num_workers=workers,
             prefetch_factor=data.prefetch_factor if workers else None,
             multiprocessing_context=WORKER_START if workers else None,
-            worker_init_fn=_worker_init if workers else None,
+            worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers else None,
             pin_memory=data.pin_memory and torch.cuda.is_available(),
         )
 

@@ -31,7 +31,7 @@ def test_sigkill_at_a_random_step_resumes_from_the_last_complete_checkpoint(tmp_
     wait_for_step(run_dir, kill_step, procs)
     procs[1].send_signal(signal.SIGKILL)
     codes = wait(procs, timeout=120)
-    assert codes[1] == -signal.SIGKILL and codes[0] != 0, codes
+    assert codes[1] == -signal.SIGKILL and codes[0] > 0, codes  # rank 0 fails on its own, not by the timeout
     before = losses(run_dir)
     latest = read_latest(run_dir / "checkpoints")
     assert latest is not None, f"no checkpoint after killing at step >= {kill_step}\n{logs(tmp_path)}"
@@ -62,7 +62,7 @@ def test_rank_dying_while_writing_its_shard_leaves_latest_on_the_previous_checkp
     # (Python ignores SIGXFSZ, so the write fails with EFBIG and the rank dies in the middle of the checkpoint).
     config = tiny_config(tmp_path, train={"max_steps": 12}, checkpoint={"every_steps": 3})
     codes = wait(launch(config, preexec={1: _limit_file_size(shard_size // 2)}), timeout=120)
-    assert codes[0] != 0 and codes[1] != 0, codes
+    assert codes[0] > 0 and codes[1] > 0, codes  # each fails on its own, not by the timeout
     rank1 = (tmp_path / "rank1.log").read_text()
     assert "in save_checkpoint" in rank1 and "iostream error" in rank1  # it died inside the write
     partial = checkpoints / "step_00000009"
@@ -106,7 +106,7 @@ def test_sigkill_while_a_rank_is_inside_its_shard_write(tmp_path):
         assert all(p.poll() is None for p in procs), f"a rank exited before writing step 9\n{logs(tmp_path)}"
     procs[1].send_signal(signal.SIGKILL)
     codes = wait(procs, timeout=120)
-    assert codes[1] == -signal.SIGKILL and codes[0] != 0, codes
+    assert codes[1] == -signal.SIGKILL and codes[0] > 0, codes  # rank 0 fails on its own, not by the timeout
     written = b"".join(iter(lambda: os.read(reader, 1 << 16), b""))
     os.close(reader)
     assert 0 < len(written) < shard_size  # killed mid-file

@@ -178,6 +178,8 @@ next(batches)
 print("started", flush=True)
 sys.stdin.readline()  # meanwhile the test signals the workers and their fork server
 print("batches", sum(1 for _ in itertools.islice(batches, 4)), flush=True)  # 2 prefetched before the signals
+if sys.stdin.readline() == "exit\\n":  # with the workers running: multiprocessing's exit stops them (SIGTERM)
+    sys.exit(3)
 sys.stdin.readline()  # meanwhile the test kills this process
 """
 
@@ -197,10 +199,12 @@ def ended(pid: int, timeout: float) -> bool:
         os.close(fd)
 
 
-def test_workers_outlive_slurms_signals_but_not_the_trainer(tmp_path):
+@pytest.mark.parametrize("end", ["exit", "SIGKILL"])
+def test_workers_outlive_slurms_signals_but_not_the_trainer(tmp_path, end):
     """Slurm signals every process of a job step (SIGTERM at a requeue or preemption, SIGUSR1 before the time limit):
-    the data-loader workers and their fork server ignore both, so the trainer reads the rest of its epoch while it
-    checkpoints. When the trainer dies, even by SIGKILL, its workers and fork server end too."""
+    the data-loader workers and their fork server take both without effect, so the trainer reads on while it
+    checkpoints. When the trainer ends, exiting with its workers running (multiprocessing stops them with SIGTERM,
+    then waits for them) or killed by SIGKILL, its workers and fork server end too."""
     import os
     import signal
     import subprocess
@@ -223,8 +227,12 @@ def test_workers_outlive_slurms_signals_but_not_the_trainer(tmp_path):
         trainer.stdin.write("\n")
         trainer.stdin.flush()
         assert trainer.stdout.readline() == "batches 4\n"  # each worker made batches after the signals
-        trainer.kill()
-        assert trainer.wait(30) == -signal.SIGKILL
+        if end == "exit":
+            trainer.stdin.write("exit\n")
+            trainer.stdin.flush()
+        else:
+            trainer.kill()
+        assert trainer.wait(30) == (3 if end == "exit" else -signal.SIGKILL)
         assert all(ended(pid, 30) for pid in workers + servers)
     finally:
         trainer.kill()

@@ -129,13 +129,13 @@ WORKER_START.set_forkserver_preload([__name__])  # a worker then imports nothing
 # A Slurm requeue, preemption or time-limit warning signals every process of the job step. The trainer alone acts on
 # them (it checkpoints, then stops its workers); a worker or fork server killed by one would fail the trainer's next
 # batch or its next epoch's workers.
-IGNORED_IN_WORKERS = (signal.SIGTERM, signal.SIGUSR1)
+JOB_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def _start_worker_server() -> None:
     """Start the fork server (once) with the signals above ignored, which it and the workers it forks inherit. A
     signal that reaches the trainer within this call, before its first batch, is lost with nothing to save."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in IGNORED_IN_WORKERS}
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in JOB_SIGNALS}
     try:
         multiprocessing.forkserver.ensure_running()
     finally:
@@ -150,7 +150,7 @@ def _exit_with(trainer: int) -> None:
         select.select([os.pidfd_open(trainer)], [], [])  # readable once the trainer has exited
     except ProcessLookupError:  # already gone
         pass
-    except AttributeError:  # no pidfd outside Linux: poll
+    except (AttributeError, OSError):  # no pidfd (not Linux, or a kernel before 5.3): poll
         while _alive(trainer):
             time.sleep(1.0)
     os._exit(0)
@@ -164,13 +164,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _exit_on_terms_from(trainer: int) -> None:
+    """End this worker on a SIGTERM from the trainer (how torch's DataLoader and multiprocessing's exit stop a worker
+    that lingers; one left running would hang the trainer's exit), and take any other (Slurm's) without effect."""
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != trainer:
+        pass
+    os._exit(0)
+
+
 def _worker_init(trainer: int, _worker_id: int) -> None:
-    """The signals above ignored again (torch's worker loop installs a SIGTERM handler that exits), and the worker
-    tied to the trainer's life instead. ``kill -USR2 <worker pid>`` prints the worker's Python stacks, as it does for
-    the trainer (``python -m pretrain``)."""
-    for sig in IGNORED_IN_WORKERS:
-        signal.signal(sig, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(trainer,), name="exit-with-trainer", daemon=True).start()
+    """SIGUSR1 ignored; SIGTERM blocked in this thread and every thread started after it (torch's worker loop installs
+    a handler for it that exits, whoever sends it), left to ``_exit_on_terms_from``; and the worker tied to the
+    trainer's life. ``kill -USR2 <worker pid>`` prints the worker's Python stacks, as it does for the trainer."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    watches = [_exit_with]
+    if hasattr(signal, "sigwaitinfo"):  # not on macOS, where no Slurm runs: torch's SIGTERM handler stays
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not ignored: a blocked signal stays pending for sigwaitinfo
+        watches.append(_exit_on_terms_from)
+    for watch in watches:
+        threading.Thread(target=watch, args=(trainer,), name=watch.__name__, daemon=True).start()
     faulthandler.register(signal.SIGUSR2, all_threads=True)
 
 

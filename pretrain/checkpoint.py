@@ -37,6 +37,7 @@ CHECKPOINTS = "checkpoints"  # a run directory's checkpoint directory, unless ch
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3 writes one per rank; rank 0's has ours
 TAG = re.compile(r"^step_(\d{8})$")
+UNIVERSAL = "_universal"  # suffix of a tag's DeepSpeed universal conversion, made beside it at a resume
 NOT_A_CHECKPOINT = (f"is not a checkpoint tag directory (with {MODEL_STATES}), nor a checkpoint directory or a run "
                     f"directory (with {CHECKPOINTS}/) whose '{LATEST}' file names one")
 
@@ -152,9 +153,9 @@ class RngState:
 
 def to_universal(tag_dir: Path) -> Path:
     """``tag_dir`` as a DeepSpeed universal checkpoint next to it (converted once, by rank 0; the others wait)."""
-    target = tag_dir.with_name(f"{tag_dir.name}_universal")
+    target = tag_dir.with_name(tag_dir.name + UNIVERSAL)
     if dist.get_rank() == 0 and not target.is_dir():
-        tmp = tag_dir.with_name(f"{tag_dir.name}_universal.tmp")
+        tmp = tag_dir.with_name(f"{tag_dir.name}{UNIVERSAL}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
                    "--output_folder", str(tmp), "--inject_missing_state"]
@@ -200,7 +201,7 @@ class Checkpointer:
         for name in tags[: -self.keep_last]:
             if latest is None or name != latest.name:
                 shutil.rmtree(self.directory / name, ignore_errors=True)
-                shutil.rmtree(self.directory / f"{name}_universal", ignore_errors=True)
+                shutil.rmtree(self.directory / (name + UNIVERSAL), ignore_errors=True)
 
     def load(self, tag_dir: Path, universal: bool) -> None:
         """Restore the engine and every component from ``tag_dir`` (``universal``: saved under another world size,

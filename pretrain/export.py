@@ -22,8 +22,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .checkpoint import NOT_A_CHECKPOINT, find_tag, model_states, peek_client_state
-from .config import ConfigError, ModelConfig, model_config_from_dict
+from .checkpoint import NOT_A_CHECKPOINT, UNIVERSAL, find_tag, model_states, peek_client_state
+from .config import ConfigError, model_config_from_dict
 from .model import PerceiverIO, hf
 from .model.pretrained import save_hf_pretrained, save_pretrained
 from .train.schedule import parameter_groups
@@ -40,10 +40,9 @@ class Exported:
     directories: List[Path]
 
 
-def _zero0_masters(tag_dir: Path, cfg: ModelConfig, states: Dict) -> Dict[str, torch.Tensor]:
+def _zero0_masters(tag_dir: Path, model: PerceiverIO, states: Dict) -> Dict[str, torch.Tensor]:
     """ZeRO-0 with bf16: the optimizer's fp32 copies, group by group in the optimizer's parameter order."""
-    with torch.device("meta"):
-        groups = parameter_groups(PerceiverIO(cfg))
+    groups = parameter_groups(model)
     masters = states["optimizer"]["fp32_groups"]
     if [[tuple(p.shape) for _, p in named] for named in groups] != [[tuple(t.shape) for t in g] for g in masters]:
         raise ExportError(f"{tag_dir}: the optimizer's fp32 copies do not line up with the parameters of the model "
@@ -56,8 +55,8 @@ def _zero0_masters(tag_dir: Path, cfg: ModelConfig, states: Dict) -> Dict[str, t
     return weights
 
 
-def master_weights(tag_dir: Path, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
-    """The fp32 state dict of the model a checkpoint tag holds (see the module docstring)."""
+def master_weights(tag_dir: Path, model: PerceiverIO) -> Dict[str, torch.Tensor]:
+    """The fp32 state dict a checkpoint tag holds for ``model`` (the model of its config; see the module docstring)."""
     if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):  # ZeRO 1-3, fp32 or bf16
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -65,7 +64,7 @@ def master_weights(tag_dir: Path, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
     states = torch.load(model_states(tag_dir), map_location="cpu", weights_only=False)
     weights = dict(states["module"])
     if "fp32_groups" in (states.get("optimizer") or {}):
-        weights.update(_zero0_masters(tag_dir, cfg, states))
+        weights.update(_zero0_masters(tag_dir, model, states))
     return weights
 
 
@@ -93,9 +92,9 @@ def export_checkpoint(checkpoint: Path, out: Path, hf_out: Optional[Path] = None
     tag_dir = find_tag(Path(checkpoint))
     if tag_dir is None:
         raise ExportError(f"{checkpoint} {NOT_A_CHECKPOINT}")
-    if tag_dir.name.endswith("_universal"):
+    if tag_dir.name.endswith(UNIVERSAL):
         raise ExportError(f"{tag_dir} is a universal conversion made at a resume: export the tag it was converted "
-                          f"from, {tag_dir.with_name(tag_dir.name[: -len('_universal')])}")
+                          f"from, {tag_dir.with_name(tag_dir.name[: -len(UNIVERSAL)])}")
     destinations = [Path(out)] + ([Path(hf_out)] if hf_out is not None else [])
     _refuse_occupied(destinations)
     saved = peek_client_state(tag_dir)
@@ -107,7 +106,7 @@ def export_checkpoint(checkpoint: Path, out: Path, hf_out: Optional[Path] = None
             raise ExportError(f"--hf: {exc}") from None
     model = PerceiverIO(cfg)
     try:
-        model.load_state_dict(master_weights(tag_dir, cfg), strict=True)
+        model.load_state_dict(master_weights(tag_dir, model), strict=True)
     except RuntimeError as exc:
         raise ExportError(f"{tag_dir}: its weights do not fit the model config saved with it: {exc}") from None
     step = int(saved["shared"]["progress"]["step"])

@@ -16,7 +16,7 @@ from test_data_shards import text_sample, write_shards
 from test_train_engine import ROOT, metrics, run, tiny_config
 
 from pretrain import load_pretrained
-from pretrain.checkpoint import find_tag, model_states, read_latest
+from pretrain.checkpoint import UNIVERSAL, find_tag, model_states, read_latest
 from pretrain.config import ModelConfig, TextConfig, load_config, model_config_to_dict
 from pretrain.data import DataStream
 from pretrain.export import ExportError, export_checkpoint
@@ -52,6 +52,12 @@ def zero2_run(tmp_path_factory) -> Path:
     return trained(tmp_path_factory.mktemp("zero2"))
 
 
+def saved_module(run_dir: Path) -> dict:
+    """The module weights DeepSpeed saved in the run's latest checkpoint (bf16 in a bf16 run)."""
+    tag_dir = read_latest(run_dir / "checkpoints")
+    return torch.load(model_states(tag_dir), map_location="cpu", weights_only=False)["module"]
+
+
 def export_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pretrain", "export", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
@@ -65,7 +71,7 @@ def test_export_of_a_zero2_run_is_the_trained_model(zero2_run, tmp_path):
     assert f"exported step {STEPS} ({tag_dir})" in done.stdout
     model = load_pretrained(tmp_path / "model")
     # fp32 ZeRO-2: the module DeepSpeed saved holds the master weights themselves
-    module = torch.load(model_states(tag_dir), map_location="cpu", weights_only=False)["module"]
+    module = saved_module(zero2_run)
     exported = model.state_dict()
     assert set(exported) == set(module)
     assert all(torch.equal(exported[name], module[name]) for name in module)
@@ -95,7 +101,7 @@ def test_export_refuses_what_it_cannot_use_and_writes_nothing(zero2_run, tmp_pat
     with pytest.raises(ExportError, match="name the same directory"):
         export_checkpoint(zero2_run, tmp_path / "d", tmp_path / "d")
     tag_dir = read_latest(zero2_run / "checkpoints")
-    universal = shutil.copytree(tag_dir, tmp_path / f"{tag_dir.name}_universal")
+    universal = shutil.copytree(tag_dir, tmp_path / (tag_dir.name + UNIVERSAL))
     with pytest.raises(ExportError, match=f"export the tag it was converted from, {tmp_path / tag_dir.name}"):
         export_checkpoint(universal, tmp_path / "e")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", universal.name]
@@ -135,8 +141,7 @@ def test_bf16_run_exports_the_fp32_master_weights(tmp_path, stage):
     run_dir = trained(tmp_path, train={"precision": "bf16"}, deepspeed={"zero_stage": stage})
     export_checkpoint(run_dir, tmp_path / "model")
     exported = load_pretrained(tmp_path / "model").state_dict()
-    module = torch.load(model_states(read_latest(run_dir / "checkpoints")), map_location="cpu",
-                        weights_only=False)["module"]
+    module = saved_module(run_dir)
     assert {w.dtype for w in exported.values()} == {torch.float32}
     assert {w.dtype for w in module.values()} == {torch.bfloat16}
     assert all(torch.equal(exported[name].to(torch.bfloat16), module[name]) for name in module)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from launch import DistEnv, backend_for, detect_env, device_for, expand_nodelist, export_env
+from launch import env as env_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +125,7 @@ def test_inconsistent_values_name_the_variable(environ, variable):
 
 def test_export_env_drives_torch_distributed(monkeypatch):
     """One process, exactly as every rank does it: detect, export, ``env://`` initialisation of a gloo group."""
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for name in env_module.TORCH_VARS:
         monkeypatch.setenv(name, "")  # recorded first, so that what export_env writes is undone after the test
         monkeypatch.delenv(name)
     env = detect_env({})

@@ -76,8 +76,8 @@ def uninterrupted(tmp_path_factory) -> Dict[int, Dict[str, float]]:
 def reached_step(run_dir: Path, step: int):
     def check(fields: Dict[str, str]) -> bool:
         assert fields["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), fields
-        path = run_dir / "metrics.jsonl"
-        return path.is_file() and bool(metrics(run_dir)) and max(metrics(run_dir)) >= step
+        steps = metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}
+        return bool(steps) and max(steps) >= step
     return check
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import select
+import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -12,6 +17,7 @@ from test_data_shards import (
     data_config, flac_bytes, multimodal_model, multimodal_sample, npy_bytes, png_bytes, shard_of,
     text_model, text_sample, truncate_inside_sample, write_shards,
 )
+from test_train_engine import ROOT, children, rank_and_workers
 
 from pretrain import vocab
 from pretrain.config import ConfigError, MaskingConfig
@@ -186,9 +192,6 @@ sys.stdin.readline()  # meanwhile the test kills this process
 
 def ended(pid: int, timeout: float) -> bool:
     """Whether process ``pid`` (not necessarily ours) ends within ``timeout`` seconds."""
-    import os
-    import select
-
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -205,13 +208,6 @@ def test_workers_outlive_slurms_signals_but_not_the_trainer(tmp_path, end):
     the data-loader workers and their fork server take both without effect, so the trainer reads on while it
     checkpoints. When the trainer ends, exiting with its workers running (multiprocessing stops them with SIGTERM,
     then waits for them) or killed by SIGKILL, its workers and fork server end too."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from test_train_engine import ROOT, children
-
     write_shards(tmp_path / "shards", [16] * 2)
     trainer = subprocess.Popen([sys.executable, "-c", WORKER_SIGNALS, str(tmp_path / "shards")], cwd=ROOT,
                                env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}"), stdin=subprocess.PIPE,
@@ -219,7 +215,7 @@ def test_workers_outlive_slurms_signals_but_not_the_trainer(tmp_path, end):
     try:
         assert trainer.stdout.readline() == "started\n"
         servers = [pid for pid in children(trainer.pid) if "forkserver" in Path(f"/proc/{pid}/cmdline").read_text()]
-        workers = [worker for server in servers for worker in children(server)]
+        workers = rank_and_workers(trainer.pid)[1:]
         assert len(servers) == 1 and len(workers) == 2
         for pid in servers + workers:
             os.kill(pid, signal.SIGTERM)

@@ -7,6 +7,10 @@ The scheduler looks at its queue every 2 s and a requeued job starts again withi
 ``sched_interval=2`` and ``cred_expire=10``: with the defaults, ~140 s). Both nodes share the host name, so a job
 tells them apart by ``SLURMD_NODENAME``; the launcher derives ``MASTER_ADDR`` from the node list, so ``n1`` and ``n2``
 must resolve: ``start`` adds them to ``/etc/hosts`` when missing.
+
+Partitions: ``local`` (the default) and ``graced`` hold preemptible jobs (PreemptMode=REQUEUE; ``graced`` with a
+grace time, in which the jobs get their ``--signal`` at once: ``preempt_send_user_signal``); a job in ``urgent``, the
+higher priority tier, preempts them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Dict, List, Optional
 NODES = ("n1", "n2")
 CONTROLLER_PORT, FIRST_NODE_PORT = 16817, 17001
 STARTUP_TIMEOUT = 60.0
+GRACE_TIME = 60
 
 
 def available() -> str:
@@ -88,9 +93,14 @@ class LocalSlurm:
             "ReturnToService=2",
             "SlurmdParameters=config_overrides",
             "KillWait=30",
+            "PreemptType=preempt/partition_prio",
+            "PreemptMode=REQUEUE",
+            "SlurmctldParameters=preempt_send_user_signal",
             f"NodeName=n[1-{len(NODES)}] NodeAddr=127.0.0.1 Port={FIRST_NODE_PORT}-{FIRST_NODE_PORT + len(NODES) - 1} "
             "CPUs=2 State=UNKNOWN",
-            "PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+            "PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1",
+            f"PartitionName=graced Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=1 GraceTime={GRACE_TIME}",
+            "PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF",
             "",
         ]))
 

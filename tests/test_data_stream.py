@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import pytest
@@ -200,6 +202,47 @@ def ended(pid: int, timeout: float) -> bool:
         return bool(select.select([fd], [], [], timeout)[0])
     finally:
         os.close(fd)
+
+
+EPOCHS_UNDER_SIGNALS = """
+import sys
+from pretrain.data import DataStream
+from test_data_shards import data_config, text_model
+stream = DataStream(data_config([sys.argv[1]], num_workers=2, prefetch_factor=1), text_model())
+print("started", flush=True)
+print("batches", sum(1 for epoch in range(int(sys.argv[2])) for _ in stream), flush=True)
+"""
+
+
+def descendants(pid: int) -> List[int]:
+    return [d for child in children(pid) for d in [child] + descendants(child)]
+
+
+def test_workers_started_while_slurm_signals_survive(tmp_path):
+    """Each epoch starts new workers, and Slurm may signal the job step while they start: a worker takes SIGTERM and
+    SIGUSR1 without effect from its first instruction (before torch's worker loop and our init replace or block its
+    handlers), not only once it serves. Every process the trainer started is signalled over and over while it reads
+    several epochs."""
+    epochs = 8
+    write_shards(tmp_path / "shards", [8] * 2)
+    trainer = subprocess.Popen([sys.executable, "-c", EPOCHS_UNDER_SIGNALS, str(tmp_path / "shards"), str(epochs)],
+                               cwd=ROOT, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert trainer.stdout.readline() == "started\n"
+        signalled = set()
+        while trainer.poll() is None:
+            for pid in descendants(trainer.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                    os.kill(pid, signal.SIGUSR1)
+                    signalled.add(pid)
+        out, err = trainer.communicate(timeout=60)
+        assert trainer.returncode == 0, err[-3000:]
+        assert out == f"batches {epochs * 4}\n"  # 16 samples in batches of 4
+        assert len(signalled) >= 2 * epochs  # the workers of every epoch, at least
+    finally:
+        trainer.kill()
 
 
 @pytest.mark.parametrize("end", ["exit", "SIGKILL"])

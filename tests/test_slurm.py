@@ -1,6 +1,6 @@
 """``slurm/pretrain.sbatch`` on a real local Slurm cluster (``slurm_cluster.py``: two emulated nodes): a job of two
-srun tasks on two nodes trains; a job interrupted by ``scontrol requeue`` (SIGTERM, as at a preemption) or by the
-time-limit warning (SIGUSR1: the script requeues the job itself) checkpoints, is requeued, resumes and finishes."""
+srun tasks on two nodes trains; a job interrupted by ``scontrol requeue``, by the time-limit warning or by a
+higher-priority job's preemption (with and without a grace time) checkpoints, is requeued, resumes and finishes."""
 
 from __future__ import annotations
 
@@ -31,11 +31,12 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def submit(slurm: LocalSlurm, config: Path) -> str:
+def submit(slurm: LocalSlurm, config: Path, partition: str = "local") -> str:
     """Two tasks on two nodes, one CPU each; returns the job id. The job inherits this environment (as a user's
     activated environment), with the repository importable, one thread per task, and a launcher's variables, which
     the script must not let override srun's."""
-    done = slurm.run("sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+    done = slurm.run("sbatch", "--parsable", f"--partition={partition}", "--nodes=2", "--ntasks-per-node=1",
+                     "--cpus-per-task=1",
                      f"--chdir={ROOT}", f"--output={config.parent / 'slurm-%j.out'}", str(SBATCH), str(config),
                      env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": "5", "WORLD_SIZE": "8"})
     return done.stdout.strip().split(";")[0]
@@ -91,24 +92,48 @@ def test_two_node_job_trains(slurm, tmp_path):
     assert sorted(metrics(tmp_path / "run")) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("interruption", ["scontrol requeue", "time-limit signal"])
+def preempt(slurm: LocalSlurm, job_id: str, output: Path) -> str:
+    """Submits a job to the higher-priority partition that needs every CPU of both nodes, so Slurm preempts the
+    running job; returns its id."""
+    done = slurm.run("sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--ntasks-per-node=2",
+                     f"--output={output}", "--wrap", "srun true")
+    return done.stdout.strip().split(";")[0]
+
+
+# interruption -> (partition, the signal the ranks act on, whether the script requeues the job itself)
+INTERRUPTIONS = {
+    "scontrol requeue": ("local", 15, False),
+    "time-limit signal": ("local", 10, True),
+    "preemption": ("local", 15, False),
+    # GraceTime with preempt_send_user_signal: the tasks get --signal's SIGUSR1 at once, and a job that ends within
+    # its grace time is not requeued by Slurm (measured: it completes), so the script must requeue it
+    "preemption with grace time": ("graced", 10, True),
+}
+
+
+@pytest.mark.parametrize("interruption", INTERRUPTIONS)
 def test_interrupted_job_checkpoints_requeues_and_resumes(slurm, uninterrupted, tmp_path, interruption):
-    """``scontrol requeue`` sends SIGTERM and requeues the job itself; the time-limit warning (``--signal=USR1@180``,
-    here sent at once with ``scancel --signal=USR1``) reaches the tasks, and the script requeues the job on their exit
-    143. Either way the ranks checkpoint first (the data loader's workers, signalled too, keep serving them), and the
-    restarted job resumes there and trains every step with the losses of an uninterrupted run."""
+    """``scontrol requeue`` and a preemption (PreemptMode=REQUEUE, no grace time) send SIGTERM and requeue the job
+    themselves; the time-limit warning (``--signal=USR1@180``, here sent at once with ``scancel --signal=USR1``) and a
+    preemption with a grace time send SIGUSR1, and the script requeues the job on the ranks' exit 143. Either way the
+    ranks checkpoint first (the data loader's workers, signalled too, keep serving them), and the restarted job
+    resumes there and trains every step with the losses of an uninterrupted run."""
+    partition, signum, script_requeues = INTERRUPTIONS[interruption]
     config = tiny_config(tmp_path, train={"max_steps": STEPS})  # no periodic checkpoints: only the signal saves
-    job_id = submit(slurm, config)
+    job_id = submit(slurm, config, partition)
     run_dir = tmp_path / "run"
     wait_until(slurm, job_id, reached_step(run_dir, 2), "step 2")
+    urgent = None
     if interruption == "scontrol requeue":
         slurm.run("scontrol", "requeue", job_id)
-    else:
+    elif interruption == "time-limit signal":
         slurm.run("scancel", "--signal=USR1", job_id)
+    else:
+        urgent = preempt(slurm, job_id, tmp_path / "urgent.out")
     fields = finished(slurm, job_id, config)
     assert fields["Restarts"] == "1"
     log = (run_dir / "train.log").read_text()
-    stopped = int(re.search(r"checkpointed step (\d+), exiting with 143", log).group(1))
+    stopped = int(re.search(rf"signal {signum}: checkpointed step (\d+), exiting with 143", log).group(1))
     assert 2 <= stopped < STEPS
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped:08d}'} at step {stopped}" in log
     got = losses(run_dir)
@@ -117,4 +142,6 @@ def test_interrupted_job_checkpoints_requeues_and_resumes(slurm, uninterrupted, 
         assert got[step]["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6), step
     output = (tmp_path / f"slurm-{job_id}.out").read_text()
     assert "(restart 1)" in output
-    assert ("checkpointed after a signal: requeueing job" in output) == (interruption == "time-limit signal")
+    assert ("checkpointed after a signal: requeueing job" in output) == script_requeues
+    if urgent:
+        assert (job(slurm, urgent)["JobState"], job(slurm, urgent)["ExitCode"]) == ("COMPLETED", "0:0")

@@ -25,6 +25,7 @@ import functools
 import itertools
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import select
 import signal
@@ -130,17 +131,28 @@ WORKER_START.set_forkserver_preload([__name__])  # a worker then imports nothing
 # them (it checkpoints, then stops its workers); a worker or fork server killed by one would fail the trainer's next
 # batch or its next epoch's workers.
 JOB_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Where a worker can take SIGTERM in a thread of its own (not macOS, where no Slurm runs), it is blocked from the
+# worker's first instruction: torch's worker loop installs an exiting SIGTERM handler before our init runs, and each
+# epoch's new workers start while the job may be signalled.
+_TERM_WAITABLE = hasattr(signal, "sigwaitinfo")
 
 
 def _start_worker_server() -> None:
-    """Start the fork server (once) with the signals above ignored, which it and the workers it forks inherit. A
-    signal that reaches the trainer within this call, before its first batch, is lost with nothing to save."""
+    """Start the fork server (once) with the signals above ignored and, where waitable, blocked: it and the workers
+    it forks inherit both (ignored dispositions and the mask survive exec and fork). The resource tracker starts
+    first, ignoring them too: starting it unblocks SIGTERM. The trainer's own handlers are back afterwards, and a
+    signal that reached it meanwhile is delivered to them then."""
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in JOB_SIGNALS}
+    mask = None
     try:
+        multiprocessing.resource_tracker.ensure_running()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS if _TERM_WAITABLE else ())
         multiprocessing.forkserver.ensure_running()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if mask is not None:  # after the handlers: a signal pending while ignored is not lost
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _exit_with(trainer: int) -> None:
@@ -173,13 +185,13 @@ def _exit_on_terms_from(trainer: int) -> None:
 
 
 def _worker_init(trainer: int, _worker_id: int) -> None:
-    """SIGUSR1 ignored; SIGTERM blocked in this thread and every thread started after it (torch's worker loop installs
-    a handler for it that exits, whoever sends it), left to ``_exit_on_terms_from``; and the worker tied to the
-    trainer's life. ``kill -USR2 <worker pid>`` prints the worker's Python stacks, as it does for the trainer."""
+    """SIGUSR1 ignored; SIGTERM, blocked since the fork (``_start_worker_server``) in this thread and so in every
+    thread started after it, left to ``_exit_on_terms_from`` (a SIGTERM that came before is still pending for it); and
+    the worker tied to the trainer's life. ``kill -USR2 <worker pid>`` prints the worker's Python stacks, as it does
+    for the trainer."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     watches = [_exit_with]
-    if hasattr(signal, "sigwaitinfo"):  # not on macOS, where no Slurm runs: torch's SIGTERM handler stays
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    if _TERM_WAITABLE:  # else torch's SIGTERM handler stays
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not ignored: a blocked signal stays pending for sigwaitinfo
         watches.append(_exit_on_terms_from)
     for watch in watches:

@@ -20,6 +20,7 @@ running; so do its data-loader workers (the grandchildren of the trainer, under 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import signal
 import sys
@@ -98,8 +99,9 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
 def export_command(checkpoint: Path, out: Path, hf_out: Optional[Path]) -> int:
     from pretrain.export import export_checkpoint
 
-    try:
-        exported = export_checkpoint(checkpoint, out, hf_out)
+    try:  # DeepSpeed's log (its handler takes stdout at import) and prints: stdout holds the result line alone
+        with contextlib.redirect_stdout(sys.stderr):
+            exported = export_checkpoint(checkpoint, out, hf_out)
     except ValueError as exc:  # ExportError, and ConfigError for a config the checkpoint holds
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG

@@ -14,10 +14,8 @@ any work, never overwritten.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -60,12 +58,9 @@ def _zero0_masters(tag_dir: Path, model: PerceiverIO, states: Dict) -> Dict[str,
 def master_weights(tag_dir: Path, model: PerceiverIO) -> Dict[str, torch.Tensor]:
     """The fp32 state dict a checkpoint tag holds for ``model`` (the model of its config; see the module docstring)."""
     if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):  # ZeRO 1-3, fp32 or bf16
-        # DeepSpeed's log (its handler takes stdout at import) and progress prints go to stderr: stdout holds the
-        # export's result line alone
-        with contextlib.redirect_stdout(sys.stderr):
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     states = torch.load(model_states(tag_dir), map_location="cpu", weights_only=False)
     weights = dict(states["module"])
     if "fp32_groups" in (states.get("optimizer") or {}):

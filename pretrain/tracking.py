@@ -11,6 +11,12 @@ with one warning; offline runs never touch the network and are uploaded later wi
 W&B's files go under ``<run_dir>/wandb/``; the run id is kept in ``<run_dir>/wandb_run_id`` and in the checkpoint
 (``state_dict``), so a resumed run continues the same W&B run.
 
+W&B never stops training once its run has started: a failing W&B call (above all, W&B's service process ended: Slurm
+signals every process of a job it requeues, preempts or cancels, and the service exits on SIGTERM, wandb/wandb#9963)
+is logged once and W&B is off for the rest of the process, so the ranks still checkpoint after the signal;
+``metrics.jsonl`` keeps every step, and the requeued job continues the W&B run from its checkpoint's step. W&B's
+own record loses what its service had not written yet (measured offline: the last few seconds).
+
 Metric names the console line knows (:func:`format_metrics`); W&B groups names by their ``/`` prefix:
 ``loss``, ``loss/<modality>``, ``val/loss``, ``val/loss/<modality>``, ``lr``, ``grad_norm``, ``samples_per_s``,
 ``data_wait_frac`` (fraction of the wall time spent waiting for batches). Any other name is logged, not printed.
@@ -18,6 +24,7 @@ Metric names the console line knows (:func:`format_metrics`); W&B groups names b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import netrc
@@ -103,6 +110,7 @@ class Tracker:
         self.init_timeout = init_timeout
         self.run_id: Optional[str] = None
         self._run: Any = None
+        self._wandb_failed = False
         self._metrics: Optional[IO[str]] = None
         if rank != 0:
             return
@@ -131,11 +139,14 @@ class Tracker:
         values = {key: _number(key, value) for key, value in metrics.items()}
         self._metrics.write(json.dumps({"step": step, **values}) + "\n")
         self._metrics.flush()
-        if self.cfg.mode == "disabled":
+        if self.cfg.mode == "disabled" or self._wandb_failed:
             return
         if self._run is None:
             self._run = self._start_wandb()
-        self._run.log(values, step=step)
+        try:
+            self._run.log(values, step=step)
+        except Exception as exc:  # noqa: BLE001 -- any W&B failure: see the module docstring
+            self._wandb_failure(exc, f"at step {step}")
 
     def finish(self, exit_code: int = 0) -> None:
         """Close ``metrics.jsonl`` and end the W&B run (``exit_code`` != 0 marks it failed). Safe to call twice.
@@ -143,16 +154,29 @@ class Tracker:
         if self._run is not None:
             import wandb
 
-            self._run.finish(exit_code=exit_code)
-            self._run = None
             try:
+                self._run.finish(exit_code=exit_code)
+                self._run = None
                 wandb.teardown()
             except SystemExit as exc:  # wandb exits the process when its service failed; the run must go on
                 log.warning("W&B's service exited with code %s: its files under %s/wandb may be incomplete",
                             exc.code, self.run_dir)
+            except Exception as exc:  # noqa: BLE001 -- as in log()
+                self._wandb_failure(exc, "at the end of the run")
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+
+    def _wandb_failure(self, exc: Exception, when: str) -> None:
+        import wandb
+
+        self._run, self._wandb_failed = None, True
+        with contextlib.suppress(Exception, SystemExit):  # drops wandb's process-wide state, which names the service
+            wandb.teardown()
+        log.warning("W&B failed %s (%s: %s), most likely because its service process ended (a Slurm requeue, "
+                    "preemption or scancel signals it too). W&B is off for the rest of this process; %s keeps "
+                    "every step, and a resumed run continues W&B run %s", when, type(exc).__name__, exc,
+                    self.run_dir / METRICS_FILE, self.run_id)
 
     def state_dict(self) -> dict:
         """The W&B run id, for the checkpoint's client state."""

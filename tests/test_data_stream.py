@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from test_data_shards import (
     data_config, flac_bytes, multimodal_model, multimodal_sample, npy_bytes, png_bytes, shard_of,
     text_model, text_sample, truncate_inside_sample, write_shards,
 )
-from test_train_engine import ROOT, children, rank_and_workers
+from test_train_engine import ROOT, children, ended, rank_and_workers
 
 from pretrain import vocab
 from pretrain.config import ConfigError, MaskingConfig
@@ -190,18 +189,6 @@ if sys.stdin.readline() == "exit\\n":  # with the workers running: multiprocessi
     sys.exit(3)
 sys.stdin.readline()  # meanwhile the test kills this process
 """
-
-
-def ended(pid: int, timeout: float) -> bool:
-    """Whether process ``pid`` (not necessarily ours) ends within ``timeout`` seconds."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
 
 
 EPOCHS_UNDER_SIGNALS = """

@@ -11,9 +11,12 @@ from typing import Dict
 
 import pytest
 from slurm_cluster import LocalSlurm, available
+from test_tracking import offline_runs
 from test_train_engine import ROOT, losses, metrics, run, tiny_config
+from test_train_wandb import history
 
 from launch.env import SLURM_PORT_BASE, SLURM_PORT_SPAN
+from pretrain.tracking import RUN_ID_FILE
 
 pytestmark = pytest.mark.slow
 SBATCH = ROOT / "slurm" / "pretrain.sbatch"
@@ -33,12 +36,14 @@ def slurm(tmp_path_factory):
 
 def submit(slurm: LocalSlurm, config: Path, partition: str = "local") -> str:
     """Two tasks on two nodes, one CPU each; returns the job id. The job inherits this environment (as a user's
-    activated environment), with the repository importable, one thread per task, and a launcher's variables, which
-    the script must not let override srun's."""
+    activated environment), with the repository importable, one thread per task, W&B's own state next to the config,
+    and a launcher's variables, which the script must not let override srun's."""
     done = slurm.run("sbatch", "--parsable", f"--partition={partition}", "--nodes=2", "--ntasks-per-node=1",
                      "--cpus-per-task=1",
                      f"--chdir={ROOT}", f"--output={config.parent / 'slurm-%j.out'}", str(SBATCH), str(config),
-                     env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": "5", "WORLD_SIZE": "8"})
+                     env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": "5", "WORLD_SIZE": "8",
+                          "WANDB_CONFIG_DIR": str(config.parent / "wandb-home"),
+                          "WANDB_CACHE_DIR": str(config.parent / "wandb-home")})
     return done.stdout.strip().split(";")[0]
 
 
@@ -116,10 +121,12 @@ def test_interrupted_job_checkpoints_requeues_and_resumes(slurm, uninterrupted, 
     """``scontrol requeue`` and a preemption (PreemptMode=REQUEUE, no grace time) send SIGTERM and requeue the job
     themselves; the time-limit warning (``--signal=USR1@180``, here sent at once with ``scancel --signal=USR1``) and a
     preemption with a grace time send SIGUSR1, and the script requeues the job on the ranks' exit 143. Either way the
-    ranks checkpoint first (the data loader's workers, signalled too, keep serving them), and the restarted job
-    resumes there and trains every step with the losses of an uninterrupted run."""
+    ranks checkpoint first (the data loader's workers, signalled too, keep serving them; W&B's service, which SIGTERM
+    ends, does not stop them), and the restarted job resumes there, trains every step with the losses of an
+    uninterrupted run and logs them to the same W&B run."""
     partition, signum, script_requeues = INTERRUPTIONS[interruption]
-    config = tiny_config(tmp_path, train={"max_steps": STEPS})  # no periodic checkpoints: only the signal saves
+    # no periodic checkpoints: only the signal saves; W&B offline, whose service the signals reach too
+    config = tiny_config(tmp_path, train={"max_steps": STEPS}, wandb={"mode": "offline"})
     job_id = submit(slurm, config, partition)
     run_dir = tmp_path / "run"
     wait_until(slurm, job_id, reached_step(run_dir, 2), "step 2")
@@ -143,5 +150,10 @@ def test_interrupted_job_checkpoints_requeues_and_resumes(slurm, uninterrupted, 
     output = (tmp_path / f"slurm-{job_id}.out").read_text()
     assert "(restart 1)" in output
     assert ("checkpointed after a signal: requeueing job" in output) == script_requeues
+    run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    (first_ids, first), (second_ids, second) = [history(path) for path in offline_runs(run_dir)]
+    assert first_ids <= {run_id} and second_ids == {run_id}  # the service SIGTERM ends may have written nothing
+    assert sorted(first) == list(range(1, len(first) + 1)) and len(first) <= stopped
+    assert sorted(second) == list(range(stopped + 1, STEPS + 1))
     if urgent:
         assert (job(slurm, urgent)["JobState"], job(slurm, urgent)["ExitCode"]) == ("COMPLETED", "0:0")

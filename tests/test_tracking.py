@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import struct
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from typing import Dict, Iterator, List, Tuple
 
 import pytest
 import torch
+from test_train_engine import children, ended
 
 from launch.env import free_port
 from pretrain.config import ConfigError, WandbConfig
@@ -134,6 +137,28 @@ def test_resume_in_the_same_run_dir_continues_the_run_and_the_metrics_file(tmp_p
     steps = [[r.history.step.num for r in wandb_records(f) if r.WhichOneof("record_type") == "history"]
              for f in log_files]
     assert steps == [[1, 2, 3, 4, 5], [4, 5, 6, 7, 8]]
+
+
+def test_wandbs_service_ending_mid_run_leaves_the_run_going(tmp_path, caplog):
+    """Slurm signals every process of a job it requeues or preempts, and W&B's service exits on SIGTERM: the ranks'
+    next log (before their checkpoint) and the end of the run go on, W&B off, with one warning; metrics.jsonl keeps
+    every step. (W&B's own files lose what its service had not written yet: here, all of it.) A later run in the
+    same process starts a new service."""
+    tracker = Tracker(WandbConfig(mode="offline"), tmp_path, 0, CONFIG)
+    run_steps(tracker, [1, 2])
+    (service,) = [pid for pid in children(os.getpid()) if "wandb" in Path(f"/proc/{pid}/cmdline").read_text()]
+    os.kill(service, signal.SIGTERM)
+    assert ended(service, 30)
+    with caplog.at_level(logging.WARNING, logger="pretrain.tracking"):
+        run_steps(tracker, [3, 4])
+        tracker.finish(exit_code=143)
+    assert [r.getMessage() for r in caplog.records if "W&B failed at step 3" in r.getMessage()] == [
+        r.getMessage() for r in caplog.records]
+    assert f"continues W&B run {tracker.run_id}" in caplog.records[0].getMessage()
+    assert jsonl(tmp_path) == [{"step": step, **fake_metrics(step)} for step in range(1, 5)]
+    with Tracker(WandbConfig(mode="offline"), tmp_path / "next", 0, CONFIG) as tracker:
+        run_steps(tracker, [1])
+    assert read_wandb_run(tmp_path / "next")[2] == [(1, fake_metrics(1))]
 
 
 def test_checkpoint_state_carries_the_run_id_to_a_new_run_dir(tmp_path):

@@ -6,8 +6,8 @@
 ``train`` exit codes: 0 trained to ``train.max_steps``; 2 a bad config, data path or checkpoint path (before any
 training, the message names the key); 3 training diverged (a non-finite loss or gradient norm): nothing was saved
 after it, do not requeue, resume from the last checkpoint or an earlier one with changed ``optim`` settings (a resumed
-run takes its optimizer settings from its config); 143 a checkpoint was written after SIGUSR1/SIGTERM: requeue the
-job and it resumes; anything else is a failure (the last complete checkpoint stays the ``latest``).
+run takes its optimizer settings from its config); 143 SIGUSR1/SIGTERM came (caught from the process's first lines)
+and a checkpoint was written, or nothing had been trained yet: requeue the job and it resumes; anything else is a failure (the last complete checkpoint stays the ``latest``).
 
 ``export`` writes the fp32 weights of a run's latest checkpoint (or of the checkpoint directory or tag given) as a
 model directory that ``pretrain.load_pretrained`` loads, and with ``--hf`` as a transformers ``PerceiverForMaskedLM``
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from omegaconf import OmegaConf
+from pretrain.preemption import Preemption
 
 EXIT_BAD_CONFIG = 2
 
@@ -66,8 +66,10 @@ def check_data_paths(cfg) -> None:
                           "data.val_shards or set train.eval_every_steps=0")
 
 
-def train_command(config: str, overrides: Sequence[str], resume: str, print_config: bool) -> int:
+def train_command(config: str, overrides: Sequence[str], resume: str, print_config: bool,
+                  preemption: Preemption) -> int:
     from launch.env import detect_env
+    from omegaconf import OmegaConf
     import torch
 
     from pretrain.checkpoint import check_fits, resolve_resume
@@ -93,7 +95,7 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
     from pretrain.train import train
 
     faulthandler.register(signal.SIGUSR2, all_threads=True)
-    return train(cfg, env, resume_from)
+    return train(cfg, env, resume_from, preemption)
 
 
 def export_command(checkpoint: Path, out: Path, hf_out: Optional[Path]) -> int:
@@ -113,7 +115,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "export":
         return export_command(args.checkpoint, args.out, args.hf)
-    return train_command(args.config, args.overrides, args.resume, args.print_config)
+    preemption = Preemption()  # first, before torch is imported: see pretrain.preemption
+    try:
+        return train_command(args.config, args.overrides, args.resume, args.print_config, preemption)
+    finally:
+        preemption.restore()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The DeepSpeed training engine: ``train(cfg, env, resume_from)`` runs one training process of a job."""
+"""The DeepSpeed training engine: ``train(cfg, env, resume_from, preemption)`` runs one training process of a
+job."""
 
 from __future__ import annotations
 
@@ -9,19 +10,20 @@ from launch.env import DistEnv
 from ..config import Config
 from .distributed import device_of, process_group
 from .loop import train_loop
-from .preemption import EXIT_PREEMPTED
+from ..preemption import EXIT_PREEMPTED, Preemption
 from .run import build_run, checkpoint_dir
 
 
-def train(cfg: Config, env: DistEnv, resume_from: Optional[Path]) -> int:
+def train(cfg: Config, env: DistEnv, resume_from: Optional[Path], preemption: Preemption) -> int:
     """Train under a process group that is destroyed on every exit path; returns the process exit code (0 done,
-    ``EXIT_PREEMPTED`` after a signal and its checkpoint)."""
+    ``EXIT_PREEMPTED`` after a signal, which ``preemption`` has caught since the process started, and its
+    checkpoint)."""
     device = device_of(env, cfg.data.num_workers)
     with process_group(env, device):
         run = build_run(cfg, env, device, resume_from)
         exit_code = 1
         try:
-            exit_code = train_loop(run)
+            exit_code = train_loop(run, preemption)
             return exit_code
         finally:
             run.tracker.finish(exit_code=exit_code)

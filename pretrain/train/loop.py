@@ -15,12 +15,12 @@ from tqdm import tqdm
 from ..checkpoint import read_latest
 from ..config import gradient_accumulation_steps
 from ..data import DataStream
+from ..preemption import EXIT_PREEMPTED, Preemption
 from ..model.attention import tunes
 from ..tracking import format_metrics
-from .distributed import DeferredAgreement, mean_over_ranks
+from .distributed import DeferredAgreement, all_gather, mean_over_ranks
 from .metrics import Window, compute_metrics, count_flops, input_tokens, skipped_totals
 from .objective import modality_losses, weighted_total
-from .preemption import EXIT_PREEMPTED, Preemption
 from .run import Run
 from .schedule import lr_factor
 
@@ -77,14 +77,19 @@ def divergence(metrics: Dict[str, float]) -> Optional[str]:
     return None
 
 
-def train_loop(run: Run) -> int:
-    """Steps until ``train.max_steps`` (0 returned), a preemption signal (checkpoint, ``EXIT_PREEMPTED``) or a
+def train_loop(run: Run, preemption: Preemption) -> int:
+    """Steps until ``train.max_steps`` (0 returned), a preemption signal (checkpoint, ``EXIT_PREEMPTED``; a signal
+    that came while the ranks started: ``EXIT_PREEMPTED`` at once, as nothing was trained since the start) or a
     divergence (``EXIT_DIVERGED``, nothing saved: every checkpoint holds finite weights, as every save follows a
     check of all steps since the previous one)."""
     cfg, engine, progress, world = run.cfg, run.engine, run.progress, run.env.world_size
+    if any(all_gather(preemption.requested)):
+        log.info("signal %s during the start: exiting with %d for a requeue (nothing trained, nothing to save)",
+                 preemption.signal, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
     gas = gradient_accumulation_steps(cfg, world)
     step_samples = cfg.data.batch_size * gas * world
-    batches, preemption, window = forever(run.stream), Preemption(), Window()
+    batches, window = forever(run.stream), Window()
     agreement = DeferredAgreement(2, run.device)  # [stop for a signal, checkpoint minutes due], one step late
     last_save, flops, checkpoint_time = time.monotonic(), None, None
     bar = tqdm(total=cfg.train.max_steps, initial=progress.step, disable=run.env.rank != 0 or not cfg.run.progress_bar)
@@ -154,4 +159,3 @@ def train_loop(run: Run) -> int:
         return 0
     finally:
         bar.close()
-        preemption.restore()

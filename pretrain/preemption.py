@@ -1,7 +1,11 @@
 """SIGUSR1/SIGTERM -> a flag; the loop checkpoints on every rank at the step boundary after the next (the ranks agree
 on the flag one step late, so the host never waits for the GPU to agree), then exits with
 ``EXIT_PREEMPTED`` so a batch script can requeue the job (Slurm sends SIGUSR1 ahead of time with
-``--signal=USR1@60``, and SIGTERM on ``scontrol requeue`` or preemption)."""
+``--signal=USR1@60`` or at a preemption with a grace time, and SIGTERM on ``scontrol requeue`` or preemption).
+
+``python -m pretrain train`` installs the handlers before it imports torch: the signal may come while the process
+starts (imports, engine, checkpoint load: minutes for a large model), where the default action would end it with
+nothing saved and, for SIGUSR1, no requeue. This module imports nothing heavy for that reason."""
 
 from __future__ import annotations
 

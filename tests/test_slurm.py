@@ -1,6 +1,7 @@
 """``slurm/pretrain.sbatch`` on a real local Slurm cluster (``slurm_cluster.py``: two emulated nodes): a job of two
 srun tasks on two nodes trains; a job interrupted by ``scontrol requeue``, by the time-limit warning or by a
-higher-priority job's preemption (with and without a grace time) checkpoints, is requeued, resumes and finishes."""
+higher-priority job's preemption (with and without a grace time) checkpoints, is requeued, resumes and finishes; a
+cancelled one checkpoints and stays cancelled."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from test_train_engine import ROOT, losses, metrics, run, tiny_config
 from test_train_wandb import history
 
 from launch.env import SLURM_PORT_BASE, SLURM_PORT_SPAN
+from pretrain.checkpoint import read_latest
 from pretrain.tracking import RUN_ID_FILE
 
 pytestmark = pytest.mark.slow
@@ -157,3 +159,18 @@ def test_interrupted_job_checkpoints_requeues_and_resumes(slurm, uninterrupted, 
     assert sorted(second) == list(range(stopped + 1, STEPS + 1))
     if urgent:
         assert (job(slurm, urgent)["JobState"], job(slurm, urgent)["ExitCode"]) == ("COMPLETED", "0:0")
+
+
+def test_scancel_ends_the_job_for_good_after_a_checkpoint(slurm, tmp_path):
+    """``scancel`` sends SIGTERM as a requeue does, and it also ends the batch script: the ranks checkpoint, and the
+    job ends cancelled, not requeued (the script must not undo a user's cancel), its work saved."""
+    config = tiny_config(tmp_path, train={"max_steps": STEPS})
+    job_id = submit(slurm, config)
+    run_dir = tmp_path / "run"
+    wait_until(slurm, job_id, reached_step(run_dir, 2), "step 2")
+    slurm.run("scancel", job_id)
+    fields = wait_until(slurm, job_id, lambda f: f["JobState"] == "CANCELLED", "cancel")  # after COMPLETING
+    assert fields["Restarts"] == "0"
+    stopped = int(re.search(r"signal 15: checkpointed step (\d+)", (run_dir / "train.log").read_text()).group(1))
+    assert read_latest(run_dir / "checkpoints").name == f"step_{stopped:08d}"
+    assert "requeueing" not in (tmp_path / f"slurm-{job_id}.out").read_text()

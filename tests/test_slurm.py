@@ -36,13 +36,13 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def submit(slurm: LocalSlurm, config: Path, partition: str = "local") -> str:
+def submit(slurm: LocalSlurm, config: Path, partition: str = "local", *options: str) -> str:
     """Two tasks on two nodes, one CPU each; returns the job id. The job inherits this environment (as a user's
     activated environment), with the repository importable, one thread per task, W&B's own state next to the config,
     and a launcher's variables, which the script must not let override srun's."""
     done = slurm.run("sbatch", "--parsable", f"--partition={partition}", "--nodes=2", "--ntasks-per-node=1",
-                     "--cpus-per-task=1",
-                     f"--chdir={ROOT}", f"--output={config.parent / 'slurm-%j.out'}", str(SBATCH), str(config),
+                     "--cpus-per-task=1", f"--chdir={ROOT}", f"--output={config.parent / 'slurm-%j.out'}", *options,
+                     str(SBATCH), str(config),
                      env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": "5", "WORLD_SIZE": "8",
                           "WANDB_CONFIG_DIR": str(config.parent / "wandb-home"),
                           "WANDB_CACHE_DIR": str(config.parent / "wandb-home")})
@@ -174,3 +174,15 @@ def test_scancel_ends_the_job_for_good_after_a_checkpoint(slurm, tmp_path):
     stopped = int(re.search(r"signal 15: checkpointed step (\d+)", (run_dir / "train.log").read_text()).group(1))
     assert read_latest(run_dir / "checkpoints").name == f"step_{stopped:08d}"
     assert "requeueing" not in (tmp_path / f"slurm-{job_id}.out").read_text()
+
+
+def test_a_time_limit_within_the_warnings_reach_is_refused(slurm, tmp_path):
+    """The time-limit warning comes 3 minutes before the limit: a job of 6 minutes or less would be warned as it
+    starts, requeue itself and start again, forever. The script refuses it, naming --time, before any rank starts."""
+    config = tiny_config(tmp_path, train={"max_steps": 3})
+    job_id = submit(slurm, config, "local", "--time=6")
+    fields = wait_until(slurm, job_id, lambda f: f["JobState"] in ("COMPLETED", "FAILED"), "end")
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("FAILED", "2:0", "0")
+    output = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert "error: time limit 6:00: give sbatch a --time above 6 minutes" in output
+    assert not (tmp_path / "run").exists()

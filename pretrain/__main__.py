@@ -7,7 +7,8 @@
 training, the message names the key); 3 training diverged (a non-finite loss or gradient norm): nothing was saved
 after it, do not requeue, resume from the last checkpoint or an earlier one with changed ``optim`` settings (a resumed
 run takes its optimizer settings from its config); 143 SIGUSR1/SIGTERM came (caught from the process's first lines)
-and a checkpoint was written, or nothing had been trained yet: requeue the job and it resumes; anything else is a failure (the last complete checkpoint stays the ``latest``).
+and a checkpoint was written, or nothing had been trained yet: requeue the job and it resumes; anything else is a
+failure (the last complete checkpoint stays the ``latest``).
 
 ``export`` writes the fp32 weights of a run's latest checkpoint (or of the checkpoint directory or tag given) as a
 model directory that ``pretrain.load_pretrained`` loads, and with ``--hf`` as a transformers ``PerceiverForMaskedLM``

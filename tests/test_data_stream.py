@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import List
@@ -217,8 +218,9 @@ def test_workers_started_while_slurm_signals_survive(tmp_path):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert trainer.stdout.readline() == "started\n"
-        signalled = set()
+        signalled, deadline = set(), time.monotonic() + 120
         while trainer.poll() is None:
+            assert time.monotonic() < deadline, "the trainer did not finish its epochs"
             for pid in descendants(trainer.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)

@@ -8,9 +8,9 @@ from typing import Optional
 
 from launch.env import DistEnv
 from ..config import Config
+from ..preemption import EXIT_PREEMPTED, Preemption
 from .distributed import device_of, process_group
 from .loop import train_loop
-from ..preemption import EXIT_PREEMPTED, Preemption
 from .run import build_run, checkpoint_dir
 
 

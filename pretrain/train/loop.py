@@ -15,8 +15,8 @@ from tqdm import tqdm
 from ..checkpoint import read_latest
 from ..config import gradient_accumulation_steps
 from ..data import DataStream
-from ..preemption import EXIT_PREEMPTED, Preemption
 from ..model.attention import tunes
+from ..preemption import EXIT_PREEMPTED, Preemption
 from ..tracking import format_metrics
 from .distributed import DeferredAgreement, all_gather, mean_over_ranks
 from .metrics import Window, compute_metrics, count_flops, input_tokens, skipped_totals

@@ -65,9 +65,14 @@ def wait_until(slurm: LocalSlurm, job_id: str, predicate, what: str) -> Dict[str
     raise AssertionError(f"job {job_id}: no {what} in {JOB_TIMEOUT} s: {job(slurm, job_id)}\n{slurm.logs()}")
 
 
+def job_end(slurm: LocalSlurm, job_id: str) -> Dict[str, str]:
+    """The job's fields once it has ended (a job still COMPLETING has processes left, which may yet requeue it)."""
+    return wait_until(slurm, job_id, lambda f: f["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+                      "end")
+
+
 def finished(slurm: LocalSlurm, job_id: str, config: Path) -> Dict[str, str]:
-    fields = wait_until(slurm, job_id, lambda f: f["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
-                        "end")
+    fields = job_end(slurm, job_id)
     output = (config.parent / f"slurm-{job_id}.out").read_text()
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{fields}\n{output[-6000:]}"
     return fields
@@ -158,7 +163,8 @@ def test_interrupted_job_checkpoints_requeues_and_resumes(slurm, uninterrupted, 
     assert sorted(first) == list(range(1, len(first) + 1)) and len(first) <= stopped
     assert sorted(second) == list(range(stopped + 1, STEPS + 1))
     if urgent:
-        assert (job(slurm, urgent)["JobState"], job(slurm, urgent)["ExitCode"]) == ("COMPLETED", "0:0")
+        fields = job_end(slurm, urgent)
+        assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0")
 
 
 def test_scancel_ends_the_job_for_good_after_a_checkpoint(slurm, tmp_path):
@@ -169,8 +175,8 @@ def test_scancel_ends_the_job_for_good_after_a_checkpoint(slurm, tmp_path):
     run_dir = tmp_path / "run"
     wait_until(slurm, job_id, reached_step(run_dir, 2), "step 2")
     slurm.run("scancel", job_id)
-    fields = wait_until(slurm, job_id, lambda f: f["JobState"] == "CANCELLED", "cancel")  # after COMPLETING
-    assert fields["Restarts"] == "0"
+    fields = job_end(slurm, job_id)
+    assert (fields["JobState"], fields["Restarts"]) == ("CANCELLED", "0")
     stopped = int(re.search(r"signal 15: checkpointed step (\d+)", (run_dir / "train.log").read_text()).group(1))
     assert read_latest(run_dir / "checkpoints").name == f"step_{stopped:08d}"
     assert "requeueing" not in (tmp_path / f"slurm-{job_id}.out").read_text()
@@ -181,7 +187,7 @@ def test_a_time_limit_within_the_warnings_reach_is_refused(slurm, tmp_path):
     starts, requeue itself and start again, forever. The script refuses it, naming --time, before any rank starts."""
     config = tiny_config(tmp_path, train={"max_steps": 3})
     job_id = submit(slurm, config, "local", "--time=6")
-    fields = wait_until(slurm, job_id, lambda f: f["JobState"] in ("COMPLETED", "FAILED"), "end")
+    fields = job_end(slurm, job_id)
     assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("FAILED", "2:0", "0")
     output = (tmp_path / f"slurm-{job_id}.out").read_text()
     assert "error: time limit 6:00: give sbatch a --time above 6 minutes" in output

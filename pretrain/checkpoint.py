@@ -155,7 +155,7 @@ def to_universal(tag_dir: Path) -> Path:
     """``tag_dir`` as a DeepSpeed universal checkpoint next to it (converted once, by rank 0; the others wait)."""
     target = tag_dir.with_name(tag_dir.name + UNIVERSAL)
     if dist.get_rank() == 0 and not target.is_dir():
-        tmp = tag_dir.with_name(f"{tag_dir.name}{UNIVERSAL}.tmp")
+        tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
                    "--output_folder", str(tmp), "--inject_missing_state"]

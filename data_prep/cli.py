@@ -16,7 +16,8 @@ from pathlib import Path
 
 from data_prep.demo import SIZES, DemoSources, build_demo
 from data_prep.index import IndexFileError, ShardIndex
-from data_prep.manifest import shard_manifest
+from data_prep.folder import SUFFIX_FIELD, shard_folder
+from data_prep.manifest import ShardOptions, shard_manifest
 from data_prep.schema import REJECTED_FILE
 from data_prep.sources import FASHION_DIR, INSTALL_SCRIPT, default_npm_cache
 from data_prep.stats import human_bytes, stats
@@ -63,13 +64,24 @@ def _summarise(directory: Path, index: ShardIndex, max_reject_fraction: float) -
     return 0
 
 
+def _shard_source_error(args: argparse.Namespace) -> str | None:
+    if args.input_dir is not None:
+        return None if args.input_dir.is_dir() else f"--input-dir {args.input_dir}: no such directory"
+    if args.label_from_folder:
+        return "--label-from-folder needs --input-dir (a manifest's rows give their labels)"
+    return None if args.manifest.is_file() else f"--manifest {args.manifest}: no such file"
+
+
 def _shard(args: argparse.Namespace) -> int:
-    if not args.manifest.is_file():
-        print(f"error: --manifest {args.manifest}: no such file", file=sys.stderr)
+    error = _shard_source_error(args)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     limits = ShardLimits(max_samples=args.max_samples_per_shard, max_bytes=int(args.max_shard_mb * 1_000_000))
-    index = shard_manifest(args.manifest, args.out, seed=args.seed, limits=limits, workers=args.workers,
-                           audio_rate=args.audio_rate, overwrite=args.overwrite)
+    options = ShardOptions(seed=args.seed, limits=limits, workers=args.workers, audio_rate=args.audio_rate,
+                           overwrite=args.overwrite)
+    index = (shard_manifest(args.manifest, args.out, options) if args.input_dir is None else
+             shard_folder(args.input_dir, args.out, options, label_from_folder=args.label_from_folder))
     return _summarise(args.out, index, args.max_reject_fraction)
 
 
@@ -122,10 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    shard = commands.add_parser("shard", help="JSONL manifest -> checked WebDataset shards")
-    shard.add_argument("--manifest", type=Path, required=True,
-                       help='one JSON object a line: {"key"?, "text"?, "image"?, "audio"?, "video"?, "label"?, '
-                            '"meta"?}; media paths relative to the manifest')
+    shard = commands.add_parser("shard", help="a JSONL manifest or a folder of files -> checked WebDataset shards")
+    source = shard.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", type=Path,
+                        help='one JSON object a line: {"key"?, "text"?, "image"?, "audio"?, "video"?, "label"?, '
+                             '"meta"?}; media paths relative to the manifest')
+    source.add_argument("--input-dir", type=Path,
+                        help="a folder of files, one sample per path without its suffix (a/1.png + a/1.txt); "
+                             f"suffixes: {' '.join(SUFFIX_FIELD)} (.cls: an integer label, .json: metadata)")
+    shard.add_argument("--label-from-folder", action="store_true",
+                       help="with --input-dir: the top folder is the class (sorted names -> 0, 1, ...; "
+                            "listed in index.json)")
     shard.add_argument("--max-samples-per-shard", type=_positive, default=10_000)
     shard.add_argument("--max-shard-mb", type=_bounded(float, 1e-6), default=1000.0,
                        help="sample data per shard, in 10^6 bytes")

@@ -32,11 +32,12 @@ class ManifestRow:
     row: dict[str, Any]
     base: Path
     audio_rate: int
+    base_name = "manifest's folder"
 
     def fields(self) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
         if "text" in self.row:
-            out["txt"] = self.row["text"].encode("utf-8")
+            out["txt"] = self._text()
         if "image" in self.row:
             ext, data = image_field(self._read("image"))
             out[ext] = data
@@ -46,17 +47,26 @@ class ManifestRow:
             ext, data = self._video()
             out[ext] = data
         if "label" in self.row:
-            out["cls"] = encode_label(self.row["label"])
+            out["cls"] = encode_label(self._label())
         if "meta" in self.row:
-            out["json"] = encode_json(self.row["meta"])
+            out["json"] = encode_json(self._meta())
         return out
+
+    def _text(self) -> bytes:
+        return self.row["text"].encode("utf-8")
+
+    def _label(self) -> int:
+        return self.row["label"]
+
+    def _meta(self) -> dict[str, Any]:
+        return self.row["meta"]
 
     def _read(self, field: str) -> bytes:
         path = self.base / self.row[field]
         try:
             return path.read_bytes()
         except FileNotFoundError:
-            raise Rejected(field, f"file not found: {path} (paths are relative to the manifest's folder)") from None
+            raise Rejected(field, f"file not found: {path} (paths are relative to the {self.base_name})") from None
         except OSError as e:
             raise Rejected(field, f"cannot read {path} ({e.strerror})") from None
 
@@ -123,11 +133,27 @@ def read_manifest(path: Path, audio_rate: int) -> tuple[list[Job], list[Rejectio
     return jobs, rejected
 
 
-def shard_manifest(manifest: Path, out: Path, *, seed: int = 0, limits: ShardLimits = ShardLimits(),
-                   workers: int = 1, audio_rate: int = 16_000, overwrite: bool = False) -> ShardIndex:
-    """Write the manifest's samples as shards in an order shuffled by ``seed`` (so each shard mixes the sources)."""
-    jobs, rejected = read_manifest(manifest, audio_rate)
-    prepare_output(out, overwrite)
-    random.Random(seed).shuffle(jobs)
-    info = {"command": "shard", "manifest": manifest.name, "seed": seed, "audio_rate": audio_rate}
-    return write_shards(out, jobs, limits=limits, workers=workers, rejected=rejected, info=info)
+@dataclass(frozen=True)
+class ShardOptions:
+    """How ``shard`` writes, whatever the samples come from."""
+
+    seed: int = 0
+    limits: ShardLimits = ShardLimits()
+    workers: int = 1
+    audio_rate: int = 16_000
+    overwrite: bool = False
+
+
+def shuffle_into_shards(jobs: list[Job], rejected: list[Rejection], out: Path, options: ShardOptions,
+                        info: dict[str, Any]) -> ShardIndex:
+    """Write ``jobs`` as shards in an order shuffled by the seed, so that each shard mixes the sources."""
+    prepare_output(out, options.overwrite)
+    random.Random(options.seed).shuffle(jobs)
+    info = {"command": "shard", **info, "seed": options.seed, "audio_rate": options.audio_rate}
+    return write_shards(out, jobs, limits=options.limits, workers=options.workers, rejected=rejected, info=info)
+
+
+def shard_manifest(manifest: Path, out: Path, options: ShardOptions = ShardOptions()) -> ShardIndex:
+    """The manifest's samples as shards."""
+    jobs, rejected = read_manifest(manifest, options.audio_rate)
+    return shuffle_into_shards(jobs, rejected, out, options, {"manifest": manifest.name})

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from data_prep.demo import SIZES, DemoSources, build_demo
-from data_prep.index import IndexFileError, ShardIndex
 from data_prep.folder import SUFFIX_FIELD, shard_folder
+from data_prep.index import IndexFileError, ShardIndex
 from data_prep.manifest import ShardOptions, shard_manifest
 from data_prep.schema import REJECTED_FILE
 from data_prep.sources import FASHION_DIR, INSTALL_SCRIPT, default_npm_cache

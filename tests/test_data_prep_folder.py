@@ -41,7 +41,7 @@ def rejections(out: Path) -> dict[str, tuple[str, str]]:
 def test_files_sharing_a_stem_become_one_sample_of_every_field(tmp_path: Path, capsys):
     png, jpg, flac = image_bytes(1), image_bytes(2, "JPEG"), audio_bytes(hz=220.0)
     root = write_files(tmp_path / "raw", {
-        "photos/beach.png": png, "photos/beach.txt": "sand and sea\n".encode(), "photos/beach.cls": b"4\n",
+        "photos/beach.png": png, "photos/beach.txt": b"sand and sea\n", "photos/beach.cls": b"4\n",
         "photos/night.v2.JPG": jpg, "photos/night.v2.json": b'{"camera": "x", "iso": 3200}',
         "photos/odd.bmp": image_bytes(3, "BMP"),
         "speech/hello.flac": flac, "speech/hello.txt": "héllo".encode(),

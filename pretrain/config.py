@@ -345,7 +345,11 @@ class TrainConfig:
     a multiple of that product and the quotient is the number of gradient-accumulation micro-steps.
     ``precision`` auto is bf16 on GPU and fp32 on CPU. ``loss_weights`` weighs the per-modality losses (default 1).
     ``compile``: ``torch.compile`` the model in place with that mode (``default``, ``reduce-overhead`` for CUDA
-    graphs, ``max-autotune``), or ``none``; the first steps then include the compilation. Not with ZeRO stage 3."""
+    graphs, ``max-autotune``), or ``none``; the first steps then include the compilation. Not with ZeRO stage 3.
+    ``collective_timeout_minutes``: how long a rank waits for its peers in a collective before the run fails, so that a
+    hung rank (a stuck filesystem, a wedged GPU) does not hold the job's nodes until its time limit; raise it when a
+    checkpoint save or load, or the universal conversion at a resume on another world size (rank 0 converts, the others
+    wait), takes longer. It bounds DeepSpeed's own groups too (NCCL's watchdog aborts the process; gloo raises)."""
 
     max_steps: int = 1000
     seed: int = 0
@@ -355,6 +359,7 @@ class TrainConfig:
     eval_every_steps: int = 0
     eval_batches: int = 0
     loss_weights: Dict[str, float] = field(default_factory=dict)
+    collective_timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -461,6 +466,8 @@ def validate_config(cfg: Config, world_size: int) -> Config:
     )
     for key in ("eval_every_steps", "eval_batches"):
         _require(getattr(t, key) >= 0, f"train.{key}", "must be >= 0 (0 = off / whole split)")
+    _require(t.collective_timeout_minutes > 0, "train.collective_timeout_minutes",
+             f"must be positive, got {t.collective_timeout_minutes}")
     unknown = set(t.loss_weights) - set(cfg.model.output_modalities)
     _require(not unknown, "train.loss_weights", f"unknown modalities {sorted(unknown)}; the model outputs "
              f"{cfg.model.output_modalities}")

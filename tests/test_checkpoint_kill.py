@@ -124,3 +124,23 @@ def test_sigkill_while_a_rank_is_inside_its_shard_write(tmp_path):
     assert (checkpoints / "step_00000009" / shard_name).stat().st_size > len(written)
     assert_complete(checkpoints / "step_00000009")
     assert sorted(losses(config.parent / "run")) == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_a_hung_rank_fails_its_peer_after_the_collective_timeout(tmp_path):
+    """A rank that stops answering (SIGSTOP: its sockets stay open, so no peer sees it die) must not hold the job until
+    its time limit: its peer gives up after ``train.collective_timeout_minutes``, the last checkpoint intact."""
+    config = tiny_config(tmp_path, train={"max_steps": 10_000, "collective_timeout_minutes": 0.25},
+                         checkpoint={"every_steps": 3})
+    run_dir = config.parent / "run"
+    procs = launch(config)
+    wait_for_step(run_dir, 4, procs)
+    procs[1].send_signal(signal.SIGSTOP)
+    try:
+        code = wait(procs[:1], timeout=120)[0]  # not the default 30 minutes
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert code not in (0, 143) and code > 0, f"rank 0 exit code {code}\n{logs(tmp_path)}"
+    assert "Timed out waiting 15000ms" in (tmp_path / "rank0.log").read_text()  # in DeepSpeed's own group too
+    assert_complete(read_latest(run_dir / "checkpoints"))

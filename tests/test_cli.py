@@ -32,6 +32,7 @@ BAD = [
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
     (["train.compile=fast"], "train.compile"),
     (["train.compile=default", "deepspeed.zero_stage=3"], "train.compile"),
+    (["train.collective_timeout_minutes=0"], "train.collective_timeout_minutes"),
     (["--resume", "/nonexistent/checkpoints/step_00000010"], "--resume"),
 ]
 

@@ -1,11 +1,13 @@
 """``slurm/pretrain.sbatch`` on a real local Slurm cluster (``slurm_cluster.py``: two emulated nodes): a job of two
 srun tasks on two nodes trains; a job interrupted by ``scontrol requeue``, by the time-limit warning or by a
 higher-priority job's preemption (with and without a grace time) checkpoints, is requeued, resumes and finishes; a
-cancelled one checkpoints and stays cancelled."""
+cancelled one checkpoints and stays cancelled; one whose rank hangs fails instead of holding its nodes."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Dict
@@ -192,3 +194,33 @@ def test_a_time_limit_within_the_warnings_reach_is_refused(slurm, tmp_path):
     output = (tmp_path / f"slurm-{job_id}.out").read_text()
     assert "error: time limit 6:00: give sbatch a --time above 6 minutes" in output
     assert not (tmp_path / "run").exists()
+
+
+def trainer_pid(job_id: str, rank: int) -> int:
+    """The pid of the job's ``rank`` (the emulated nodes run their tasks on this machine)."""
+    wanted = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_PROCID={rank}".encode()}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline, environ = (proc / "cmdline").read_bytes(), (proc / "environ").read_bytes()
+        except OSError:  # not a process, or gone
+            continue
+        if b"\0pretrain\0train\0" in cmdline and wanted <= set(environ.split(b"\0")):
+            return int(proc.name)
+    raise AssertionError(f"no trainer of rank {rank} in job {job_id}")
+
+
+def test_a_hung_rank_fails_the_job_instead_of_holding_its_nodes(slurm, tmp_path):
+    """A rank stops answering (SIGSTOP): its peer fails after ``train.collective_timeout_minutes``, and srun kills
+    the stopped rank ``RANK_EXIT_WAIT_S`` later, so the job ends (FAILED, not requeued) long before its time limit."""
+    config = tiny_config(tmp_path, train={"max_steps": 10_000, "collective_timeout_minutes": 0.25},
+                         checkpoint={"every_steps": 3})
+    job_id = submit(slurm, config, "local", "--export=ALL,RANK_EXIT_WAIT_S=5")
+    run_dir = tmp_path / "run"
+    wait_until(slurm, job_id, reached_step(run_dir, 4), "step 4")
+    os.kill(trainer_pid(job_id, 1), signal.SIGSTOP)
+    fields = job_end(slurm, job_id)
+    output = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert (fields["JobState"], fields["Restarts"]) == ("FAILED", "0"), f"{fields}\n{output[-6000:]}"
+    assert "Timed out waiting 15000ms" in output and "requeueing" not in output
+    latest = read_latest(run_dir / "checkpoints")
+    assert latest is not None and int(latest.name.split("_")[1]) % 3 == 0

@@ -19,7 +19,7 @@ def train(cfg: Config, env: DistEnv, resume_from: Optional[Path], preemption: Pr
     ``EXIT_PREEMPTED`` after a signal, which ``preemption`` has caught since the process started, and its
     checkpoint)."""
     device = device_of(env, cfg.data.num_workers)
-    with process_group(env, device):
+    with process_group(env, device, cfg.train.collective_timeout_minutes):
         run = build_run(cfg, env, device, resume_from)
         exit_code = 1
         try:

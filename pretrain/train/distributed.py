@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from launch.env import DistEnv, backend_for, device_for, export_env
+from ..config import TrainConfig
 
 
 def device_of(env: DistEnv, data_workers: int) -> torch.device:
@@ -30,26 +31,35 @@ def device_of(env: DistEnv, data_workers: int) -> torch.device:
 
 
 @contextmanager
-def process_group(env: DistEnv, device: torch.device, timeout_s: float = 1800.0) -> Iterator[None]:
+def process_group(env: DistEnv, device: torch.device,
+                  timeout_minutes: float = TrainConfig.collective_timeout_minutes) -> Iterator[None]:
     """``deepspeed.init_distributed`` from ``env`` (exported as RANK/WORLD_SIZE/... first, so DeepSpeed never tries
-    MPI discovery), without the shm_comm op it would otherwise JIT-build for ~25 s."""
+    MPI discovery), without the shm_comm op it would otherwise JIT-build for ~25 s.
+
+    ``timeout_minutes`` bounds every collective, those of the groups DeepSpeed makes too: it makes them with
+    ``new_group(ranks)``, which takes torch's default timeout (30 minutes on gloo, 10 on NCCL), not the world's. So the
+    defaults are ours while the group lives."""
     import deepspeed
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     export_env(env)
-    deepspeed.init_distributed(
-        dist_backend=backend_for(device),
-        auto_mpi_discovery=False,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        rank=env.rank,
-        world_size=env.world_size,
-    )
+    c10d = dist.distributed_c10d
+    defaults = c10d.default_pg_timeout, c10d.default_pg_nccl_timeout
+    timeout = c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = datetime.timedelta(minutes=timeout_minutes)
     try:
+        deepspeed.init_distributed(
+            dist_backend=backend_for(device),
+            auto_mpi_discovery=False,
+            timeout=timeout,
+            rank=env.rank,
+            world_size=env.world_size,
+        )
         yield
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        c10d.default_pg_timeout, c10d.default_pg_nccl_timeout = defaults
 
 
 def all_gather(obj: Any) -> List[Any]:

@@ -55,13 +55,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def check_data_paths(cfg) -> None:
-    """Every shard spec names shards (before any process group starts), and evaluation has shards to run on."""
+    """Every shard spec names shards (before any process group starts), the model takes every class their indexes
+    list, and evaluation has shards to run on."""
     from pretrain.config import ConfigError
-    from pretrain.data import expand_spec
+    from pretrain.data import expand_spec, listed_classes
 
     for key in ("train_shards", "val_shards"):
         for i, spec in enumerate(getattr(cfg.data, key)):
-            expand_spec(spec, f"data.{key}[{i}]")
+            classes = listed_classes(expand_spec(spec, f"data.{key}[{i}]"))
+            if len(classes) > cfg.model.num_classes > 0:  # else most samples would be skipped for their label
+                raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but data.{key}[{i}] has "
+                                  f"{len(classes)} classes ({', '.join(classes[:5])}{', ...' * (len(classes) > 5)} in "
+                                  f"its index.json); set model.num_classes={len(classes)}")
     if cfg.train.eval_every_steps and not cfg.data.val_shards:
         raise ConfigError("data.val_shards: train.eval_every_steps is set but there are no validation shards; give "
                           "data.val_shards or set train.eval_every_steps=0")

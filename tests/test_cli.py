@@ -3,6 +3,7 @@ script and ``--print-config`` work."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -88,4 +89,20 @@ def test_print_config_shows_the_resolved_config_with_overrides(tmp_path):
 @pytest.mark.parametrize("name", ["demo", "mlm_bytes_201m", "multimodal_base"])
 def test_shipped_configs_are_valid(name):
     done = cli("train", "--config", f"configs/{name}.yaml", "--print-config")
+    assert done.returncode == 0, done.stderr
+
+
+def test_shards_with_more_classes_than_the_model_are_refused_before_training(tmp_path):
+    """Shards from ``data_prep shard --label-from-folder`` list their classes: a model with fewer would skip every
+    sample whose label it cannot take, so the run is refused at once, naming the key and the value that fits."""
+    config = tiny_config(tmp_path, train={"max_steps": 1})
+    index_path = tmp_path / "shards" / "train" / "index.json"
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps({**index, "info": {"classes": [f"c{i}" for i in range(7)]}}))
+    done = cli("train", "--config", str(config))
+    assert done.returncode == 2
+    assert ("error: model.num_classes: 5, but data.train_shards[0] has 7 classes (c0, c1, c2, c3, c4, ... in its "
+            "index.json); set model.num_classes=7") in done.stderr
+    assert not (tmp_path / "run").exists()
+    done = cli("train", "--config", str(config), "model.num_classes=7")
     assert done.returncode == 0, done.stderr

@@ -31,7 +31,7 @@ enables it; ``array`` inputs are not streamed):
 """
 
 from .collate import IGNORE_INDEX, BatchBuilder
-from .specs import DataError, Shard, expand_spec
+from .specs import DataError, Shard, expand_spec, listed_classes
 from .stream import DataStream
 
-__all__ = ["DataStream", "DataError", "BatchBuilder", "IGNORE_INDEX", "Shard", "expand_spec"]
+__all__ = ["DataStream", "DataError", "BatchBuilder", "IGNORE_INDEX", "Shard", "expand_spec", "listed_classes"]

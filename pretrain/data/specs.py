@@ -30,20 +30,39 @@ class Shard:
     samples: Optional[int] = None
 
 
-def read_index(directory: str) -> Dict[str, int]:
-    """Shard file name -> sample count from ``directory/index.json``; empty when there is none."""
+def _index_json(directory: str) -> Optional[dict]:
     path = os.path.join(directory, INDEX_NAME)
     if not os.path.isfile(path):
-        return {}
+        return None
     try:
         with open(path, encoding="utf-8") as f:
-            entries = json.load(f)["shards"]
-        return {entry["name"]: int(entry["samples"]) for entry in entries}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(
-            f"{path}: not a valid shard index ({exc}); expected {{\"shards\": [{{\"name\": ..., \"samples\": N}}]}}, "
-            f"rewrite it with `python -m data_prep shard` or delete it"
-        ) from exc
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise _bad_index(path, exc) from exc
+
+
+def _bad_index(path: str, exc: Exception) -> DataError:
+    return DataError(f"{path}: not a valid shard index ({exc}); expected {{\"shards\": [{{\"name\": ..., \"samples\": "
+                     f"N}}]}}, rewrite it with `python -m data_prep shard` or delete it")
+
+
+def read_index(directory: str) -> Dict[str, int]:
+    """Shard file name -> sample count from ``directory/index.json``; empty when there is none."""
+    index = _index_json(directory)
+    if index is None:
+        return {}
+    try:
+        return {entry["name"]: int(entry["samples"]) for entry in index["shards"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _bad_index(os.path.join(directory, INDEX_NAME), exc) from exc
+
+
+def listed_classes(shards: List[Shard]) -> List[str]:
+    """The longest list of class names in the shards' ``index.json`` files (``data_prep shard --label-from-folder``
+    writes one; labels are their positions), or [] when none lists classes."""
+    directories = {os.path.dirname(s.url) for s in shards if not s.url.startswith("pipe:")}
+    infos = [(_index_json(d) or {}).get("info") for d in sorted(directories)]
+    return max((info.get("classes") or [] for info in infos if isinstance(info, dict)), key=len, default=[])
 
 
 def _directory_shards(directory: str, key: str) -> List[Shard]:

@@ -25,6 +25,7 @@ from .run import Run
 from .schedule import lr_factor
 
 log = logging.getLogger("pretrain")
+AFTER_EXIT = "a requeued job resumes from the latest checkpoint; a cancelled one ends here"
 EXIT_DIVERGED = 3  # the loss or the gradient norm is no longer finite: stopped without saving, do not requeue
 
 
@@ -84,8 +85,8 @@ def train_loop(run: Run, preemption: Preemption) -> int:
     check of all steps since the previous one)."""
     cfg, engine, progress, world = run.cfg, run.engine, run.progress, run.env.world_size
     if any(all_gather(preemption.requested)):
-        log.info("signal %s during the start: exiting with %d for a requeue (nothing trained, nothing to save)",
-                 preemption.signal, EXIT_PREEMPTED)
+        log.info("signal %s during the start: exiting with %d, nothing trained, nothing to save (%s)",
+                 preemption.signal, EXIT_PREEMPTED, AFTER_EXIT)
         return EXIT_PREEMPTED
     gas = gradient_accumulation_steps(cfg, world)
     step_samples = cfg.data.batch_size * gas * world
@@ -150,8 +151,8 @@ def train_loop(run: Run, preemption: Preemption) -> int:
                 checkpoint_time = run.checkpointer.save(step)
                 last_save = time.monotonic()
             if stop:
-                log.info("signal %s: checkpointed step %d, exiting with %d for a requeue", preemption.signal, step,
-                         EXIT_PREEMPTED)
+                log.info("signal %s: checkpointed step %d, exiting with %d (%s)", preemption.signal, step,
+                         EXIT_PREEMPTED, AFTER_EXIT)
                 return EXIT_PREEMPTED
             if not last:  # posted after the save, so a save made for the minutes is not asked for again
                 agreement.post([preemption.requested,

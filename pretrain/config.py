@@ -262,7 +262,9 @@ class DataConfig:
     sample keys without which a sample is skipped. ``random_crop`` crops long text and audio at a random offset (else
     from the start). ``pixel_mean``/``pixel_std`` normalise image and video pixels scaled to [0, 1]. ``pin_memory``
     page-locks batches where CUDA is present (a copy from pageable memory makes the host wait for the work queued on
-    the GPU, every step); it does nothing elsewhere.
+    the GPU, every step); it does nothing elsewhere. ``pipe_stall_timeout_s``: a ``pipe:`` shard's command that sends
+    nothing for this long while a worker waits is killed and the rest of its shard skipped (``stalled_shard``), so a
+    download that hangs cannot hang the job (0 = wait forever).
     """
 
     train_shards: List[str] = field(default_factory=list)
@@ -283,13 +285,14 @@ class DataConfig:
     audio_sample_rate: int = 16000
     pixel_mean: List[float] = field(default_factory=lambda: [0.5])
     pixel_std: List[float] = field(default_factory=lambda: [0.5])
+    pipe_stall_timeout_s: float = 300.0
 
 
 def validate_data_config(cfg: DataConfig, model: ModelConfig, prefix: str = "data") -> DataConfig:
     """Fail early, naming the key, for any value the stream could not run with for this model."""
     for key in ("batch_size", "audio_sample_rate", "prefetch_factor"):
         _require(getattr(cfg, key) > 0, f"{prefix}.{key}", f"must be a positive integer, got {getattr(cfg, key)}")
-    for key in ("num_workers", "shuffle_buffer", "epoch_samples", "val_samples", "seed"):
+    for key in ("num_workers", "shuffle_buffer", "epoch_samples", "val_samples", "seed", "pipe_stall_timeout_s"):
         _require(getattr(cfg, key) >= 0, f"{prefix}.{key}", f"must be >= 0, got {getattr(cfg, key)}")
     if cfg.weights:
         _require(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 from test_data_shards import (
@@ -9,6 +12,7 @@ from test_data_shards import (
 )
 
 from pretrain.data import DataError, DataStream
+from pretrain.data.reader import SkipCounter, read_shard
 
 
 def _damaged_media(shard: int, i: int) -> dict:
@@ -74,3 +78,57 @@ def test_a_dataset_with_no_readable_shard_fails_instead_of_hanging(tmp_path):
     cfg = data_config([str(tmp_path / "shard-{000000..000001}.tar")], epoch_samples=8)
     with pytest.raises(DataError, match=r"no usable sample in any of its 1 shards.*data_prep validate"):
         list(DataStream(cfg, multimodal_model()))
+
+
+def _process_gone(pid_file, within: float = 10.0) -> bool:
+    """Whether the process dies (gone, or a zombie left for init to reap) within ``within`` seconds of a SIGKILL."""
+    stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_pipe_that_stalls_is_killed_and_its_shard_skipped(tmp_path):
+    """A ``pipe:`` command that stops sending (a download over a dead connection) is killed with what it started
+    after ``data.pipe_stall_timeout_s``; the samples before the stall are kept and the epoch completes."""
+    shard = write_shards(tmp_path / "a", [10], multimodal_sample, index=False)[0]
+    good = write_shards(tmp_path / "b", [40], multimodal_sample, index=False, first=1)[0]
+    half = shard.stat().st_size // 2
+    stalls = f"pipe:head -c {half} {shard}; sleep 600 & echo $! > {tmp_path / 'sleep.pid'}; wait"
+    cfg = data_config([f"{stalls}::{good}"], num_workers=0, batch_size=5, val_samples=30, pipe_stall_timeout_s=1.0)
+    stream = DataStream(cfg, multimodal_model(), split="val")
+    started = time.monotonic()
+    batches = list(stream)
+    assert time.monotonic() - started < 60
+    assert len(batches) == 6 and stream.skipped() == {"stalled_shard": 1}
+    keys = [k for b in batches for k in b["keys"]]
+    assert 0 < sum(k.startswith("s00-") for k in keys) < 10 and keys[-1].startswith("s01-")
+    assert _process_gone(tmp_path / "sleep.pid")  # the sleep under the shell was killed too
+
+
+def test_a_pipe_left_early_is_not_waited_for(tmp_path):
+    """A reader that stops before a ``pipe:`` shard's end closes it; a command that keeps its output open but sends
+    nothing would be waited for forever, and is killed after the stall timeout."""
+    shard = write_shards(tmp_path, [10], multimodal_sample, index=False)[0]
+    command = f"pipe:cat {shard}; sleep 600 & echo $! > {tmp_path / 'sleep.pid'}; wait"
+    samples = read_shard(command, SkipCounter(), stall_timeout_s=1.0)
+    assert next(samples)["__key__"] == "s00-0000"
+    samples.close()
+    assert _process_gone(tmp_path / "sleep.pid")
+
+
+def test_a_slow_reader_of_a_healthy_pipe_is_not_a_stall(tmp_path):
+    """Only time spent waiting inside a read counts: a consumer slower than the timeout reads the whole shard."""
+    shard = write_shards(tmp_path, [3], multimodal_sample, index=False)[0]
+    counter = SkipCounter()
+    keys = []
+    for sample in read_shard(f"pipe:cat {shard}", counter, stall_timeout_s=0.3):
+        keys.append(sample["__key__"])
+        time.sleep(0.5)  # the consumer's own work, longer than the stall timeout
+    assert keys == ["s00-0000", "s00-0001", "s00-0002"] and not counter.total

@@ -1,6 +1,6 @@
 """Tar shards -> raw samples (``{"__key__", "__url__", ext: bytes}``), skipping and counting what cannot be read.
 
-Shards are opened with webdataset's ``gopen`` (files, ``pipe:``, http, ...) and grouped into samples by webdataset's
+Shards are opened with webdataset's ``gopen`` (files, http, ...; ``pipe:`` under a stall guard, ``pipes.py``) and grouped into samples by webdataset's
 key rule (``base_plus_ext``: the key is the name up to the first dot of the file name).
 
 Reading is cheap (no decoding), so a resumed worker can replay it to fast-forward. Skips are counted by reason in a
@@ -10,6 +10,8 @@ Reading is cheap (no decoding), so a resumed worker can replay it to fast-forwar
   ``pipe:`` command) -- one per shard read.
 * ``corrupt_tar``: a shard that broke off mid-way (truncated, garbage header) -- one per shard read; the samples
   before the damage are kept, the one being read is dropped (its files may be incomplete).
+* ``stalled_shard``: a ``pipe:`` shard whose command sent nothing for ``data.pipe_stall_timeout_s``: killed, and the
+  shard left from there on (samples before the stall are kept) -- one per shard read.
 * ``duplicate_file``: a sample holding the same extension twice.
 * ``missing_key:<ext>``: a sample without a key listed in ``data.require``.
 * ``no_usable_modality``: a sample with none of the keys the model reads.
@@ -23,9 +25,9 @@ import random
 from collections import Counter
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
-from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
+from .pipes import open_shard
 from .specs import DataError, Shard
 from .tar import tar_members
 
@@ -54,12 +56,13 @@ class SkipCounter:
         return pending
 
 
-def read_shard(url: str, counter: SkipCounter) -> Iterator[Sample]:
-    """The samples of one tar (files grouped by key, extensions lower-cased), never raising on bad data."""
+def read_shard(url: str, counter: SkipCounter, stall_timeout_s: float = 0.0) -> Iterator[Sample]:
+    """The samples of one tar (files grouped by key, extensions lower-cased), never raising on bad data (nor
+    hanging on a ``pipe:`` command that stops sending for ``stall_timeout_s``)."""
     members = 0
     current: Optional[Sample] = None
     try:
-        stream = gopen(url, "rb")
+        stream = open_shard(url, stall_timeout_s)
     except Exception as exc:  # any failure to open is a bad shard, whatever the scheme raises
         counter.skip("unreadable_shard", url, exc)
         return
@@ -80,7 +83,10 @@ def read_shard(url: str, counter: SkipCounter) -> Iterator[Sample]:
             current[ext] = data
         stream.close()  # a pipe: reports its command's exit status here
     except Exception as exc:  # tar damage, I/O and pipe errors: all mean this shard is unusable from here on
-        counter.skip("corrupt_tar" if members else "unreadable_shard", url, exc)
+        if getattr(stream, "stalled", False):
+            counter.skip("stalled_shard", url, f"its command sent nothing for {stall_timeout_s:g} s and was killed")
+        else:
+            counter.skip("corrupt_tar" if members else "unreadable_shard", url, exc)
         if current is not None and base_plus_ext(getattr(exc, "member", ""))[0] not in (None, current["__key__"]):
             yield from _valid(current, counter)  # the damage is in the next sample: this one is complete
         return
@@ -132,6 +138,7 @@ def shard_samples(
     select: Callable[[Sample, SkipCounter], Optional[Sample]],
     counter: SkipCounter,
     where: str,
+    stall_timeout_s: float = 0.0,
 ) -> Iterator[Sample]:
     """An endless stream of kept samples from ``shards``: in order, then reshuffled passes (or shards drawn with
     replacement, weighted by sample count, when ``resample``). Endless, so no reader ever runs dry before its
@@ -144,7 +151,7 @@ def shard_samples(
     while True:
         for url in rng.choices(urls, weights) if resample else order:
             kept = 0
-            for sample in read_shard(url, counter):
+            for sample in read_shard(url, counter, stall_timeout_s):
                 selected = select(sample, counter)
                 if selected is not None:
                     kept += 1

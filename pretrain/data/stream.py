@@ -96,6 +96,7 @@ def raw_samples(plan: StreamPlan, epoch: int, worker: int, counter: SkipCounter)
         shard_samples(
             plan.shards(epoch, worker, i), python_rng(*ids, SOURCE, i), plan.data.resample, select, counter,
             where=f"{dataset.key} (rank {plan.rank}, worker {worker}, epoch {epoch})",
+            stall_timeout_s=plan.data.pipe_stall_timeout_s,
         )
         for i, dataset in enumerate(plan.datasets)
     ]

@@ -8,7 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_data_shards import (
-    data_config, flac_bytes, multimodal_model, multimodal_sample, png_bytes, truncate_inside_sample, write_shards,
+    data_config,
+    flac_bytes,
+    multimodal_model,
+    multimodal_sample,
+    png_bytes,
+    truncate_inside_sample,
+    write_shards,
 )
 
 from pretrain.data import DataError, DataStream

@@ -20,7 +20,8 @@ from typing import BinaryIO, Optional
 from webdataset import utils as webdataset_utils
 from webdataset.gopen import Pipe, gopen
 
-PIPE_PREFIX = "pipe:"
+from .specs import PIPE_PREFIX
+
 SIGPIPE_STATUS = 141  # the command was writing when the reader closed its end early: no error (as webdataset's gopen)
 
 

@@ -1,7 +1,8 @@
 """Tar shards -> raw samples (``{"__key__", "__url__", ext: bytes}``), skipping and counting what cannot be read.
 
-Shards are opened with webdataset's ``gopen`` (files, http, ...; ``pipe:`` under a stall guard, ``pipes.py``) and grouped into samples by webdataset's
-key rule (``base_plus_ext``: the key is the name up to the first dot of the file name).
+Shards are opened with webdataset's ``gopen`` (files, http, ...; ``pipe:`` commands under a stall guard, ``pipes.py``)
+and grouped into samples by webdataset's key rule (``base_plus_ext``: the key is the name up to the first dot of the
+file name).
 
 Reading is cheap (no decoding), so a resumed worker can replay it to fast-forward. Skips are counted by reason in a
 :class:`SkipCounter`; what each reason counts:
@@ -56,7 +57,7 @@ class SkipCounter:
         return pending
 
 
-def read_shard(url: str, counter: SkipCounter, stall_timeout_s: float = 0.0) -> Iterator[Sample]:
+def read_shard(url: str, counter: SkipCounter, stall_timeout_s: float) -> Iterator[Sample]:
     """The samples of one tar (files grouped by key, extensions lower-cased), never raising on bad data (nor
     hanging on a ``pipe:`` command that stops sending for ``stall_timeout_s``)."""
     members = 0
@@ -138,7 +139,7 @@ def shard_samples(
     select: Callable[[Sample, SkipCounter], Optional[Sample]],
     counter: SkipCounter,
     where: str,
-    stall_timeout_s: float = 0.0,
+    stall_timeout_s: float,
 ) -> Iterator[Sample]:
     """An endless stream of kept samples from ``shards``: in order, then reshuffled passes (or shards drawn with
     replacement, weighted by sample count, when ``resample``). Endless, so no reader ever runs dry before its

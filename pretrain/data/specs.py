@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 import braceexpand
 
 INDEX_NAME = "index.json"
+PIPE_PREFIX = "pipe:"
 
 
 class DataError(ValueError):
@@ -60,7 +61,7 @@ def read_index(directory: str) -> Dict[str, int]:
 def listed_classes(shards: List[Shard]) -> List[str]:
     """The longest list of class names in the shards' ``index.json`` files (``data_prep shard --label-from-folder``
     writes one; labels are their positions), or [] when none lists classes."""
-    directories = {os.path.dirname(s.url) for s in shards if not s.url.startswith("pipe:")}
+    directories = {os.path.dirname(s.url) for s in shards if not s.url.startswith(PIPE_PREFIX)}
     infos = [(_index_json(d) or {}).get("info") for d in sorted(directories)]
     return max((info.get("classes") or [] for info in infos if isinstance(info, dict)), key=len, default=[])
 
@@ -95,7 +96,7 @@ def expand_spec(spec: str, key: str) -> List[Shard]:
         part = part.strip()
         if not part:
             raise DataError(f"{key}: empty shard spec in {spec!r}")
-        if part.startswith("pipe:"):
+        if part.startswith(PIPE_PREFIX):
             shards.extend(Shard(url) for url in braceexpand.braceexpand(part))
         elif os.path.isdir(part):
             shards.extend(_directory_shards(part, key))

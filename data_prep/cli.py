@@ -1,7 +1,7 @@
 """The ``data_prep`` command line: ``shard``, ``build-demo``, ``validate``, ``stats``.
 
-Exit codes: 0 done; 1 the data is bad (too many rejects, problems found, nothing to build); 2 the command cannot run
-as asked (bad arguments, a non-empty output without ``--overwrite``, a missing manifest or index).
+Exit codes: 0 done; 1 the data is bad (too many rejects, problems found, nothing to build, a manifest cut off); 2 the
+command cannot run as asked (bad arguments, a non-empty output without ``--overwrite``, a missing manifest or index).
 """
 
 from __future__ import annotations
@@ -17,7 +17,14 @@ from pathlib import Path
 from data_prep.demo import SIZES, DemoSources, build_demo
 from data_prep.folder import SUFFIX_FIELD, shard_folder
 from data_prep.index import IndexFileError, ShardIndex
-from data_prep.manifest import ShardOptions, shard_manifest
+from data_prep.manifest import (
+    ALLOWED_FIELDS,
+    OTHER_FIELDS,
+    ManifestError,
+    ManifestFormat,
+    ShardOptions,
+    shard_manifest,
+)
 from data_prep.schema import REJECTED_FILE
 from data_prep.sources import FASHION_DIR, INSTALL_SCRIPT, default_npm_cache
 from data_prep.stats import human_bytes, stats
@@ -40,6 +47,14 @@ def _bounded(cast: Callable[[str], float], low: float, high: float = math.inf) -
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
     return parse
+
+
+def _renaming(text: str) -> tuple[str, str]:
+    """``SOURCE=FIELD`` for ``--rename``: FIELD must be a manifest field."""
+    source, _, target = text.partition("=")
+    if not source or target not in ALLOWED_FIELDS:
+        raise argparse.ArgumentTypeError(f"{text!r}: give SOURCE=FIELD with FIELD one of {', '.join(ALLOWED_FIELDS)}")
+    return source, target
 
 
 _fraction = _bounded(float, 0.0, 1.0)
@@ -66,6 +81,8 @@ def _summarise(directory: Path, index: ShardIndex, max_reject_fraction: float) -
 
 def _shard_source_error(args: argparse.Namespace) -> str | None:
     if args.input_dir is not None:
+        if args.rename or args.other_fields != "reject":
+            return "--rename and --other-fields apply to --manifest lines, not to --input-dir files"
         return None if args.input_dir.is_dir() else f"--input-dir {args.input_dir}: no such directory"
     if args.label_from_folder:
         return "--label-from-folder needs --input-dir (a manifest's rows give their labels)"
@@ -80,7 +97,8 @@ def _shard(args: argparse.Namespace) -> int:
     limits = ShardLimits(max_samples=args.max_samples_per_shard, max_bytes=int(args.max_shard_mb * 1_000_000))
     options = ShardOptions(seed=args.seed, limits=limits, workers=args.workers, audio_rate=args.audio_rate,
                            overwrite=args.overwrite)
-    index = (shard_manifest(args.manifest, args.out, options) if args.input_dir is None else
+    fmt = ManifestFormat(rename=tuple(args.rename), other_fields=args.other_fields)
+    index = (shard_manifest(args.manifest, args.out, options, fmt) if args.input_dir is None else
              shard_folder(args.input_dir, args.out, options, label_from_folder=args.label_from_folder))
     return _summarise(args.out, index, args.max_reject_fraction)
 
@@ -142,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--input-dir", type=Path,
                         help="a folder of files, one sample per path without its suffix (a/1.png + a/1.txt); "
                              f"suffixes: {' '.join(SUFFIX_FIELD)} (.cls: an integer label, .json: metadata)")
+    shard.add_argument("--rename", type=_renaming, action="append", default=[], metavar="SOURCE=FIELD",
+                       help="with --manifest: read a line's SOURCE as FIELD (content=text, id=key); repeatable")
+    shard.add_argument("--other-fields", choices=OTHER_FIELDS, default="reject",
+                       help="with --manifest: fields the schema lacks reject their line (default), go into meta, "
+                            "or are ignored")
     shard.add_argument("--label-from-folder", action="store_true",
                        help="with --input-dir: the top folder is the class (sorted names -> 0, 1, ...; "
                             "listed in index.json)")
@@ -178,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OutputError, IndexFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # output piped into `head`: stop quietly, and keep Python from complaining at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

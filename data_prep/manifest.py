@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 from data_prep.index import ShardIndex
 from data_prep.media import (
@@ -83,7 +84,43 @@ class ManifestRow:
         return ext, data
 
 
-def parse_row(line: bytes) -> dict[str, Any]:
+OTHER_FIELDS = ("reject", "meta", "ignore")
+
+
+@dataclass(frozen=True)
+class ManifestFormat:
+    """How an existing corpus's lines map onto the schema: ``rename`` (source, schema field) pairs, such as a
+    corpus's ``content`` as ``text``, and what becomes of the fields the schema lacks: ``reject`` the line (so that
+    a typo like ``imgae`` is caught), keep them in ``meta``, or ``ignore`` them."""
+
+    rename: tuple[tuple[str, str], ...] = ()
+    other_fields: str = "reject"
+
+    def apply(self, row: dict[str, Any]) -> dict[str, Any]:
+        for source, target in self.rename:
+            if source in row:
+                if target in row:
+                    raise Rejected(target, f"has both {source!r} (renamed to {target!r}) and {target!r}")
+                row[target] = row.pop(source)
+        others = sorted(set(row) - set(ALLOWED_FIELDS))
+        if not others:
+            return row
+        if self.other_fields == "reject":
+            raise Rejected(others[0], f"unknown field {others[0]!r}; allowed: {', '.join(ALLOWED_FIELDS)} (--rename "
+                                      "maps a field onto one of them; --other-fields meta or ignore takes the rest)")
+        values = {name: row.pop(name) for name in others}
+        if self.other_fields == "meta":
+            meta = row.setdefault("meta", {})
+            if not isinstance(meta, dict):
+                raise Rejected("meta", f"must be dict to take the other fields, got {type(meta).__name__}")
+            clash = sorted(set(meta) & set(values))
+            if clash:
+                raise Rejected("meta", f"{clash[0]!r} is both a field of the line and a key of its meta")
+            meta.update(values)
+        return row
+
+
+def parse_row(line: bytes, fmt: ManifestFormat = ManifestFormat()) -> dict[str, Any]:
     """One manifest line as a checked dict; raises :class:`Rejected` naming the bad field."""
     try:
         row = json.loads(line)
@@ -95,9 +132,7 @@ def parse_row(line: bytes) -> dict[str, Any]:
         json.dumps(row, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise Rejected("line", "holds a lone surrogate escape (like \\ud800) that is no Unicode text") from None
-    unknown = sorted(set(row) - set(ALLOWED_FIELDS))
-    if unknown:
-        raise Rejected(unknown[0], f"unknown field {unknown[0]!r}; allowed: {', '.join(ALLOWED_FIELDS)}")
+    row = fmt.apply(row)
     for name, value in row.items():
         wanted = _TYPES[name]
         if not isinstance(value, wanted) or isinstance(value, bool):
@@ -109,18 +144,33 @@ def parse_row(line: bytes) -> dict[str, Any]:
     return row
 
 
-def read_manifest(path: Path, audio_rate: int) -> tuple[list[Job], list[Rejection]]:
-    """Jobs for the good lines and rejections for unparsable, ill-typed or duplicate ones (blank lines are skipped)."""
+class ManifestError(Exception):
+    """The manifest cannot be read to its end (a truncated or corrupt ``.gz``); the message names it and the line."""
+
+
+def _numbered_lines(lines: IO[bytes], path: Path) -> Iterator[tuple[int, bytes]]:
+    number = 0
+    try:
+        for number, line in enumerate(lines, 1):
+            yield number, line
+    except (OSError, EOFError) as e:  # gzip's BadGzipFile is an OSError; a cut-off stream is an EOFError
+        raise ManifestError(f"{path}: unreadable after line {number} ({e}); nothing was written") from None
+
+
+def read_manifest(path: Path, audio_rate: int, fmt: ManifestFormat = ManifestFormat()
+                  ) -> tuple[list[Job], list[Rejection]]:
+    """Jobs for the good lines and rejections for unparsable, ill-typed or duplicate ones (blank lines are skipped).
+    A manifest whose name ends in ``.gz`` is read through gzip (corpora often come as ``.jsonl.gz``)."""
     jobs: list[Job] = []
     rejected: list[Rejection] = []
     seen: set[str] = set()
-    with path.open("rb") as lines:
-        for number, line in enumerate(lines, 1):
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as lines:
+        for number, line in _numbered_lines(lines, path):
             if not line.strip():
                 continue
             origin = f"{path.name}:{number}"
             try:
-                row = parse_row(line)
+                row = parse_row(line, fmt)
             except Rejected as e:
                 rejected.append(Rejection(origin, None, e.field, e.reason))
                 continue
@@ -153,7 +203,9 @@ def shuffle_into_shards(jobs: list[Job], rejected: list[Rejection], out: Path, o
     return write_shards(out, jobs, limits=options.limits, workers=options.workers, rejected=rejected, info=info)
 
 
-def shard_manifest(manifest: Path, out: Path, options: ShardOptions = ShardOptions()) -> ShardIndex:
+def shard_manifest(manifest: Path, out: Path, options: ShardOptions = ShardOptions(),
+                   fmt: ManifestFormat = ManifestFormat()) -> ShardIndex:
     """The manifest's samples as shards."""
-    jobs, rejected = read_manifest(manifest, options.audio_rate)
-    return shuffle_into_shards(jobs, rejected, out, options, {"manifest": manifest.name})
+    jobs, rejected = read_manifest(manifest, options.audio_rate, fmt)
+    info = {"manifest": manifest.name, "rename": dict(fmt.rename), "other_fields": fmt.other_fields}
+    return shuffle_into_shards(jobs, rejected, out, options, info)

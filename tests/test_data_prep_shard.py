@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import subprocess
@@ -174,3 +175,67 @@ def test_the_module_and_its_exit_code_from_a_shell(tmp_path: Path):
                           "--out", str(tmp_path / "o"), "--workers", "2"], capture_output=True, text=True)
     assert run.returncode == 1, run.stderr
     assert "rejected 1 of 3 (33.3%)" in run.stdout
+
+
+def corpus_lines(count: int = 4) -> list[dict]:
+    """Lines as an existing text corpus has them (a datasets export): its own names and fields beside the text."""
+    return [{"id": f"doc-{i}", "content": f"document {i}", "url": f"https://example.org/{i}", "timestamp": i}
+            for i in range(count)]
+
+
+def write_gz_manifest(path: Path, rows: list) -> Path:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
+    return path
+
+
+def test_an_existing_corpus_maps_onto_the_schema(tmp_path: Path, capsys):
+    rows = corpus_lines() + [{"id": "both", "content": "x", "text": "y"},
+                             {"id": "clash", "content": "x", "url": "u", "meta": {"url": "v"}}]
+    manifest = write_gz_manifest(tmp_path / "corpus.jsonl.gz", rows)
+    strict = tmp_path / "strict"
+    assert main(["shard", "--manifest", str(manifest), "--out", str(strict), "--workers", "1"]) == 1
+    reasons = {r["origin"]: r["reason"] for r in map(json.loads, (strict / "rejected.jsonl").read_text().splitlines())}
+    assert len(reasons) == 6 and "--rename maps a field onto one of them" in reasons["corpus.jsonl.gz:1"]
+
+    mapped = ["--manifest", str(manifest), "--rename", "content=text", "--rename", "id=key", "--workers", "1",
+              "--max-reject-fraction", "0.5"]
+    assert main(["shard", *mapped, "--other-fields", "meta", "--out", str(tmp_path / "meta")]) == 0
+    samples = read_tars(tmp_path / "meta")
+    assert sorted(samples) == [f"doc-{i}" for i in range(4)]
+    assert samples["doc-2"] == {"txt": b"document 2", "json": b'{"timestamp": 2, "url": "https://example.org/2"}'}
+    rejected = {r["key"] if r["key"] else r["origin"]: (r["field"], r["reason"])
+                for r in map(json.loads, (tmp_path / "meta" / "rejected.jsonl").read_text().splitlines())}
+    assert rejected == {"corpus.jsonl.gz:5": ("text", "has both 'content' (renamed to 'text') and 'text'"),
+                        "corpus.jsonl.gz:6": ("meta", "'url' is both a field of the line and a key of its meta")}
+    info = json.loads((tmp_path / "meta" / "index.json").read_text())["info"]
+    assert (info["rename"], info["other_fields"]) == ({"content": "text", "id": "key"}, "meta")
+
+    assert main(["shard", *mapped, "--other-fields", "ignore", "--out", str(tmp_path / "ignore")]) == 0
+    assert read_tars(tmp_path / "ignore")["doc-2"] == {"txt": b"document 2"}
+    assert "rejected 1 of 6" in capsys.readouterr().out  # the clash with meta is no clash when the rest is ignored
+
+
+def test_a_cut_off_gz_manifest_fails_naming_the_line(tmp_path: Path, capsys):
+    whole = write_gz_manifest(tmp_path / "whole.jsonl.gz", [{"text": "x" * 5000, "key": f"k{i}"} for i in range(50)])
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole.read_bytes()[:-200])
+    assert main(["shard", "--manifest", str(cut), "--out", str(tmp_path / "out"), "--workers", "1"]) == 1
+    assert f"error: {cut}: unreadable after line" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rename", "content=body"], "give SOURCE=FIELD with FIELD one of key, text"),
+    (["--rename", "=text"], "give SOURCE=FIELD"),
+    (["--input-dir", ".", "--rename", "content=text"], "--rename and --other-fields apply to --manifest lines"),
+    (["--input-dir", ".", "--other-fields", "meta"], "--rename and --other-fields apply to --manifest lines"),
+])
+def test_manifest_mapping_options_are_checked(tmp_path: Path, capsys, args, message):
+    source = [] if "--input-dir" in args else ["--manifest", str(write_manifest(tmp_path / "m.jsonl", [{"text": "x"}]))]
+    try:
+        code = main(["shard", *source, *args, "--out", str(tmp_path / "o")])
+    except SystemExit as e:  # argparse's own refusal
+        code = e.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from data_prep.chunking import MIN_CHUNK_BYTES
 from data_prep.demo import SIZES, DemoSources, build_demo
 from data_prep.folder import SUFFIX_FIELD, shard_folder
 from data_prep.index import IndexFileError, ShardIndex
@@ -57,17 +58,26 @@ def _renaming(text: str) -> tuple[str, str]:
     return source, target
 
 
+def _chunk_bytes(text: str) -> int:
+    value = int(text)
+    if value and value < MIN_CHUNK_BYTES:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or at least {MIN_CHUNK_BYTES}, got {text}")
+    return value
+
+
 _fraction = _bounded(float, 0.0, 1.0)
 _positive = _bounded(int, 1)
 
 
 def _summarise(directory: Path, index: ShardIndex, max_reject_fraction: float) -> int:
     """Print what was written; 1 when nothing was, or when more than the allowed fraction was rejected."""
-    total = index.samples + index.rejected
+    total = index.info.get("inputs", index.samples + index.rejected)
     fraction = index.rejected / total if total else 0.0
     where = f", reasons in {directory / REJECTED_FILE}" if index.rejected else ""
-    print(f"{directory}: wrote {index.samples} samples in {len(index.shards)} shards ({human_bytes(index.bytes)}); "
-          f"rejected {index.rejected} of {total} ({fraction:.1%}){where}")
+    written = total - index.rejected
+    pieces = f" from {written} inputs (long texts in pieces)" if index.samples != written else ""
+    print(f"{directory}: wrote {index.samples} samples{pieces} in {len(index.shards)} shards "
+          f"({human_bytes(index.bytes)}); rejected {index.rejected} of {total} ({fraction:.1%}){where}")
     if index.samples == 0:
         print(f"error: {directory}: no sample was written", file=sys.stderr)
         return 1
@@ -96,7 +106,7 @@ def _shard(args: argparse.Namespace) -> int:
         return 2
     limits = ShardLimits(max_samples=args.max_samples_per_shard, max_bytes=int(args.max_shard_mb * 1_000_000))
     options = ShardOptions(seed=args.seed, limits=limits, workers=args.workers, audio_rate=args.audio_rate,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, text_chunk_bytes=args.text_chunk_bytes)
     fmt = ManifestFormat(rename=tuple(args.rename), other_fields=args.other_fields)
     index = (shard_manifest(args.manifest, args.out, options, fmt) if args.input_dir is None else
              shard_folder(args.input_dir, args.out, options, label_from_folder=args.label_from_folder))
@@ -168,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--label-from-folder", action="store_true",
                        help="with --input-dir: the top folder is the class (sorted names -> 0, 1, ...; "
                             "listed in index.json)")
+    shard.add_argument("--text-chunk-bytes", type=_chunk_bytes, default=0, metavar="N",
+                       help="write a text-only sample longer than N UTF-8 bytes as consecutive samples of at most N "
+                            "(key-0, key-1, ...; set N to the model's model.text.max_length); 0: never")
     shard.add_argument("--max-samples-per-shard", type=_positive, default=10_000)
     shard.add_argument("--max-shard-mb", type=_bounded(float, 1e-6), default=1000.0,
                        help="sample data per shard, in 10^6 bytes")

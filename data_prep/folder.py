@@ -7,7 +7,6 @@ not data and are passed over; any other file that fits no field rejects its samp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,7 +17,7 @@ from typing import Any
 
 from data_prep.index import ShardIndex
 from data_prep.manifest import CONTENT_FIELDS, ManifestRow, ShardOptions, shuffle_into_shards
-from data_prep.schema import KEY_RE, Rejected
+from data_prep.schema import KEY_RE, Rejected, hashed_key
 from data_prep.writer import Job, OutputError, Rejection
 
 SUFFIX_FIELD = {
@@ -30,7 +29,6 @@ SUFFIX_FIELD = {
     **dict.fromkeys((".json",), "meta"),
 }
 _NOT_IN_KEYS = re.compile(r"[^A-Za-z0-9_-]")
-_HASHED_KEY_PREFIX = 55  # + "-" + 8 hex digits = the 64 characters a key may have
 
 
 @dataclass(frozen=True)
@@ -82,8 +80,7 @@ def sample_keys(stems: list[str]) -> dict[str, str]:
     long or shared by two stems, its first characters and a hash of the stem."""
     plain = {stem: _NOT_IN_KEYS.sub("_", stem) for stem in stems}
     uses = Counter(plain.values())
-    return {stem: key if uses[key] == 1 and KEY_RE.match(key) else
-            f"{key[:_HASHED_KEY_PREFIX]}-{hashlib.sha1(stem.encode()).hexdigest()[:8]}"
+    return {stem: key if uses[key] == 1 and KEY_RE.match(key) else hashed_key(key, stem)
             for stem, key in plain.items()}
 
 

@@ -192,6 +192,7 @@ class ShardOptions:
     workers: int = 1
     audio_rate: int = 16_000
     overwrite: bool = False
+    text_chunk_bytes: int = 0
 
 
 def shuffle_into_shards(jobs: list[Job], rejected: list[Rejection], out: Path, options: ShardOptions,
@@ -199,8 +200,10 @@ def shuffle_into_shards(jobs: list[Job], rejected: list[Rejection], out: Path, o
     """Write ``jobs`` as shards in an order shuffled by the seed, so that each shard mixes the sources."""
     prepare_output(out, options.overwrite)
     random.Random(options.seed).shuffle(jobs)
-    info = {"command": "shard", **info, "seed": options.seed, "audio_rate": options.audio_rate}
-    return write_shards(out, jobs, limits=options.limits, workers=options.workers, rejected=rejected, info=info)
+    info = {"command": "shard", **info, "seed": options.seed, "audio_rate": options.audio_rate,
+            "text_chunk_bytes": options.text_chunk_bytes}
+    return write_shards(out, jobs, limits=options.limits, workers=options.workers, rejected=rejected, info=info,
+                        text_chunk_bytes=options.text_chunk_bytes)
 
 
 def shard_manifest(manifest: Path, out: Path, options: ShardOptions = ShardOptions(),

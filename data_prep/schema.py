@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable
 
@@ -23,10 +24,19 @@ SHARD_PATTERN = "shard-%06d.tar"
 SHARD_GLOB = "shard-*.tar"
 INDEX_FORMAT = "perceiver-shards/1"
 # No dots (webdataset splits a member name at the first one) and short enough for a USTAR member name.
-KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-KEY_RULE = "1-64 letters, digits, '_' or '-' (a '.' would split the sample in two)"
+MAX_KEY = 64
+KEY_RE = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_KEY}}}$")
+KEY_RULE = f"1-{MAX_KEY} letters, digits, '_' or '-' (a '.' would split the sample in two)"
 
+_HASH_DIGITS = 8
 Sample = dict[str, "bytes | str"]  # "__key__" -> key, field -> encoded bytes
+
+
+def hashed_key(prefix: str, hashed: str, room: int = MAX_KEY) -> str:
+    """``prefix``'s start and a short hash of ``hashed``, in ``room`` characters: a key that stays unique where the
+    readable one would be too long or shared."""
+    digest = hashlib.sha1(hashed.encode()).hexdigest()[:_HASH_DIGITS]
+    return f"{prefix[:room - _HASH_DIGITS - 1]}-{digest}"
 
 
 class Rejected(Exception):

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from data_prep.chunking import text_chunks
 from data_prep.index import ShardIndex, ShardRecord, write_index
 from data_prep.parallel import ordered_map
 from data_prep.schema import (
@@ -122,8 +123,9 @@ class _IndexedShardWriter:
 
 def write_shards(directory: Path, jobs: Sequence[Job], *, limits: ShardLimits = ShardLimits(), workers: int = 1,
                  rejected: Sequence[Rejection] = (), info: dict[str, Any] | None = None,
-                 desc: str = "shard") -> ShardIndex:
-    """Encode ``jobs`` (in order, in ``workers`` processes) into ``directory``; ``rejected`` are earlier rejects to log.
+                 desc: str = "shard", text_chunk_bytes: int = 0) -> ShardIndex:
+    """Encode ``jobs`` (in order, in ``workers`` processes) into ``directory``; ``rejected`` are earlier rejects to log;
+    texts longer than ``text_chunk_bytes`` are written in pieces (:mod:`data_prep.chunking`).
 
     The directory must have been through :func:`prepare_output`. Returns the index that was written.
     """
@@ -139,10 +141,11 @@ def write_shards(directory: Path, jobs: Sequence[Job], *, limits: ShardLimits = 
                     log.write(result.to_json() + "\n")
                     count += 1
                 else:
-                    writer.write(result)
+                    for sample in text_chunks(result, text_chunk_bytes):
+                        writer.write(sample)
                 bar.update()
     finally:
         writer.close()
-    index = ShardIndex(writer.records, rejected=count, info=info or {})
+    index = ShardIndex(writer.records, rejected=count, info={**(info or {}), "inputs": len(jobs) + len(rejected)})
     write_index(directory, index)
     return index

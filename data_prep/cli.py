@@ -53,7 +53,7 @@ def _bounded(cast: Callable[[str], float], low: float, high: float = math.inf) -
 def _renaming(text: str) -> tuple[str, str]:
     """``SOURCE=FIELD`` for ``--rename``: FIELD must be a manifest field."""
     source, _, target = text.partition("=")
-    if not source or target not in ALLOWED_FIELDS:
+    if not source or source == target or target not in ALLOWED_FIELDS:
         raise argparse.ArgumentTypeError(f"{text!r}: give SOURCE=FIELD with FIELD one of {', '.join(ALLOWED_FIELDS)}")
     return source, target
 

@@ -228,6 +228,7 @@ def test_a_cut_off_gz_manifest_fails_naming_the_line(tmp_path: Path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--rename", "content=body"], "give SOURCE=FIELD with FIELD one of key, text"),
     (["--rename", "=text"], "give SOURCE=FIELD"),
+    (["--rename", "text=text"], "give SOURCE=FIELD"),
     (["--input-dir", ".", "--rename", "content=text"], "--rename and --other-fields apply to --manifest lines"),
     (["--input-dir", ".", "--other-fields", "meta"], "--rename and --other-fields apply to --manifest lines"),
 ])

@@ -256,8 +256,9 @@ class DataConfig:
     """The training/validation stream. Shapes (text length, image size, ...) come from ``ModelConfig``.
 
     Each entry of ``train_shards``/``val_shards`` is one dataset: a brace pattern (``/d/shard-{000000..000099}.tar``),
-    a directory holding ``index.json``, a ``pipe:`` command (brace patterns allowed), or several of these joined by
-    ``::``. Training datasets are mixed by ``weights`` (one per entry; empty = proportional to their sample counts).
+    a directory holding ``index.json`` (or tars, or subdirectories holding ``index.json``), a ``pipe:`` command (brace
+    patterns allowed), or several of these joined by ``::``. Training datasets are mixed by ``weights`` (one per
+    entry; empty = proportional to their sample counts).
     An epoch is ``epoch_samples`` samples (0 = the sum of the index.json counts) over all ranks. ``require`` lists
     sample keys without which a sample is skipped. ``random_crop`` crops long text and audio at a random offset (else
     from the start). ``pixel_mean``/``pixel_std`` normalise image and video pixels scaled to [0, 1]. ``pin_memory``

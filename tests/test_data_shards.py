@@ -137,6 +137,16 @@ def test_brace_pattern_finds_counts_in_the_index(tmp_path):
     assert [s.samples for s in expand_spec(str(tmp_path), "k")] == [3, 4, 5]
 
 
+def test_a_folder_of_shard_directories_is_one_dataset(tmp_path):
+    """One ``data_prep shard`` output per corpus file, all under one folder: the folder names them all."""
+    write_shards(tmp_path / "c4" / "00001", [4, 5])
+    write_shards(tmp_path / "c4" / "00000", [3])
+    (tmp_path / "c4" / "notes").mkdir()  # no index: not a shard directory
+    shards = expand_spec(str(tmp_path / "c4"), "k")
+    assert [(str(Path(s.url).relative_to(tmp_path / "c4")), s.samples) for s in shards] == [
+        ("00000/shard-000000.tar", 3), ("00001/shard-000000.tar", 4), ("00001/shard-000001.tar", 5)]
+
+
 def test_pipe_specs_and_joined_specs_expand(tmp_path):
     write_shards(tmp_path / "a", [2, 2])
     spec = f"pipe:cat {tmp_path}/a/shard-{{000000..000001}}.tar::{tmp_path / 'a'}"

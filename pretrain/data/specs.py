@@ -1,9 +1,10 @@
 """Shard specs -> the list of shards of one dataset, with sample counts where an ``index.json`` gives them.
 
-A spec is a brace pattern or file path (``/d/shard-{000000..000099}.tar``), a directory holding ``index.json``, a
-``pipe:`` command (brace-expanded too), or several of these joined by ``::``. Counts are needed to size an epoch and to
-balance shards across ranks; they come from the ``index.json`` written by ``data_prep`` next to the shards
-(``{"shards": [{"name": "shard-000000.tar", "samples": N, ...}, ...]}``).
+A spec is a brace pattern or file path (``/d/shard-{000000..000099}.tar``), a directory holding ``index.json`` (or
+tars, or subdirectories that hold ``index.json``), a ``pipe:`` command (brace-expanded too), or several of these
+joined by ``::``. Counts are needed to size an epoch and to balance shards across ranks; they come from the
+``index.json`` written by ``data_prep`` next to the shards (``{"shards": [{"name": "shard-000000.tar", "samples": N,
+...}, ...]}``).
 """
 
 from __future__ import annotations
@@ -67,13 +68,20 @@ def listed_classes(shards: List[Shard]) -> List[str]:
 
 
 def _directory_shards(directory: str, key: str) -> List[Shard]:
+    """The shards of a directory: those its index lists, else its tars, else those of its subdirectories that have
+    an index (one ``data_prep shard`` output per corpus file: ``c4/00000/``, ``c4/00001/``, ...)."""
     counts = read_index(directory)
     if counts:
         return [Shard(os.path.join(directory, name), n) for name, n in counts.items()]
     names = sorted(name for name in os.listdir(directory) if name.endswith(".tar"))
-    if not names:
-        raise DataError(f"{key}: directory {directory!r} has neither {INDEX_NAME} nor *.tar files")
-    return [Shard(os.path.join(directory, name)) for name in names]
+    if names:
+        return [Shard(os.path.join(directory, name)) for name in names]
+    indexed = sorted(entry.path for entry in os.scandir(directory)
+                     if entry.is_dir() and os.path.isfile(os.path.join(entry.path, INDEX_NAME)))
+    if not indexed:
+        raise DataError(f"{key}: directory {directory!r} has neither {INDEX_NAME} nor *.tar files, nor subdirectories "
+                        f"with an {INDEX_NAME}")
+    return [shard for sub in indexed for shard in _directory_shards(sub, key)]
 
 
 def _file_shard(path: str, key: str, indexes: Dict[str, Dict[str, int]]) -> Shard:

@@ -85,6 +85,9 @@ def _directory_shards(directory: str, key: str) -> List[Shard]:
 
 
 def _file_shard(path: str, key: str, indexes: Dict[str, Dict[str, int]]) -> Shard:
+    if "://" in path:
+        raise DataError(f"{key}: {path!r}: a URL is read through a command, which the stall guard watches: "
+                        f"pipe:curl -sfL {path} (or pipe:aws s3 cp ... -, pipe:gsutil cat ...)")
     if not os.path.isfile(path):
         raise DataError(f"{key}: shard {path!r} does not exist; fix the path or brace pattern")
     directory, name = os.path.split(os.path.abspath(path))

@@ -24,13 +24,14 @@ from data_prep.manifest import (
     ManifestError,
     ManifestFormat,
     ShardOptions,
+    manifest_stem,
     shard_manifest,
 )
 from data_prep.schema import REJECTED_FILE
 from data_prep.sources import FASHION_DIR, INSTALL_SCRIPT, default_npm_cache
 from data_prep.stats import human_bytes, stats
 from data_prep.validate import validate
-from data_prep.writer import OutputError, ShardLimits
+from data_prep.writer import OutputError, ShardLimits, prepare_output
 
 MAX_PROBLEMS_SHOWN = 100
 
@@ -96,7 +97,21 @@ def _shard_source_error(args: argparse.Namespace) -> str | None:
         return None if args.input_dir.is_dir() else f"--input-dir {args.input_dir}: no such directory"
     if args.label_from_folder:
         return "--label-from-folder needs --input-dir (a manifest's rows give their labels)"
-    return None if args.manifest.is_file() else f"--manifest {args.manifest}: no such file"
+    if len(args.manifest) > 1 and args.out.exists() and not args.out.is_dir():
+        return f"--out {args.out} is not a directory (several manifests are written to one directory each in it)"
+    missing = [str(m) for m in args.manifest if not m.is_file()]
+    if missing:
+        return f"--manifest {', '.join(missing)}: no such file"
+    names = [manifest_stem(m) for m in args.manifest]
+    shared = sorted({n for n in names if names.count(n) > 1})
+    return f"--manifest: two files would both write {args.out / shared[0]}" if shared else None
+
+
+def _manifest_outputs(args: argparse.Namespace) -> list[tuple[Path, Path]]:
+    """(manifest, output directory): ``--out`` itself for one manifest, ``--out/<name>`` for each of several."""
+    if len(args.manifest) == 1:
+        return [(args.manifest[0], args.out)]
+    return [(m, args.out / manifest_stem(m)) for m in args.manifest]
 
 
 def _shard(args: argparse.Namespace) -> int:
@@ -107,10 +122,21 @@ def _shard(args: argparse.Namespace) -> int:
     limits = ShardLimits(max_samples=args.max_samples_per_shard, max_bytes=int(args.max_shard_mb * 1_000_000))
     options = ShardOptions(seed=args.seed, limits=limits, workers=args.workers, audio_rate=args.audio_rate,
                            overwrite=args.overwrite, text_chunk_bytes=args.text_chunk_bytes)
+    if args.input_dir is not None:
+        index = shard_folder(args.input_dir, args.out, options, label_from_folder=args.label_from_folder)
+        return _summarise(args.out, index, args.max_reject_fraction)
     fmt = ManifestFormat(rename=tuple(args.rename), other_fields=args.other_fields)
-    index = (shard_manifest(args.manifest, args.out, options, fmt) if args.input_dir is None else
-             shard_folder(args.input_dir, args.out, options, label_from_folder=args.label_from_folder))
-    return _summarise(args.out, index, args.max_reject_fraction)
+    outputs = _manifest_outputs(args)
+    for _, out in outputs:  # every output is checked before any is written
+        prepare_output(out, args.overwrite)
+    codes = []
+    for manifest, out in outputs:
+        try:
+            codes.append(_summarise(out, shard_manifest(manifest, out, options, fmt), args.max_reject_fraction))
+        except ManifestError as e:  # the others still get written
+            print(f"error: {e}", file=sys.stderr)
+            codes.append(1)
+    return max(codes)
 
 
 def _build_demo(args: argparse.Namespace) -> int:
@@ -164,9 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     shard = commands.add_parser("shard", help="a JSONL manifest or a folder of files -> checked WebDataset shards")
     source = shard.add_mutually_exclusive_group(required=True)
-    source.add_argument("--manifest", type=Path,
+    source.add_argument("--manifest", type=Path, nargs="+",
                         help='one JSON object a line: {"key"?, "text"?, "image"?, "audio"?, "video"?, "label"?, '
-                             '"meta"?}; media paths relative to the manifest')
+                             '"meta"?}; media paths relative to the manifest; several: one directory each under '
+                             '--out, named after the file (a corpus of many files: a folder a training spec names)')
     source.add_argument("--input-dir", type=Path,
                         help="a folder of files, one sample per path without its suffix (a/1.png + a/1.txt); "
                              f"suffixes: {' '.join(SUFFIX_FIELD)} (.cls: an integer label, .json: metadata)")
@@ -214,9 +241,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OutputError, IndexFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ManifestError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except BrokenPipeError:  # output piped into `head`: stop quietly, and keep Python from complaining at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -144,6 +144,12 @@ def parse_row(line: bytes, fmt: ManifestFormat = ManifestFormat()) -> dict[str, 
     return row
 
 
+def manifest_stem(path: Path) -> str:
+    """The manifest's name without ``.gz`` and ``.jsonl``/``.json``: ``c4-00000.json.gz`` -> ``c4-00000``."""
+    name = path.name.removesuffix(".gz")
+    return name.removesuffix(".jsonl").removesuffix(".json") or name
+
+
 class ManifestError(Exception):
     """The manifest cannot be read to its end (a truncated or corrupt ``.gz``); the message names it and the line."""
 

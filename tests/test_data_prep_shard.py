@@ -23,6 +23,7 @@ from test_data_prep_media import (
 )
 
 from data_prep.__main__ import main
+from pretrain.data import expand_spec
 
 
 def read_tars(directory: Path) -> dict[str, dict[str, bytes]]:
@@ -240,3 +241,41 @@ def test_manifest_mapping_options_are_checked(tmp_path: Path, capsys, args, mess
         code = e.code
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_several_manifests_write_one_directory_each(tmp_path: Path, capsys):
+    """A corpus of many files in one command: one shard directory per file under --out, each byte-identical to the
+    file sharded alone; the folder is one training dataset; a file cut off fails alone."""
+    rows = [{"text": f"line {i}"} for i in range(6)]
+    manifests = [write_manifest(tmp_path / "a.jsonl", rows[:2]), write_gz_manifest(tmp_path / "b.json.gz", rows[2:5]),
+                 write_manifest(tmp_path / "c.json", rows[5:])]
+    out = tmp_path / "corpus"
+    assert main(["shard", "--manifest", *map(str, manifests), "--out", str(out), "--workers", "2"]) == 0
+    assert [line.split(": wrote ")[1][:9] for line in capsys.readouterr().out.splitlines()] == [
+        "2 samples", "3 samples", "1 samples"]
+    assert main(["shard", "--manifest", str(manifests[1]), "--out", str(tmp_path / "b-alone"), "--workers", "1"]) == 0
+    assert folder_bytes(out / "b") == folder_bytes(tmp_path / "b-alone")
+    assert sum(shard.samples for shard in expand_spec(str(out), "data.train_shards[0]")) == 6
+
+    whole = write_gz_manifest(tmp_path / "d.jsonl.gz", [{"text": "x" * 5000} for _ in range(50)])
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole.read_bytes()[:-200])
+    capsys.readouterr()
+    assert main(["shard", "--manifest", str(tmp_path / "cut.jsonl.gz"), str(manifests[0]), "--out",
+                 str(tmp_path / "partly"), "--workers", "1"]) == 1
+    assert "cut.jsonl.gz: unreadable after line" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "partly").iterdir()) == ["a"]
+
+
+def test_several_manifests_are_checked_before_any_is_written(tmp_path: Path, capsys):
+    a = write_manifest(tmp_path / "a.jsonl", [{"text": "x"}])
+    (tmp_path / "sub").mkdir()
+    twin = write_gz_manifest(tmp_path / "sub" / "a.json.gz", [{"text": "y"}])
+    b = write_manifest(tmp_path / "b.jsonl", [{"text": "z"}])
+    out = tmp_path / "out"
+    assert main(["shard", "--manifest", str(a), str(twin), "--out", str(out)]) == 2
+    assert f"--manifest: two files would both write {out / 'a'}" in capsys.readouterr().err
+    (out / "b").mkdir(parents=True)
+    (out / "b" / "old.txt").write_text("mine")
+    assert main(["shard", "--manifest", str(a), str(b), "--out", str(out), "--workers", "1"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert not (out / "a").exists()

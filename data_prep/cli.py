@@ -72,7 +72,7 @@ _positive = _bounded(int, 1)
 
 def _summarise(directory: Path, index: ShardIndex, max_reject_fraction: float) -> int:
     """Print what was written; 1 when nothing was, or when more than the allowed fraction was rejected."""
-    total = index.info.get("inputs", index.samples + index.rejected)
+    total = index.info["inputs"]  # write_shards records it; with long texts in pieces it differs from the samples
     fraction = index.rejected / total if total else 0.0
     where = f", reasons in {directory / REJECTED_FILE}" if index.rejected else ""
     written = total - index.rejected
@@ -102,9 +102,9 @@ def _shard_source_error(args: argparse.Namespace) -> str | None:
     missing = [str(m) for m in args.manifest if not m.is_file()]
     if missing:
         return f"--manifest {', '.join(missing)}: no such file"
-    names = [manifest_stem(m) for m in args.manifest]
-    shared = sorted({n for n in names if names.count(n) > 1})
-    return f"--manifest: two files would both write {args.out / shared[0]}" if shared else None
+    outputs = [out for _, out in _manifest_outputs(args)]
+    shared = sorted({out for out in outputs if outputs.count(out) > 1})
+    return f"--manifest: two files would both write {shared[0]}" if shared else None
 
 
 def _manifest_outputs(args: argparse.Namespace) -> list[tuple[Path, Path]]:

@@ -3,6 +3,7 @@ test_data_prep_* files."""
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import io
 import json
@@ -76,8 +77,9 @@ def garbage(length: int = 200, seed: int = 1) -> bytes:
 
 
 def write_manifest(path: Path, rows: list) -> Path:
-    """A JSONL manifest; a ``str`` row is written as it is (for broken lines)."""
-    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    """A JSONL manifest, gzipped when its name ends in ``.gz``; a ``str`` row is written as it is (for broken lines)."""
+    data = "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows).encode("utf-8")
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
     return path
 
 

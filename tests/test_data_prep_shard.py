@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import subprocess
@@ -184,16 +183,10 @@ def corpus_lines(count: int = 4) -> list[dict]:
             for i in range(count)]
 
 
-def write_gz_manifest(path: Path, rows: list) -> Path:
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        f.writelines((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
-    return path
-
-
 def test_an_existing_corpus_maps_onto_the_schema(tmp_path: Path, capsys):
     rows = corpus_lines() + [{"id": "both", "content": "x", "text": "y"},
                              {"id": "clash", "content": "x", "url": "u", "meta": {"url": "v"}}]
-    manifest = write_gz_manifest(tmp_path / "corpus.jsonl.gz", rows)
+    manifest = write_manifest(tmp_path / "corpus.jsonl.gz", rows)
     strict = tmp_path / "strict"
     assert main(["shard", "--manifest", str(manifest), "--out", str(strict), "--workers", "1"]) == 1
     reasons = {r["origin"]: r["reason"] for r in map(json.loads, (strict / "rejected.jsonl").read_text().splitlines())}
@@ -218,7 +211,7 @@ def test_an_existing_corpus_maps_onto_the_schema(tmp_path: Path, capsys):
 
 
 def test_a_cut_off_gz_manifest_fails_naming_the_line(tmp_path: Path, capsys):
-    whole = write_gz_manifest(tmp_path / "whole.jsonl.gz", [{"text": "x" * 5000, "key": f"k{i}"} for i in range(50)])
+    whole = write_manifest(tmp_path / "whole.jsonl.gz", [{"text": "x" * 5000, "key": f"k{i}"} for i in range(50)])
     cut = tmp_path / "cut.jsonl.gz"
     cut.write_bytes(whole.read_bytes()[:-200])
     assert main(["shard", "--manifest", str(cut), "--out", str(tmp_path / "out"), "--workers", "1"]) == 1
@@ -247,7 +240,7 @@ def test_several_manifests_write_one_directory_each(tmp_path: Path, capsys):
     """A corpus of many files in one command: one shard directory per file under --out, each byte-identical to the
     file sharded alone; the folder is one training dataset; a file cut off fails alone."""
     rows = [{"text": f"line {i}"} for i in range(6)]
-    manifests = [write_manifest(tmp_path / "a.jsonl", rows[:2]), write_gz_manifest(tmp_path / "b.json.gz", rows[2:5]),
+    manifests = [write_manifest(tmp_path / "a.jsonl", rows[:2]), write_manifest(tmp_path / "b.json.gz", rows[2:5]),
                  write_manifest(tmp_path / "c.json", rows[5:])]
     out = tmp_path / "corpus"
     assert main(["shard", "--manifest", *map(str, manifests), "--out", str(out), "--workers", "2"]) == 0
@@ -257,7 +250,7 @@ def test_several_manifests_write_one_directory_each(tmp_path: Path, capsys):
     assert folder_bytes(out / "b") == folder_bytes(tmp_path / "b-alone")
     assert sum(shard.samples for shard in expand_spec(str(out), "data.train_shards[0]")) == 6
 
-    whole = write_gz_manifest(tmp_path / "d.jsonl.gz", [{"text": "x" * 5000} for _ in range(50)])
+    whole = write_manifest(tmp_path / "d.jsonl.gz", [{"text": "x" * 5000} for _ in range(50)])
     (tmp_path / "cut.jsonl.gz").write_bytes(whole.read_bytes()[:-200])
     capsys.readouterr()
     assert main(["shard", "--manifest", str(tmp_path / "cut.jsonl.gz"), str(manifests[0]), "--out",
@@ -269,7 +262,7 @@ def test_several_manifests_write_one_directory_each(tmp_path: Path, capsys):
 def test_several_manifests_are_checked_before_any_is_written(tmp_path: Path, capsys):
     a = write_manifest(tmp_path / "a.jsonl", [{"text": "x"}])
     (tmp_path / "sub").mkdir()
-    twin = write_gz_manifest(tmp_path / "sub" / "a.json.gz", [{"text": "y"}])
+    twin = write_manifest(tmp_path / "sub" / "a.json.gz", [{"text": "y"}])
     b = write_manifest(tmp_path / "b.jsonl", [{"text": "z"}])
     out = tmp_path / "out"
     assert main(["shard", "--manifest", str(a), str(twin), "--out", str(out)]) == 2

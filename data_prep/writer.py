@@ -104,7 +104,8 @@ class _IndexedShardWriter:
             self._writer = wds.ShardWriter(
                 str(self._directory / SHARD_PATTERN), maxcount=self._limits.max_samples,
                 maxsize=self._limits.max_bytes, post=self._finished, verbose=0,
-                encoder=False, mtime=0.0,  # fixed mtime: the same samples give byte-identical tars
+                # A fixed mtime gives byte-identical tars; an int, as a float adds a 1 KiB pax header to every member.
+                encoder=False, mtime=0,
             )
         self._writer.write(sample)  # may close the previous shard first, calling _finished
         self._current.add(sample)

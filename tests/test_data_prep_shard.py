@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,9 @@ def test_shard_writes_every_modality_readable_by_webdataset(manifest: Path, tmp_
     index = json.loads((out / "index.json").read_text())
     assert [s["samples"] for s in index["shards"]] == [3, 3, 2]
     assert [s["bytes"] for s in index["shards"]] == [(out / s["name"]).stat().st_size for s in index["shards"]]
+    for shard in index["shards"]:  # plain ustar headers: a pax header would add 1 KiB to every member
+        with tarfile.open(out / shard["name"]) as tar:
+            assert [m.pax_headers for m in tar.getmembers()] == [{}] * len(tar.getmembers())
     assert index["modalities"] == {"audio": 2, "image": 3, "label": 3, "meta": 2, "text": 4, "video": 1}
     assert index["samples"] == 8 and index["rejected"] == 0
     assert (out / "rejected.jsonl").read_text() == ""

@@ -27,6 +27,7 @@ from data_prep.manifest import (
     manifest_stem,
     shard_manifest,
 )
+from data_prep.parallel import worker_pool
 from data_prep.schema import REJECTED_FILE
 from data_prep.sources import FASHION_DIR, INSTALL_SCRIPT, default_npm_cache
 from data_prep.stats import human_bytes, stats
@@ -120,22 +121,27 @@ def _shard(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     limits = ShardLimits(max_samples=args.max_samples_per_shard, max_bytes=int(args.max_shard_mb * 1_000_000))
-    options = ShardOptions(seed=args.seed, limits=limits, workers=args.workers, audio_rate=args.audio_rate,
-                           overwrite=args.overwrite, text_chunk_bytes=args.text_chunk_bytes)
+    options = ShardOptions(seed=args.seed, limits=limits, audio_rate=args.audio_rate, overwrite=args.overwrite,
+                           text_chunk_bytes=args.text_chunk_bytes,
+                           shuffle_buffer_bytes=int(args.shuffle_buffer_mb * 1_000_000))
     if args.input_dir is not None:
-        index = shard_folder(args.input_dir, args.out, options, label_from_folder=args.label_from_folder)
+        with worker_pool(args.workers) as pool:
+            index = shard_folder(args.input_dir, args.out, options, args.label_from_folder, pool)
         return _summarise(args.out, index, args.max_reject_fraction)
     fmt = ManifestFormat(rename=tuple(args.rename), other_fields=args.other_fields)
     outputs = _manifest_outputs(args)
     for _, out in outputs:  # every output is checked before any is written
         prepare_output(out, args.overwrite)
     codes = []
-    for manifest, out in outputs:
-        try:
-            codes.append(_summarise(out, shard_manifest(manifest, out, options, fmt), args.max_reject_fraction))
-        except ManifestError as e:  # the others still get written
-            print(f"error: {e}", file=sys.stderr)
-            codes.append(1)
+    with worker_pool(args.workers) as pool:  # started once for every manifest
+        for manifest, out in outputs:
+            try:
+                index = shard_manifest(manifest, out, options, fmt, pool)
+            except ManifestError as e:  # the others still get written
+                print(f"error: {e}", file=sys.stderr)
+                codes.append(1)
+            else:
+                codes.append(_summarise(out, index, args.max_reject_fraction))
     return max(codes)
 
 
@@ -211,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--max-samples-per-shard", type=_positive, default=10_000)
     shard.add_argument("--max-shard-mb", type=_bounded(float, 1e-6), default=1000.0,
                        help="sample data per shard, in 10^6 bytes")
+    shard.add_argument("--shuffle-buffer-mb", type=_bounded(float, 1e-6),
+                       default=ShardOptions.shuffle_buffer_bytes / 1_000_000,
+                       help="inputs held in memory while shuffling, in 10^6 bytes; more go through temporary files "
+                            "in --out (the order is the same)")
     _writing_options(shard)
     shard.set_defaults(run=_shard)
 

@@ -10,6 +10,7 @@ import random
 import re
 import subprocess
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,7 +26,7 @@ from data_prep.media import (
     encode_png,
     mp4_frames,
 )
-from data_prep.parallel import ordered_map
+from data_prep.parallel import ordered_map, worker_pool
 from data_prep.schema import Rejected
 from data_prep.sources import (
     FASHION_CLASSES,
@@ -220,9 +221,9 @@ def _clip_chunks(clip: Path) -> list[tuple[str, str, np.ndarray, dict]]:
             for start in range(0, len(frames) - VIDEO_FRAMES + 1, VIDEO_FRAMES)]
 
 
-def _video_jobs(size: DemoSize, seed: int, workers: int) -> Splits:
+def _video_jobs(size: DemoSize, seed: int, pool: Executor | None) -> Splits:
     found: dict[str, list[tuple[str, np.ndarray, dict]]] = {split: [] for split in SPLITS}
-    for chunks in ordered_map(_clip_chunks, video_clips(), workers, chunksize=1):
+    for chunks in ordered_map(_clip_chunks, video_clips(), pool, chunksize=1):
         for split, origin, frames, meta in chunks:
             found[split].append((origin, frames, meta))
     return {split: [Job(f"video_{split}_{n:06d}", origin, VideoItem(frames, meta))
@@ -240,18 +241,15 @@ def _documents(cache: Path, seed: int, missing: list[SourceMissing]) -> dict[str
     return split_documents(documents, seed)
 
 
-def build_demo(out: Path, *, size: str = "small", sources: DemoSources = DemoSources(), seed: int = 0,
-               workers: int = 1, audio_rate: int = 16_000, overwrite: bool = False) -> DemoResult:
-    """Write ``out/train`` and ``out/val`` from every source that is installed; report the others."""
-    prepare_output(out, overwrite)
-    spec = SIZES[size]
+def _demo_jobs(spec: DemoSize, sources: DemoSources, seed: int, audio_rate: int, pool: Executor | None
+               ) -> tuple[Splits, list[SourceMissing]]:
     missing: list[SourceMissing] = []
     documents = _documents(sources.npm_cache, seed, missing)
     builders: list[Callable[[], Splits]] = [
         partial(_fashion_jobs, sources.fashion_dir, spec),
         partial(_text_jobs, documents, spec, seed),
         partial(_speech_jobs, documents, sources.espeak, spec, seed, audio_rate),
-        partial(_video_jobs, spec, seed, workers),
+        partial(_video_jobs, spec, seed, pool),
     ]
     jobs: Splits = {split: [] for split in SPLITS}
     for build in builders:
@@ -260,13 +258,23 @@ def build_demo(out: Path, *, size: str = "small", sources: DemoSources = DemoSou
                 jobs[split] += found
         except SourceMissing as e:
             missing.append(e)
+    return jobs, missing
+
+
+def build_demo(out: Path, *, size: str = "small", sources: DemoSources = DemoSources(), seed: int = 0,
+               workers: int = 1, audio_rate: int = 16_000, overwrite: bool = False) -> DemoResult:
+    """Write ``out/train`` and ``out/val`` from every source that is installed; report the others."""
+    prepare_output(out, overwrite)
+    spec = SIZES[size]
     indexes = {}
-    if any(jobs.values()):
-        for split, limit in zip(SPLITS, spec.shard_samples, strict=True):
-            random.Random(seed).shuffle(jobs[split])  # mixed shards: every shard holds every modality
-            prepare_output(out / split, overwrite=True)
-            info = {"command": "build-demo", "size": size, "split": split, "seed": seed, "audio_rate": audio_rate,
-                    "missing": sorted(m.name for m in missing)}
-            indexes[split] = write_shards(out / split, jobs[split], limits=ShardLimits(max_samples=limit),
-                                          workers=workers, info=info, desc=split)
+    with worker_pool(workers) as pool:  # one pool for the video clips and both splits
+        jobs, missing = _demo_jobs(spec, sources, seed, audio_rate, pool)
+        if any(jobs.values()):
+            for split, limit in zip(SPLITS, spec.shard_samples, strict=True):
+                random.Random(seed).shuffle(jobs[split])  # mixed shards: every shard holds every modality
+                prepare_output(out / split, overwrite=True)
+                info = {"command": "build-demo", "size": size, "split": split, "seed": seed,
+                        "audio_rate": audio_rate, "missing": sorted(m.name for m in missing)}
+                indexes[split] = write_shards(out / split, jobs[split], total=len(jobs[split]), pool=pool,
+                                              limits=ShardLimits(max_samples=limit), info=info, desc=split)
     return DemoResult(indexes, missing)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 from collections import Counter
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,9 +125,10 @@ def read_folder(root: Path, audio_rate: int, label_from_folder: bool = False
     return jobs, rejected, classes
 
 
-def shard_folder(root: Path, out: Path, options: ShardOptions = ShardOptions(),
-                 label_from_folder: bool = False) -> ShardIndex:
-    """The folder's samples as shards; with ``label_from_folder`` the top folder names the class (sorted: 0, 1, ...)."""
+def shard_folder(root: Path, out: Path, options: ShardOptions = ShardOptions(), label_from_folder: bool = False,
+                 pool: Executor | None = None) -> ShardIndex:
+    """The folder's samples as shards; with ``label_from_folder`` the top folder names the class (sorted: 0, 1, ...).
+    Encoding runs in ``pool`` (``None``: this process)."""
     if out.resolve().is_relative_to(root.resolve()):
         raise OutputError(f"--out {out} lies inside --input-dir {root}, whose files would become samples; "
                           "pick an --out outside it")
@@ -134,4 +136,4 @@ def shard_folder(root: Path, out: Path, options: ShardOptions = ShardOptions(),
     info: dict[str, Any] = {"input_dir": root.name}
     if classes is not None:
         info["classes"] = classes
-    return shuffle_into_shards(jobs, rejected, out, options, info)
+    return shuffle_into_shards([*rejected, *jobs], out, options, info, pool)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
-import random
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
+
+from tqdm import tqdm
 
 from data_prep.index import ShardIndex
 from data_prep.media import (
@@ -18,6 +22,7 @@ from data_prep.media import (
     image_field,
 )
 from data_prep.schema import KEY_RE, KEY_RULE, Rejected
+from data_prep.shuffle import KeyedShuffle
 from data_prep.writer import Job, Rejection, ShardLimits, prepare_output, write_shards
 
 CONTENT_FIELDS = ("text", "image", "audio", "video", "label")
@@ -163,13 +168,10 @@ def _numbered_lines(lines: IO[bytes], path: Path) -> Iterator[tuple[int, bytes]]
         raise ManifestError(f"{path}: unreadable after line {number} ({e}); nothing was written") from None
 
 
-def read_manifest(path: Path, audio_rate: int, fmt: ManifestFormat = ManifestFormat()
-                  ) -> tuple[list[Job], list[Rejection]]:
-    """Jobs for the good lines and rejections for unparsable, ill-typed or duplicate ones (blank lines are skipped).
-    A manifest whose name ends in ``.gz`` is read through gzip (corpora often come as ``.jsonl.gz``)."""
-    jobs: list[Job] = []
-    rejected: list[Rejection] = []
-    seen: set[str] = set()
+def read_manifest(path: Path, audio_rate: int, fmt: ManifestFormat = ManifestFormat()) -> Iterator[Job | Rejection]:
+    """A job per good line and a rejection per unparsable or ill-typed one (blank lines are skipped), read as they
+    come: a manifest is never held whole. Duplicate keys are left to :func:`shuffle_into_shards`. A manifest whose
+    name ends in ``.gz`` is read through gzip (corpora often come as ``.jsonl.gz``)."""
     with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as lines:
         for number, line in _numbered_lines(lines, path):
             if not line.strip():
@@ -178,43 +180,50 @@ def read_manifest(path: Path, audio_rate: int, fmt: ManifestFormat = ManifestFor
             try:
                 row = parse_row(line, fmt)
             except Rejected as e:
-                rejected.append(Rejection(origin, None, e.field, e.reason))
+                yield Rejection(origin, None, e.field, e.reason)
                 continue
-            key = row.get("key", f"{number:09d}")
-            if key in seen:
-                rejected.append(Rejection(origin, key, "key", f"duplicate key {key!r}; keys must be unique"))
-                continue
-            seen.add(key)
-            jobs.append(Job(key, origin, ManifestRow(row, path.parent, audio_rate)))
-    return jobs, rejected
+            yield Job(row.get("key", f"{number:09d}"), origin, ManifestRow(row, path.parent, audio_rate))
 
 
 @dataclass(frozen=True)
 class ShardOptions:
-    """How ``shard`` writes, whatever the samples come from."""
+    """How ``shard`` writes, whatever the samples come from; ``shuffle_buffer_bytes`` bounds the samples held in
+    memory while shuffling (:mod:`data_prep.shuffle`)."""
 
     seed: int = 0
     limits: ShardLimits = ShardLimits()
-    workers: int = 1
     audio_rate: int = 16_000
     overwrite: bool = False
     text_chunk_bytes: int = 0
+    shuffle_buffer_bytes: int = 512_000_000
 
 
-def shuffle_into_shards(jobs: list[Job], rejected: list[Rejection], out: Path, options: ShardOptions,
-                        info: dict[str, Any]) -> ShardIndex:
-    """Write ``jobs`` as shards in an order shuffled by the seed, so that each shard mixes the sources."""
+def _unique(shuffle: KeyedShuffle[Job]) -> Iterator[Job | Rejection]:
+    for job, duplicate in shuffle:
+        yield Rejection(job.origin, job.key, "key", f"duplicate key {job.key!r}; keys must be unique") \
+            if duplicate else job
+
+
+def shuffle_into_shards(items: Iterable[Job | Rejection], out: Path, options: ShardOptions, info: dict[str, Any],
+                        pool: Executor | None = None) -> ShardIndex:
+    """Write the jobs of ``items`` as shards in an order shuffled by the seed, so that each shard mixes the sources;
+    a job whose key an earlier one has is rejected. Encoding runs in ``pool`` (``None``: this process)."""
     prepare_output(out, options.overwrite)
-    random.Random(options.seed).shuffle(jobs)
     info = {"command": "shard", **info, "seed": options.seed, "audio_rate": options.audio_rate,
             "text_chunk_bytes": options.text_chunk_bytes}
-    return write_shards(out, jobs, limits=options.limits, workers=options.workers, rejected=rejected, info=info,
-                        text_chunk_bytes=options.text_chunk_bytes)
+    rejected: list[Rejection] = []
+    with KeyedShuffle[Job](options.seed, out, options.shuffle_buffer_bytes) as shuffle:
+        for item in tqdm(items, desc="read", unit=" inputs", disable=None):
+            if isinstance(item, Rejection):
+                rejected.append(item)
+            else:
+                shuffle.add(item.key, item)
+        return write_shards(out, chain(rejected, _unique(shuffle)), total=len(rejected) + len(shuffle),
+                            limits=options.limits, pool=pool, info=info, text_chunk_bytes=options.text_chunk_bytes)
 
 
 def shard_manifest(manifest: Path, out: Path, options: ShardOptions = ShardOptions(),
-                   fmt: ManifestFormat = ManifestFormat()) -> ShardIndex:
+                   fmt: ManifestFormat = ManifestFormat(), pool: Executor | None = None) -> ShardIndex:
     """The manifest's samples as shards."""
-    jobs, rejected = read_manifest(manifest, options.audio_rate, fmt)
     info = {"manifest": manifest.name, "rename": dict(fmt.rename), "other_fields": fmt.other_fields}
-    return shuffle_into_shards(jobs, rejected, out, options, info)
+    return shuffle_into_shards(read_manifest(manifest, options.audio_rate, fmt), out, options, info, pool)

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from data_prep.index import IndexFileError, ShardRecord, read_index, shard_dirs
 from data_prep.media import check_field
-from data_prep.parallel import ordered_map
+from data_prep.parallel import ordered_map, worker_pool
 from data_prep.schema import INDEX_FILE, Rejected, layout, split_member
 
 END_MARKER = bytes(1024)  # two zero blocks close every tar; without them the file was cut
@@ -148,9 +148,10 @@ def validate(root: Path, workers: int = 1) -> Report:
     """Check every shard under ``root`` (a shard directory, or a folder of them like ``build-demo``'s output)."""
     report = Report()
     tasks = _tasks(root, report)
-    for samples, problems in tqdm(ordered_map(check_shard, tasks, workers, chunksize=1), total=len(tasks),
-                                  desc="validate", unit=" shards", disable=None):
-        report.shards += 1
-        report.samples += samples
-        report.problems += problems
+    with worker_pool(workers) as pool:
+        for samples, problems in tqdm(ordered_map(check_shard, tasks, pool, chunksize=1), total=len(tasks),
+                                      desc="validate", unit=" shards", disable=None):
+            report.shards += 1
+            report.samples += samples
+            report.problems += problems
     return report

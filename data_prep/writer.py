@@ -6,7 +6,9 @@ Both ``shard`` and ``build-demo`` go through here, so the two produce the same f
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterable
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +26,7 @@ from data_prep.schema import (
     Rejected,
     Sample,
 )
+from data_prep.shuffle import SPILL_PREFIX
 
 
 class Encodable(Protocol):
@@ -76,13 +79,17 @@ def prepare_output(directory: Path, overwrite: bool) -> None:
                           "pass --overwrite to replace its shards, or pick another --out")
     for path in [*directory.glob(SHARD_GLOB), directory / INDEX_FILE, directory / REJECTED_FILE]:
         path.unlink(missing_ok=True)
+    for stale in directory.glob(SPILL_PREFIX + "*"):  # a killed run's sort runs
+        shutil.rmtree(stale, ignore_errors=True)
 
 
-def _encode(job: Job) -> Sample | Rejection:
+def _encode(item: Job | Rejection) -> Sample | Rejection:
+    if isinstance(item, Rejection):
+        return item
     try:
-        return {"__key__": job.key, **job.payload.fields()}
+        return {"__key__": item.key, **item.payload.fields()}
     except Rejected as e:
-        return Rejection(job.origin, job.key, e.field, e.reason)
+        return Rejection(item.origin, item.key, e.field, e.reason)
 
 
 class _IndexedShardWriter:
@@ -122,31 +129,32 @@ class _IndexedShardWriter:
             self._writer.close()
 
 
-def write_shards(directory: Path, jobs: Sequence[Job], *, limits: ShardLimits = ShardLimits(), workers: int = 1,
-                 rejected: Sequence[Rejection] = (), info: dict[str, Any] | None = None,
+def write_shards(directory: Path, items: Iterable[Job | Rejection], *, total: int | None = None,
+                 limits: ShardLimits = ShardLimits(), pool: Executor | None = None, info: dict[str, Any] | None = None,
                  desc: str = "shard", text_chunk_bytes: int = 0) -> ShardIndex:
-    """Encode ``jobs`` (in order, in ``workers`` processes) into ``directory``; ``rejected`` are earlier rejects to log;
-    texts longer than ``text_chunk_bytes`` are written in pieces (:mod:`data_prep.chunking`).
+    """Encode the jobs of ``items`` in order (in ``pool``, from :func:`~data_prep.parallel.worker_pool`) into
+    ``directory`` and log its rejections, earlier ones included; ``total`` items, for the progress bar. Texts longer
+    than ``text_chunk_bytes`` are written in pieces (:mod:`data_prep.chunking`).
 
     The directory must have been through :func:`prepare_output`. Returns the index that was written.
     """
     directory.mkdir(parents=True, exist_ok=True)
     writer = _IndexedShardWriter(directory, limits)
-    count = len(rejected)
+    inputs = rejected = 0
     try:
         with (directory / REJECTED_FILE).open("w", encoding="utf-8") as log, \
-                tqdm(total=len(jobs), desc=desc, unit=" samples", disable=None) as bar:
-            log.writelines(r.to_json() + "\n" for r in rejected)
-            for result in ordered_map(_encode, jobs, workers):
+                tqdm(total=total, desc=desc, unit=" samples", disable=None) as bar:
+            for result in ordered_map(_encode, items, pool):
+                inputs += 1
                 if isinstance(result, Rejection):
                     log.write(result.to_json() + "\n")
-                    count += 1
+                    rejected += 1
                 else:
                     for sample in text_chunks(result, text_chunk_bytes):
                         writer.write(sample)
                 bar.update()
     finally:
         writer.close()
-    index = ShardIndex(writer.records, rejected=count, info={**(info or {}), "inputs": len(jobs) + len(rejected)})
+    index = ShardIndex(writer.records, rejected=rejected, info={**(info or {}), "inputs": inputs})
     write_index(directory, index)
     return index

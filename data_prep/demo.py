@@ -87,6 +87,7 @@ class FashionItem:
 
     image: np.ndarray
     label: int
+    slow = True  # PNG encoding
 
     def fields(self) -> dict[str, bytes]:
         name = FASHION_CLASSES[self.label]
@@ -100,6 +101,7 @@ class TextItem:
 
     text: str
     meta: dict
+    slow = False
 
     def fields(self) -> dict[str, bytes]:
         return {"txt": self.text.encode("utf-8"), "json": encode_json(self.meta)}
@@ -114,6 +116,7 @@ class SpeechItem:
     espeak: str
     rate: int
     meta: dict
+    slow = True
 
     def fields(self) -> dict[str, bytes]:
         try:  # text on stdin, never argv: a sentence starting with '-' would be read as an option
@@ -133,6 +136,7 @@ class VideoItem:
 
     frames: np.ndarray
     meta: dict
+    slow = False  # saving the array costs what sending it to a worker would
 
     def fields(self) -> dict[str, bytes]:
         return {"npy": encode_npy(self.frames), "json": encode_json(self.meta)}

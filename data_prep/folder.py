@@ -37,6 +37,7 @@ class FolderSample(ManifestRow):
     """A sample's files (paths relative to the input folder); text, labels and metadata are read from files too."""
 
     base_name = "input folder"
+    slow = True  # every field is a file to read
 
     def _text(self) -> bytes:
         data = self._read("text")

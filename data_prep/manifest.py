@@ -25,7 +25,8 @@ from data_prep.schema import KEY_RE, KEY_RULE, Rejected
 from data_prep.shuffle import KeyedShuffle
 from data_prep.writer import Job, Rejection, ShardLimits, prepare_output, write_shards
 
-CONTENT_FIELDS = ("text", "image", "audio", "video", "label")
+MEDIA_FIELDS = ("image", "audio", "video")  # files to read and decode
+CONTENT_FIELDS = ("text", *MEDIA_FIELDS, "label")
 ALLOWED_FIELDS = ("key", *CONTENT_FIELDS, "meta")
 VIDEO_SUFFIXES = ("npy", "mp4")
 _TYPES = {"key": str, "text": str, "image": str, "audio": str, "video": str, "label": int, "meta": dict}
@@ -33,12 +34,16 @@ _TYPES = {"key": str, "text": str, "image": str, "audio": str, "video": str, "la
 
 @dataclass(frozen=True)
 class ManifestRow:
-    """One manifest sample; :meth:`fields` runs in a worker because reading and decoding media is the slow part."""
+    """One manifest sample; :meth:`fields` reads and decodes its media (in a worker: the slow part)."""
 
     row: dict[str, Any]
     base: Path
     audio_rate: int
     base_name = "manifest's folder"
+
+    @property
+    def slow(self) -> bool:
+        return any(field in self.row for field in MEDIA_FIELDS)
 
     def fields(self) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
@@ -133,10 +138,13 @@ def parse_row(line: bytes, fmt: ManifestFormat = ManifestFormat()) -> dict[str, 
         raise Rejected("line", f"not valid JSON ({e})") from None
     if not isinstance(row, dict):
         raise Rejected("line", f"must be a JSON object with fields {', '.join(ALLOWED_FIELDS)}")
-    try:
-        json.dumps(row, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise Rejected("line", "holds a lone surrogate escape (like \\ud800) that is no Unicode text") from None
+    # A lone surrogate comes only from an escape, from UTF-8 bytes ED A0-BF (json reads them as such) or from UTF-16
+    # or UTF-32 (an ASCII character there holds a zero byte); the full check is slow, so other lines skip it.
+    if b"\\u" in line or b"\xed" in line or b"\0" in line:
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise Rejected("line", "holds a lone surrogate escape (like \\ud800) that is no Unicode text") from None
     row = fmt.apply(row)
     for name, value in row.items():
         wanted = _TYPES[name]

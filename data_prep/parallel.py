@@ -31,16 +31,24 @@ def worker_pool(workers: int) -> Iterator[Executor | None]:
         yield pool
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], pool: Executor | None, chunksize: int = 8) -> Iterator[R]:
-    """``fn`` over ``items`` in input order, in ``pool`` (from :func:`worker_pool`; ``None``: in this process)."""
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], pool: Executor | None, chunksize: int = 8,
+                here: Callable[[T], bool] = lambda item: False) -> Iterator[R]:
+    """``fn`` over ``items`` in input order, in ``pool`` (from :func:`worker_pool`; ``None``: in this process). Items
+    for which ``here`` is true are done in this process, in their place: for quick work the trip to a worker and
+    back (pickling, a pipe) costs more than the work."""
     if pool is None:
         yield from map(fn, items)
         return
     source = iter(items)
-    pending: deque[Iterator[R]] = deque()
+    pending: deque[tuple[list[T], Iterator[R]]] = deque()
     while window := list(islice(source, WINDOW)):
-        pending.append(pool.map(fn, window, chunksize=chunksize))
+        pending.append((window, pool.map(fn, [item for item in window if not here(item)], chunksize=chunksize)))
         if len(pending) > 1:  # one window in flight while the previous one is consumed
-            yield from pending.popleft()
+            yield from _in_order(fn, here, *pending.popleft())
     while pending:
-        yield from pending.popleft()
+        yield from _in_order(fn, here, *pending.popleft())
+
+
+def _in_order(fn: Callable[[T], R], here: Callable[[T], bool], window: list[T], done: Iterator[R]) -> Iterator[R]:
+    for item in window:
+        yield fn(item) if here(item) else next(done)

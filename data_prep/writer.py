@@ -30,7 +30,11 @@ from data_prep.shuffle import SPILL_PREFIX
 
 
 class Encodable(Protocol):
-    """What a job carries: ``fields()`` reads, checks and encodes it in a worker process (the slow part)."""
+    """What a job carries: ``fields()`` reads, checks and encodes it, in a worker process when ``slow`` (reading or
+    decoding media); quick work (text, metadata) is done in the writing process, where it costs less than the trip."""
+
+    @property
+    def slow(self) -> bool: ...
 
     def fields(self) -> dict[str, bytes]: ...
 
@@ -81,6 +85,10 @@ def prepare_output(directory: Path, overwrite: bool) -> None:
         path.unlink(missing_ok=True)
     for stale in directory.glob(SPILL_PREFIX + "*"):  # a killed run's sort runs
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _quick(item: Job | Rejection) -> bool:
+    return isinstance(item, Rejection) or not item.payload.slow
 
 
 def _encode(item: Job | Rejection) -> Sample | Rejection:
@@ -144,7 +152,7 @@ def write_shards(directory: Path, items: Iterable[Job | Rejection], *, total: in
     try:
         with (directory / REJECTED_FILE).open("w", encoding="utf-8") as log, \
                 tqdm(total=total, desc=desc, unit=" samples", disable=None) as bar:
-            for result in ordered_map(_encode, items, pool):
+            for result in ordered_map(_encode, items, pool, here=_quick):
                 inputs += 1
                 if isinstance(result, Rejection):
                     log.write(result.to_json() + "\n")

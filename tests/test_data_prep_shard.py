@@ -23,6 +23,8 @@ from test_data_prep_media import (
 )
 
 from data_prep.__main__ import main
+from data_prep.manifest import parse_row
+from data_prep.schema import Rejected
 from pretrain.data import expand_spec
 
 
@@ -276,3 +278,15 @@ def test_several_manifests_are_checked_before_any_is_written(tmp_path: Path, cap
     assert main(["shard", "--manifest", str(a), str(b), "--out", str(out), "--workers", "1"]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert not (out / "a").exists()
+
+
+@pytest.mark.parametrize("line", [b'{"text": "\\ud800"}', b'{"text": "\xed\xa0\x80"}',
+                                  '{"text": "\ud800"}'.encode("utf-16-le", "surrogatepass")],
+                         ids=["escape", "utf-8 bytes", "utf-16"])
+def test_a_lone_surrogate_is_rejected_however_it_is_written(line: bytes):
+    with pytest.raises(Rejected, match="lone surrogate"):
+        parse_row(line)
+
+
+def test_escapes_and_text_near_the_surrogates_are_kept():
+    assert parse_row('{"text": "caf\\u00e9 \ud55c\ud7a3"}'.encode()) == {"text": "café 한\ud7a3"}

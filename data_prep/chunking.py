@@ -1,6 +1,7 @@
 """Long texts as several samples: a byte-level model reads ``model.text.max_length`` bytes of a sample (a random
 window of a longer one), so a document of many times that length would mostly go unseen. ``shard
---text-chunk-bytes N`` writes it as consecutive samples of at most N bytes instead.
+--text-chunk-bytes N`` writes it as samples ``key-0``, ``key-1``, ... of at most N bytes instead, shuffled like any
+other sample: the pieces of a book spread over every shard rather than filling the batches of one stretch.
 
 Only samples whose content is text alone are split (their metadata is copied to each piece); a caption or a labelled
 text stays whole. A piece ends after the last space or newline of its second half, else at a character boundary.
@@ -8,10 +9,9 @@ text stays whole. A piece ends after the last space or newline of its second hal
 
 from __future__ import annotations
 
-from data_prep.schema import MAX_KEY, Sample, hashed_key
+from data_prep.schema import MAX_KEY, hashed_key
 
 MIN_CHUNK_BYTES = 16  # longer than any UTF-8 character, so a piece always holds one
-_SPLITTABLE = {"__key__", "txt", "json"}
 
 
 def _cut(text: bytes, start: int, size: int) -> int:
@@ -33,14 +33,11 @@ def chunk_key(key: str, index: int) -> str:
     return base + suffix
 
 
-def text_chunks(sample: Sample, chunk_bytes: int) -> list[Sample]:
-    """``sample`` as consecutive pieces when its text alone is longer than ``chunk_bytes`` (0: never), else as is."""
-    text = sample.get("txt")
-    if not chunk_bytes or not isinstance(text, bytes) or len(text) <= chunk_bytes or set(sample) - _SPLITTABLE:
-        return [sample]
+def split_text(text: bytes, size: int) -> list[bytes]:
+    """UTF-8 ``text`` as consecutive pieces of at most ``size`` bytes, each valid UTF-8 (``size`` >= 16)."""
     pieces, start = [], 0
     while start < len(text):
-        end = _cut(text, start, chunk_bytes)
+        end = _cut(text, start, size)
         pieces.append(text[start:end])
         start = end
-    return [{**sample, "__key__": chunk_key(str(sample["__key__"]), i), "txt": piece} for i, piece in enumerate(pieces)]
+    return pieces

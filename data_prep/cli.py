@@ -212,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --input-dir: the top folder is the class (sorted names -> 0, 1, ...; "
                             "listed in index.json)")
     shard.add_argument("--text-chunk-bytes", type=_chunk_bytes, default=0, metavar="N",
-                       help="write a text-only sample longer than N UTF-8 bytes as consecutive samples of at most N "
-                            "(key-0, key-1, ...; set N to the model's model.text.max_length); 0: never")
+                       help="write a text-only sample longer than N UTF-8 bytes as samples of at most N, shuffled like "
+                            "the others (key-0, key-1, ...; set N to the model's model.text.max_length); 0: never")
     shard.add_argument("--max-samples-per-shard", type=_positive, default=10_000)
     shard.add_argument("--max-shard-mb", type=_bounded(float, 1e-6), default=1000.0,
                        help="sample data per shard, in 10^6 bytes")

@@ -13,6 +13,7 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
+from data_prep.chunking import chunk_key, split_text
 from data_prep.index import ShardIndex
 from data_prep.media import (
     audio_field,
@@ -62,6 +63,19 @@ class ManifestRow:
         if "meta" in self.row:
             out["json"] = encode_json(self._meta())
         return out
+
+    def text_pieces(self, chunk_bytes: int) -> list[ManifestRow] | None:
+        """This sample as text samples of at most ``chunk_bytes`` bytes (:mod:`data_prep.chunking`) when its content
+        is a longer text alone, its metadata in each; else ``None``. Reads a folder's files here (raises
+        :class:`Rejected`): the pieces must exist before the shuffle, which spreads them."""
+        if "text" not in self.row or set(self.row) - {"key", "text", "meta"}:
+            return None
+        text = self._text()
+        if len(text) <= chunk_bytes:
+            return None
+        meta = {"meta": self._meta()} if "meta" in self.row else {}
+        return [ManifestRow({"text": piece.decode("utf-8"), **meta}, self.base, self.audio_rate)
+                for piece in split_text(text, chunk_bytes)]
 
     def _text(self) -> bytes:
         return self.row["text"].encode("utf-8")
@@ -212,22 +226,35 @@ def _unique(shuffle: KeyedShuffle[Job]) -> Iterator[Job | Rejection]:
             if duplicate else job
 
 
+def _pieces(job: Job, chunk_bytes: int) -> list[Job] | Rejection:
+    try:
+        pieces = job.payload.text_pieces(chunk_bytes) if chunk_bytes else None
+    except Rejected as e:
+        return Rejection(job.origin, job.key, e.field, e.reason)
+    return [job] if pieces is None else [Job(chunk_key(job.key, i), job.origin, p) for i, p in enumerate(pieces)]
+
+
 def shuffle_into_shards(items: Iterable[Job | Rejection], out: Path, options: ShardOptions, info: dict[str, Any],
                         pool: Executor | None = None) -> ShardIndex:
-    """Write the jobs of ``items`` as shards in an order shuffled by the seed, so that each shard mixes the sources;
-    a job whose key an earlier one has is rejected. Encoding runs in ``pool`` (``None``: this process)."""
+    """Write the jobs of ``items`` (:class:`ManifestRow` payloads) as shards in an order shuffled by the seed, so that
+    each shard mixes the sources, long texts in pieces; a job whose key an earlier one has is rejected. Encoding runs
+    in ``pool`` (``None``: this process)."""
     prepare_output(out, options.overwrite)
-    info = {"command": "shard", **info, "seed": options.seed, "audio_rate": options.audio_rate,
-            "text_chunk_bytes": options.text_chunk_bytes}
     rejected: list[Rejection] = []
+    inputs = 0
     with KeyedShuffle[Job](options.seed, out, options.shuffle_buffer_bytes) as shuffle:
         for item in tqdm(items, desc="read", unit=" inputs", disable=None):
-            if isinstance(item, Rejection):
-                rejected.append(item)
+            inputs += 1
+            result = item if isinstance(item, Rejection) else _pieces(item, options.text_chunk_bytes)
+            if isinstance(result, Rejection):
+                rejected.append(result)
             else:
-                shuffle.add(item.key, item)
+                for job in result:
+                    shuffle.add(job.key, job)
+        info = {"command": "shard", **info, "seed": options.seed, "audio_rate": options.audio_rate,
+                "text_chunk_bytes": options.text_chunk_bytes, "inputs": inputs}
         return write_shards(out, chain(rejected, _unique(shuffle)), total=len(rejected) + len(shuffle),
-                            limits=options.limits, pool=pool, info=info, text_chunk_bytes=options.text_chunk_bytes)
+                            limits=options.limits, pool=pool, info=info)
 
 
 def shard_manifest(manifest: Path, out: Path, options: ShardOptions = ShardOptions(),

@@ -15,7 +15,6 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from data_prep.chunking import text_chunks
 from data_prep.index import ShardIndex, ShardRecord, write_index
 from data_prep.parallel import ordered_map
 from data_prep.schema import (
@@ -139,10 +138,10 @@ class _IndexedShardWriter:
 
 def write_shards(directory: Path, items: Iterable[Job | Rejection], *, total: int | None = None,
                  limits: ShardLimits = ShardLimits(), pool: Executor | None = None, info: dict[str, Any] | None = None,
-                 desc: str = "shard", text_chunk_bytes: int = 0) -> ShardIndex:
+                 desc: str = "shard") -> ShardIndex:
     """Encode the jobs of ``items`` in order (in ``pool``, from :func:`~data_prep.parallel.worker_pool`) into
-    ``directory`` and log its rejections, earlier ones included; ``total`` items, for the progress bar. Texts longer
-    than ``text_chunk_bytes`` are written in pieces (:mod:`data_prep.chunking`).
+    ``directory`` and log its rejections, earlier ones included; ``total`` items, for the progress bar. The index
+    records ``info`` and the number of ``inputs``: the items, unless ``info`` counts them (texts split into pieces).
 
     The directory must have been through :func:`prepare_output`. Returns the index that was written.
     """
@@ -158,11 +157,10 @@ def write_shards(directory: Path, items: Iterable[Job | Rejection], *, total: in
                     log.write(result.to_json() + "\n")
                     rejected += 1
                 else:
-                    for sample in text_chunks(result, text_chunk_bytes):
-                        writer.write(sample)
+                    writer.write(result)
                 bar.update()
     finally:
         writer.close()
-    index = ShardIndex(writer.records, rejected=rejected, info={**(info or {}), "inputs": inputs})
+    index = ShardIndex(writer.records, rejected=rejected, info={"inputs": inputs, **(info or {})})
     write_index(directory, index)
     return index

@@ -7,7 +7,6 @@ import json
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,7 +21,7 @@ from data_prep.media import (
     encode_label,
     image_field,
 )
-from data_prep.schema import KEY_RE, KEY_RULE, Rejected
+from data_prep.schema import KEY_RE, KEY_RULE, REJECTED_FILE, Rejected
 from data_prep.shuffle import KeyedShuffle
 from data_prep.writer import Job, Rejection, ShardLimits, prepare_output, write_shards
 
@@ -240,21 +239,38 @@ def shuffle_into_shards(items: Iterable[Job | Rejection], out: Path, options: Sh
     each shard mixes the sources, long texts in pieces; a job whose key an earlier one has is rejected. Encoding runs
     in ``pool`` (``None``: this process)."""
     prepare_output(out, options.overwrite)
-    rejected: list[Rejection] = []
-    inputs = 0
-    with KeyedShuffle[Job](options.seed, out, options.shuffle_buffer_bytes) as shuffle:
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with KeyedShuffle[Job](options.seed, out, options.shuffle_buffer_bytes) as shuffle:
+            inputs, rejected = _read(items, shuffle, out / REJECTED_FILE, options.text_chunk_bytes)
+            info = {"command": "shard", **info, "seed": options.seed, "audio_rate": options.audio_rate,
+                    "text_chunk_bytes": options.text_chunk_bytes, "inputs": inputs}
+            return write_shards(out, _unique(shuffle), total=len(shuffle), limits=options.limits, pool=pool,
+                                info=info, rejected=rejected)
+    except ManifestError:  # cut off: nothing is written
+        (out / REJECTED_FILE).unlink(missing_ok=True)
+        if created:
+            out.rmdir()
+        raise
+
+
+def _read(items: Iterable[Job | Rejection], shuffle: KeyedShuffle[Job], rejections: Path, chunk_bytes: int
+          ) -> tuple[int, int]:
+    """Jobs (long texts in pieces) into ``shuffle``, rejections into the file as found (a corpus may be all
+    rejects); returns the numbers of items and of rejections."""
+    inputs = rejected = 0
+    with rejections.open("w", encoding="utf-8") as log:
         for item in tqdm(items, desc="read", unit=" inputs", disable=None):
             inputs += 1
-            result = item if isinstance(item, Rejection) else _pieces(item, options.text_chunk_bytes)
+            result = item if isinstance(item, Rejection) else _pieces(item, chunk_bytes)
             if isinstance(result, Rejection):
-                rejected.append(result)
+                log.write(result.to_json() + "\n")
+                rejected += 1
             else:
                 for job in result:
                     shuffle.add(job.key, job)
-        info = {"command": "shard", **info, "seed": options.seed, "audio_rate": options.audio_rate,
-                "text_chunk_bytes": options.text_chunk_bytes, "inputs": inputs}
-        return write_shards(out, chain(rejected, _unique(shuffle)), total=len(rejected) + len(shuffle),
-                            limits=options.limits, pool=pool, info=info)
+    return inputs, rejected
 
 
 def shard_manifest(manifest: Path, out: Path, options: ShardOptions = ShardOptions(),

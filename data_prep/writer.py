@@ -138,18 +138,19 @@ class _IndexedShardWriter:
 
 def write_shards(directory: Path, items: Iterable[Job | Rejection], *, total: int | None = None,
                  limits: ShardLimits = ShardLimits(), pool: Executor | None = None, info: dict[str, Any] | None = None,
-                 desc: str = "shard") -> ShardIndex:
+                 desc: str = "shard", rejected: int = 0) -> ShardIndex:
     """Encode the jobs of ``items`` in order (in ``pool``, from :func:`~data_prep.parallel.worker_pool`) into
-    ``directory`` and log its rejections, earlier ones included; ``total`` items, for the progress bar. The index
-    records ``info`` and the number of ``inputs``: the items, unless ``info`` counts them (texts split into pieces).
+    ``directory`` and add its rejections to ``rejected.jsonl``, which holds ``rejected`` lines already (the reader's);
+    ``total`` items, for the progress bar. The index records ``info`` and the number of ``inputs``: the items and
+    earlier rejections, unless ``info`` counts them (texts split into pieces).
 
     The directory must have been through :func:`prepare_output`. Returns the index that was written.
     """
     directory.mkdir(parents=True, exist_ok=True)
     writer = _IndexedShardWriter(directory, limits)
-    inputs = rejected = 0
+    inputs = rejected
     try:
-        with (directory / REJECTED_FILE).open("w", encoding="utf-8") as log, \
+        with (directory / REJECTED_FILE).open("a", encoding="utf-8") as log, \
                 tqdm(total=total, desc=desc, unit=" samples", disable=None) as bar:
             for result in ordered_map(_encode, items, pool, here=_quick):
                 inputs += 1

@@ -13,17 +13,19 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from data_prep.chunking import MIN_CHUNK_BYTES
 from data_prep.demo import SIZES, DemoSources, build_demo
 from data_prep.folder import SUFFIX_FIELD, shard_folder
-from data_prep.index import IndexFileError, ShardIndex
+from data_prep.index import IndexFileError, ShardIndex, read_index
 from data_prep.manifest import (
     ALLOWED_FIELDS,
     OTHER_FIELDS,
     ManifestError,
     ManifestFormat,
     ShardOptions,
+    manifest_info,
     manifest_stem,
     shard_manifest,
 )
@@ -92,9 +94,13 @@ def _summarise(directory: Path, index: ShardIndex, max_reject_fraction: float) -
 
 
 def _shard_source_error(args: argparse.Namespace) -> str | None:
+    if args.resume and args.overwrite:
+        return "--resume keeps the outputs an earlier run completed, --overwrite rewrites them: pick one"
     if args.input_dir is not None:
         if args.rename or args.other_fields != "reject":
             return "--rename and --other-fields apply to --manifest lines, not to --input-dir files"
+        if args.resume:
+            return "--resume applies to --manifest (a folder is one output: rewrite it with --overwrite)"
         return None if args.input_dir.is_dir() else f"--input-dir {args.input_dir}: no such directory"
     if args.label_from_folder:
         return "--label-from-folder needs --input-dir (a manifest's rows give their labels)"
@@ -129,12 +135,17 @@ def _shard(args: argparse.Namespace) -> int:
             index = shard_folder(args.input_dir, args.out, options, args.label_from_folder, pool)
         return _summarise(args.out, index, args.max_reject_fraction)
     fmt = ManifestFormat(rename=tuple(args.rename), other_fields=args.other_fields)
-    outputs = _manifest_outputs(args)
-    for _, out in outputs:  # every output is checked before any is written
-        prepare_output(out, args.overwrite)
-    codes = []
-    with worker_pool(args.workers) as pool:  # started once for every manifest
-        for manifest, out in outputs:
+    codes, todo = [], []
+    for manifest, out in _manifest_outputs(args):  # every output is checked before any is written
+        done = _completed(out, {**manifest_info(manifest, fmt), **options.recorded()}) if args.resume else None
+        if done is None:
+            prepare_output(out, args.overwrite or args.resume)
+            todo.append((manifest, out))
+        else:
+            print(f"{out}: kept, completed earlier from {manifest.name} with these options")
+            codes.append(_summarise(out, done, args.max_reject_fraction))
+    with worker_pool(args.workers if todo else 1) as pool:  # started once for every manifest
+        for manifest, out in todo:
             try:
                 index = shard_manifest(manifest, out, options, fmt, pool)
             except ManifestError as e:  # the others still get written
@@ -143,6 +154,21 @@ def _shard(args: argparse.Namespace) -> int:
             else:
                 codes.append(_summarise(out, index, args.max_reject_fraction))
     return max(codes)
+
+
+def _completed(out: Path, recorded: dict[str, Any]) -> ShardIndex | None:
+    """For ``--resume``: the index of an output an earlier run completed (its index is written last) with the same
+    manifest and options, or ``None`` where there is none (absent, or cut off by a kill: written anew). An output
+    written otherwise raises :class:`OutputError`."""
+    try:
+        index = read_index(out)
+    except IndexFileError:
+        return None
+    for name, value in recorded.items():
+        if index.info.get(name) != value:
+            raise OutputError(f"{out} was written with {name} {index.info.get(name)!r}, not {value!r}; pass "
+                              "--overwrite to rewrite it, or pick another --out")
+    return index
 
 
 def _build_demo(args: argparse.Namespace) -> int:
@@ -214,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--text-chunk-bytes", type=_chunk_bytes, default=0, metavar="N",
                        help="write a text-only sample longer than N UTF-8 bytes as samples of at most N, shuffled like "
                             "the others (key-0, key-1, ...; set N to the model's model.text.max_length); 0: never")
+    shard.add_argument("--resume", action="store_true",
+                       help="with --manifest: keep the outputs an earlier run completed from the same manifest "
+                            "with the same options, write the rest (a killed run of many files goes on)")
     shard.add_argument("--max-samples-per-shard", type=_positive, default=10_000)
     shard.add_argument("--max-shard-mb", type=_bounded(float, 1e-6), default=1000.0,
                        help="sample data per shard, in 10^6 bytes")

@@ -11,6 +11,7 @@ from data_prep.schema import (
     FIELD_MODALITY,
     INDEX_FILE,
     INDEX_FORMAT,
+    PARTIAL_INDEX_FILE,
     layout,
     modalities,
 )
@@ -79,9 +80,12 @@ class ShardIndex:
 
 
 def write_index(directory: Path, index: ShardIndex) -> Path:
-    """Write ``directory/index.json`` (sorted keys, so equal inputs give equal bytes)."""
+    """Write ``directory/index.json`` (sorted keys, so equal inputs give equal bytes) in one step: it is written last,
+    so its presence says the directory is complete, and a kill while writing must not leave half of it."""
     path = directory / INDEX_FILE
-    path.write_text(json.dumps(index.to_json(), indent=1, sort_keys=True) + "\n")
+    partial = directory / PARTIAL_INDEX_FILE
+    partial.write_text(json.dumps(index.to_json(), indent=1, sort_keys=True) + "\n")
+    partial.replace(path)
     return path
 
 

@@ -218,6 +218,10 @@ class ShardOptions:
     text_chunk_bytes: int = 0
     shuffle_buffer_bytes: int = 512_000_000
 
+    def recorded(self) -> dict[str, Any]:
+        """The options that shape the samples, as ``index.json`` records them (the buffer changes nothing)."""
+        return {"seed": self.seed, "audio_rate": self.audio_rate, "text_chunk_bytes": self.text_chunk_bytes}
+
 
 def _unique(shuffle: KeyedShuffle[Job]) -> Iterator[Job | Rejection]:
     for job, duplicate in shuffle:
@@ -244,8 +248,7 @@ def shuffle_into_shards(items: Iterable[Job | Rejection], out: Path, options: Sh
     try:
         with KeyedShuffle[Job](options.seed, out, options.shuffle_buffer_bytes) as shuffle:
             inputs, rejected = _read(items, shuffle, out / REJECTED_FILE, options.text_chunk_bytes)
-            info = {"command": "shard", **info, "seed": options.seed, "audio_rate": options.audio_rate,
-                    "text_chunk_bytes": options.text_chunk_bytes, "inputs": inputs}
+            info = {"command": "shard", **info, **options.recorded(), "inputs": inputs}
             return write_shards(out, _unique(shuffle), total=len(shuffle), limits=options.limits, pool=pool,
                                 info=info, rejected=rejected)
     except ManifestError:  # cut off: nothing is written
@@ -273,8 +276,14 @@ def _read(items: Iterable[Job | Rejection], shuffle: KeyedShuffle[Job], rejectio
     return inputs, rejected
 
 
+def manifest_info(manifest: Path, fmt: ManifestFormat) -> dict[str, Any]:
+    """What ``index.json`` records of the manifest and how its lines were read (its size: a changed file shows)."""
+    return {"manifest": manifest.name, "manifest_bytes": manifest.stat().st_size, "rename": dict(fmt.rename),
+            "other_fields": fmt.other_fields}
+
+
 def shard_manifest(manifest: Path, out: Path, options: ShardOptions = ShardOptions(),
                    fmt: ManifestFormat = ManifestFormat(), pool: Executor | None = None) -> ShardIndex:
     """The manifest's samples as shards."""
-    info = {"manifest": manifest.name, "rename": dict(fmt.rename), "other_fields": fmt.other_fields}
-    return shuffle_into_shards(read_manifest(manifest, options.audio_rate, fmt), out, options, info, pool)
+    items = read_manifest(manifest, options.audio_rate, fmt)
+    return shuffle_into_shards(items, out, options, manifest_info(manifest, fmt), pool)

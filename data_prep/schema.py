@@ -19,6 +19,7 @@ FIELD_MODALITY = {
     "json": "meta",
 }
 INDEX_FILE = "index.json"
+PARTIAL_INDEX_FILE = ".index.json.partial"  # renamed to INDEX_FILE once complete
 REJECTED_FILE = "rejected.jsonl"
 SHARD_PATTERN = "shard-%06d.tar"
 SHARD_GLOB = "shard-*.tar"

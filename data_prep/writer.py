@@ -19,6 +19,7 @@ from data_prep.index import ShardIndex, ShardRecord, write_index
 from data_prep.parallel import ordered_map
 from data_prep.schema import (
     INDEX_FILE,
+    PARTIAL_INDEX_FILE,
     REJECTED_FILE,
     SHARD_GLOB,
     SHARD_PATTERN,
@@ -80,7 +81,8 @@ def prepare_output(directory: Path, overwrite: bool) -> None:
     if entries and not overwrite:
         raise OutputError(f"{directory} is not empty ({len(entries)} entries, e.g. {entries[0].name}); "
                           "pass --overwrite to replace its shards, or pick another --out")
-    for path in [*directory.glob(SHARD_GLOB), directory / INDEX_FILE, directory / REJECTED_FILE]:
+    for path in [*directory.glob(SHARD_GLOB), directory / INDEX_FILE, directory / PARTIAL_INDEX_FILE,
+                 directory / REJECTED_FILE]:
         path.unlink(missing_ok=True)
     for stale in directory.glob(SPILL_PREFIX + "*"):  # a killed run's sort runs
         shutil.rmtree(stale, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -278,6 +279,37 @@ def test_several_manifests_are_checked_before_any_is_written(tmp_path: Path, cap
     assert main(["shard", "--manifest", str(a), str(b), "--out", str(out), "--workers", "1"]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert not (out / "a").exists()
+
+
+def test_resume_keeps_the_outputs_completed_with_the_same_options_and_writes_the_rest(tmp_path: Path, capsys):
+    """A run over many files killed midway: --resume keeps the files done, rewrites the one cut off and does the
+    rest; an output written otherwise is refused."""
+    manifests = [write_manifest(tmp_path / f"{name}.jsonl", [{"text": f"{name} {i}"} for i in range(5)])
+                 for name in "abc"]
+    out = tmp_path / "corpus"
+    args = ["shard", "--manifest", *map(str, manifests), "--out", str(out), "--workers", "1",
+            "--max-samples-per-shard", "2"]
+    assert main(args) == 0
+    whole = {name: folder_bytes(out / name) for name in "abc"}
+    (out / "b" / "index.json").unlink()  # killed while writing b: shards, no index; c not started
+    (out / "b" / "shard-000001.tar").write_bytes(b"cut")
+    (out / "b" / ".shuffle-x").mkdir()
+    shutil.rmtree(out / "c")
+    kept = (out / "a" / "shard-000000.tar").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert f"{out / 'a'}: kept, completed earlier from a.jsonl with these options" in capsys.readouterr().out
+    assert {name: folder_bytes(out / name) for name in "abc"} == whole
+    assert (out / "a" / "shard-000000.tar").stat().st_mtime_ns == kept and not (out / "b" / ".shuffle-x").exists()
+
+    assert main([*args, "--resume", "--seed", "1"]) == 2
+    assert f"{out / 'a'} was written with seed 0, not 1; pass --overwrite" in capsys.readouterr().err
+    write_manifest(manifests[2], [{"text": f"c {i}"} for i in range(6)])  # the file changed since
+    assert main([*args, "--resume"]) == 2
+    assert f"{out / 'c'} was written with manifest_bytes 80, not 96" in capsys.readouterr().err
+    assert main([*args, "--resume", "--overwrite"]) == 2
+    assert "pick one" in capsys.readouterr().err
+    assert {name: folder_bytes(out / name) for name in "ab"} == {name: whole[name] for name in "ab"}
 
 
 @pytest.mark.parametrize("line", [b'{"text": "\\ud800"}', b'{"text": "\xed\xa0\x80"}',

@@ -37,6 +37,7 @@ from data_prep.validate import validate
 from data_prep.writer import OutputError, ShardLimits, prepare_output
 
 MAX_PROBLEMS_SHOWN = 100
+MAX_REASONS_SHOWN = 3  # fields whose rejections the summary shows, the most frequent first
 
 
 def _default_workers() -> int:
@@ -82,6 +83,8 @@ def _summarise(directory: Path, index: ShardIndex, max_reject_fraction: float) -
     pieces = f" from {written} inputs (long texts in pieces)" if index.samples != written else ""
     print(f"{directory}: wrote {index.samples} samples{pieces} in {len(index.shards)} shards "
           f"({human_bytes(index.bytes)}); rejected {index.rejected} of {total} ({fraction:.1%}){where}")
+    for seen in index.info.get("rejections", [])[:MAX_REASONS_SHOWN]:
+        print(f"  {seen['count']} for {seen['field']}, e.g. {seen['example']}")
     if index.samples == 0:
         print(f"error: {directory}: no sample was written", file=sys.stderr)
         return 1

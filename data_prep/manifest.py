@@ -23,7 +23,7 @@ from data_prep.media import (
 )
 from data_prep.schema import KEY_RE, KEY_RULE, REJECTED_FILE, Rejected
 from data_prep.shuffle import KeyedShuffle
-from data_prep.writer import Job, Rejection, ShardLimits, prepare_output, write_shards
+from data_prep.writer import Job, Rejection, RejectionLog, ShardLimits, prepare_output, write_shards
 
 MEDIA_FIELDS = ("image", "audio", "video")  # files to read and decode
 CONTENT_FIELDS = ("text", *MEDIA_FIELDS, "label")
@@ -246,11 +246,12 @@ def shuffle_into_shards(items: Iterable[Job | Rejection], out: Path, options: Sh
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with KeyedShuffle[Job](options.seed, out, options.shuffle_buffer_bytes) as shuffle:
-            inputs, rejected = _read(items, shuffle, out / REJECTED_FILE, options.text_chunk_bytes)
+        with KeyedShuffle[Job](options.seed, out, options.shuffle_buffer_bytes) as shuffle, \
+                RejectionLog(out / REJECTED_FILE) as log:
+            inputs = _read(items, shuffle, log, options.text_chunk_bytes)
             info = {"command": "shard", **info, **options.recorded(), "inputs": inputs}
             return write_shards(out, _unique(shuffle), total=len(shuffle), limits=options.limits, pool=pool,
-                                info=info, rejected=rejected)
+                                info=info, rejections=log)
     except ManifestError:  # cut off: nothing is written
         (out / REJECTED_FILE).unlink(missing_ok=True)
         if created:
@@ -258,22 +259,18 @@ def shuffle_into_shards(items: Iterable[Job | Rejection], out: Path, options: Sh
         raise
 
 
-def _read(items: Iterable[Job | Rejection], shuffle: KeyedShuffle[Job], rejections: Path, chunk_bytes: int
-          ) -> tuple[int, int]:
-    """Jobs (long texts in pieces) into ``shuffle``, rejections into the file as found (a corpus may be all
-    rejects); returns the numbers of items and of rejections."""
-    inputs = rejected = 0
-    with rejections.open("w", encoding="utf-8") as log:
-        for item in tqdm(items, desc="read", unit=" inputs", disable=None):
-            inputs += 1
-            result = item if isinstance(item, Rejection) else _pieces(item, chunk_bytes)
-            if isinstance(result, Rejection):
-                log.write(result.to_json() + "\n")
-                rejected += 1
-            else:
-                for job in result:
-                    shuffle.add(job.key, job)
-    return inputs, rejected
+def _read(items: Iterable[Job | Rejection], shuffle: KeyedShuffle[Job], log: RejectionLog, chunk_bytes: int) -> int:
+    """Jobs (long texts in pieces) into ``shuffle``, rejections into ``log``; returns the number of items."""
+    inputs = 0
+    for item in tqdm(items, desc="read", unit=" inputs", disable=None):
+        inputs += 1
+        result = item if isinstance(item, Rejection) else _pieces(item, chunk_bytes)
+        if isinstance(result, Rejection):
+            log.add(result)
+        else:
+            for job in result:
+                shuffle.add(job.key, job)
+    return inputs
 
 
 def manifest_info(manifest: Path, fmt: ManifestFormat) -> dict[str, Any]:

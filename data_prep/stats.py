@@ -30,6 +30,10 @@ def describe(name: str, index: ShardIndex) -> str:
         share = count / index.samples if index.samples else 0.0
         lines.append(f"  {modality:<10}{count:>10}{share:>9.1%}{human_bytes(data.get(modality, 0)):>12}"
                      f"{human_bytes(data.get(modality, 0) / count):>12}")
+    rejections = index.info.get("rejections")
+    if rejections:
+        counts = (f"{seen['count']} for {seen['field']}" for seen in rejections)
+        lines.append(f"  rejected: {', '.join(counts)}")
     classes = index.info.get("classes")
     if classes:
         lines.append(f"  classes: {', '.join(f'{i} {name}' for i, name in enumerate(classes))}")

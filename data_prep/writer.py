@@ -5,6 +5,7 @@ Both ``shard`` and ``build-demo`` go through here, so the two produce the same f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Iterable
@@ -59,6 +60,35 @@ class Rejection:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+
+
+class RejectionLog:
+    """``rejected.jsonl``, written as rejections come (a corpus may be all rejects), and a count per field with the
+    first reason of each, so that the summary can say at once what went wrong."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("w", encoding="utf-8")
+        self.count = 0
+        self._fields: dict[str, dict[str, Any]] = {}
+
+    def add(self, rejection: Rejection) -> None:
+        self._file.write(rejection.to_json() + "\n")
+        self.count += 1
+        self._fields.setdefault(rejection.field, {"count": 0, "example": rejection.reason})["count"] += 1
+
+    def by_field(self) -> list[dict[str, Any]]:
+        """``[{"field": f, "count": n, "example": reason}, ...]``, the most frequent first."""
+        found = [{"field": field, **seen} for field, seen in self._fields.items()]
+        return sorted(found, key=lambda seen: -seen["count"])
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "RejectionLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -140,30 +170,31 @@ class _IndexedShardWriter:
 
 def write_shards(directory: Path, items: Iterable[Job | Rejection], *, total: int | None = None,
                  limits: ShardLimits = ShardLimits(), pool: Executor | None = None, info: dict[str, Any] | None = None,
-                 desc: str = "shard", rejected: int = 0) -> ShardIndex:
+                 desc: str = "shard", rejections: RejectionLog | None = None) -> ShardIndex:
     """Encode the jobs of ``items`` in order (in ``pool``, from :func:`~data_prep.parallel.worker_pool`) into
-    ``directory`` and add its rejections to ``rejected.jsonl``, which holds ``rejected`` lines already (the reader's);
-    ``total`` items, for the progress bar. The index records ``info`` and the number of ``inputs``: the items and
-    earlier rejections, unless ``info`` counts them (texts split into pieces).
+    ``directory`` and add its rejections to ``rejections`` (by default a new ``rejected.jsonl``), earlier ones
+    counted too; ``total`` items, for the progress bar. The index records ``info``, the rejections by field and the
+    number of ``inputs``: the items and earlier rejections, unless ``info`` counts them (texts split into pieces).
 
     The directory must have been through :func:`prepare_output`. Returns the index that was written.
     """
     directory.mkdir(parents=True, exist_ok=True)
     writer = _IndexedShardWriter(directory, limits)
-    inputs = rejected
-    try:
-        with (directory / REJECTED_FILE).open("a", encoding="utf-8") as log, \
-                tqdm(total=total, desc=desc, unit=" samples", disable=None) as bar:
-            for result in ordered_map(_encode, items, pool, here=_quick):
-                inputs += 1
-                if isinstance(result, Rejection):
-                    log.write(result.to_json() + "\n")
-                    rejected += 1
-                else:
-                    writer.write(result)
-                bar.update()
-    finally:
-        writer.close()
-    index = ShardIndex(writer.records, rejected=rejected, info={"inputs": inputs, **(info or {})})
+    with contextlib.ExitStack() as stack:
+        log = rejections or stack.enter_context(RejectionLog(directory / REJECTED_FILE))
+        inputs = log.count
+        try:
+            with tqdm(total=total, desc=desc, unit=" samples", disable=None) as bar:
+                for result in ordered_map(_encode, items, pool, here=_quick):
+                    inputs += 1
+                    if isinstance(result, Rejection):
+                        log.add(result)
+                    else:
+                        writer.write(result)
+                    bar.update()
+        finally:
+            writer.close()
+        info = {"inputs": inputs, **(info or {}), "rejections": log.by_field()}
+        index = ShardIndex(writer.records, rejected=log.count, info=info)
     write_index(directory, index)
     return index

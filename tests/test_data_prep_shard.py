@@ -26,6 +26,7 @@ from test_data_prep_media import (
 from data_prep.__main__ import main
 from data_prep.manifest import parse_row
 from data_prep.schema import Rejected
+from data_prep.stats import stats as stats_of
 from pretrain.data import expand_spec
 
 
@@ -97,8 +98,14 @@ def test_bad_rows_are_rejected_with_reasons_and_the_exit_code_follows_the_limit(
                                                                                capsys):
     out = tmp_path / "out"
     assert main(["shard", "--manifest", str(bad_manifest), "--out", str(out), "--workers", "1"]) == 1
-    err = capsys.readouterr().err
-    assert "rejected 52.9% of the samples, more than --max-reject-fraction 0.01" in err
+    printed = capsys.readouterr()
+    assert "rejected 52.9% of the samples, more than --max-reject-fraction 0.01" in printed.err
+    assert printed.out.splitlines()[1:] == [  # the most frequent fields first, each with its first reason
+        "  2 for line, e.g. not valid JSON (Expecting ',' delimiter: line 2 column 1 (char 22))",
+        f"  2 for image, e.g. file not found: {bad_manifest.parent / 'media/nope.png'} (paths are relative to the "
+        "manifest's folder)",
+        "  1 for colour, e.g. unknown field 'colour'; allowed: key, text, image, audio, video, label, meta (--rename "
+        "maps a field onto one of them; --other-fields meta or ignore takes the rest)"]
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     reasons = {(r["key"], r["field"]): r["reason"] for r in rejected}
     assert len(rejected) == 9
@@ -113,6 +120,9 @@ def test_bad_rows_are_rejected_with_reasons_and_the_exit_code_follows_the_limit(
         "bad.jsonl:13": "not valid JSON (Expe", "bad.jsonl:17": "holds a lone surroga"}
     index = json.loads((out / "index.json").read_text())
     assert (index["samples"], index["rejected"]) == (8, 9)
+    assert {seen["field"]: seen["count"] for seen in index["info"]["rejections"]} == {
+        "line": 2, "image": 2, "colour": 1, "label": 1, "audio": 1, "video": 1, "key": 1}
+    assert "  rejected: 2 for line, 2 for image, 1 for colour, " in stats_of(out)
     written = read_tars(out)
     assert len(written) == 8 and not {"missing", "bad_png", "bad_flac", "bad_video", "bad_label"} & set(written)
     assert written["png_cap"]["txt"] == b"a photo of noise"  # the first of the duplicate keys is kept

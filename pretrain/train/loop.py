@@ -12,7 +12,7 @@ from typing import Dict, Iterator, Optional
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import read_latest
+from ..checkpoint import NoRoomError, read_latest
 from ..config import gradient_accumulation_steps
 from ..data import DataStream
 from ..model.attention import tunes
@@ -27,6 +27,7 @@ from .schedule import lr_factor
 log = logging.getLogger("pretrain")
 AFTER_EXIT = "a requeued job resumes from the latest checkpoint; a cancelled one ends here"
 EXIT_DIVERGED = 3  # the loss or the gradient norm is no longer finite: stopped without saving, do not requeue
+EXIT_NO_ROOM = 4  # a rank lacks the disk space for the next checkpoint: stopped before writing it, do not requeue
 
 
 def forever(stream: DataStream) -> Iterator[dict]:
@@ -82,7 +83,7 @@ def train_loop(run: Run, preemption: Preemption) -> int:
     """Steps until ``train.max_steps`` (0 returned), a preemption signal (checkpoint, ``EXIT_PREEMPTED``; a signal
     that came while the ranks started: ``EXIT_PREEMPTED`` at once, as nothing was trained since the start) or a
     divergence (``EXIT_DIVERGED``, nothing saved: every checkpoint holds finite weights, as every save follows a
-    check of all steps since the previous one)."""
+    check of all steps since the previous one) or a full disk (``EXIT_NO_ROOM``, found before writing)."""
     cfg, engine, progress, world = run.cfg, run.engine, run.progress, run.env.world_size
     if any(all_gather(preemption.requested)):
         log.info("signal %s during the start: exiting with %d, nothing trained, nothing to save (%s)",
@@ -148,7 +149,11 @@ def train_loop(run: Run, preemption: Preemption) -> int:
                           "config", step, diverged, where)
                 return EXIT_DIVERGED
             if save:
-                checkpoint_time = run.checkpointer.save(step)
+                try:
+                    checkpoint_time = run.checkpointer.save(step)
+                except NoRoomError as exc:
+                    log.error("step %d: %s", step, exc)
+                    return EXIT_NO_ROOM
                 last_save = time.monotonic()
             if stop:
                 log.info("signal %s: checkpointed step %d, exiting with %d (%s)", preemption.signal, step,

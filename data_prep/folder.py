@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,23 +67,41 @@ class FolderSample(ManifestRow):
         return meta
 
 
-def visible_files(root: Path) -> list[str]:
-    """Every file below ``root`` as a sorted POSIX path relative to it, hidden files and folders left out."""
-    found = []
+def _visible(names: list[str]) -> list[str]:
+    return sorted(name for name in names if not name.startswith("."))
+
+
+def sample_groups(root: Path) -> Iterator[tuple[str, list[str]]]:
+    """``(stem, files)`` per sample, paths relative to ``root``, hidden files and folders left out. A sample's files
+    share a folder, so folders are read one at a time (sorted): memory holds one folder's names, not the tree's."""
     for folder, subfolders, files in os.walk(root):
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        subfolders[:] = _visible(subfolders)
         relative = Path(folder).relative_to(root)
-        found += [(relative / name).as_posix() for name in files if not name.startswith(".")]
-    return sorted(found)
+        groups: dict[str, list[str]] = {}
+        for name in _visible(files):
+            path = (relative / name).as_posix()
+            groups.setdefault(path.rsplit(".", 1)[0] if "." in name else path, []).append(path)
+        yield from groups.items()
 
 
-def sample_keys(stems: list[str]) -> dict[str, str]:
-    """A valid, unique key per stem: the stem with ``/``, ``.`` and the like as ``_``, or, where that would be too
-    long or shared by two stems, its first characters and a hash of the stem."""
-    plain = {stem: _NOT_IN_KEYS.sub("_", stem) for stem in stems}
-    uses = Counter(plain.values())
-    return {stem: key if uses[key] == 1 and KEY_RE.match(key) else hashed_key(key, stem)
-            for stem, key in plain.items()}
+def class_names(root: Path) -> list[str]:
+    """``--label-from-folder``'s classes: the top folders that hold a file, sorted (their label is their place)."""
+    return [name for name in _visible([d.name for d in root.iterdir() if d.is_dir()])
+            if next(sample_groups(root / name), None) is not None]
+
+
+def sample_key(stem: str) -> str:
+    """The stem with ``/``, ``.`` and the like as ``_``, or, where that is no valid key (too long), its first
+    characters and a hash of the stem. Two stems may give one key (``a/b``, ``a_b``): :func:`hash_the_others`."""
+    plain = _NOT_IN_KEYS.sub("_", stem)
+    return plain if KEY_RE.match(plain) else hashed_key(plain, stem)
+
+
+def hash_the_others(jobs: list[Job]) -> list[Job | Rejection]:
+    """Samples whose stems give one key: a file named as the key keeps it (else the first), the others take the key
+    with a hash of their stem (each job's origin), so every sample is written under a key of its own."""
+    keeper = next((job for job in jobs if job.origin == job.key), jobs[0])
+    return [job if job is keeper else Job(hashed_key(job.key, job.origin), job.origin, job.payload) for job in jobs]
 
 
 def _row(stem: str, files: list[str], classes: list[str] | None) -> dict[str, Any]:
@@ -108,22 +126,15 @@ def _row(stem: str, files: list[str], classes: list[str] | None) -> dict[str, An
     return row
 
 
-def read_folder(root: Path, audio_rate: int, label_from_folder: bool = False
-                ) -> tuple[list[Job], list[Rejection], list[str] | None]:
-    """Jobs for the samples, rejections for file groups that make none, and the class names (folder labels only)."""
-    groups: dict[str, list[str]] = {}
-    for name in visible_files(root):
-        groups.setdefault(name.rsplit(".", 1)[0] if "." in Path(name).name else name, []).append(name)
-    classes = sorted({stem.split("/", 1)[0] for stem in groups if "/" in stem}) if label_from_folder else None
-    keys = sample_keys(list(groups))
-    jobs: list[Job] = []
-    rejected: list[Rejection] = []
-    for stem, files in groups.items():
+def read_folder(root: Path, audio_rate: int, classes: list[str] | None = None) -> Iterator[Job | Rejection]:
+    """A job per sample and a rejection per file group that makes none, folder by folder; ``classes`` (from
+    :func:`class_names`) label each sample by its top folder."""
+    for stem, files in sample_groups(root):
+        key = sample_key(stem)
         try:
-            jobs.append(Job(keys[stem], stem, FolderSample(_row(stem, files, classes), root, audio_rate)))
+            yield Job(key, stem, FolderSample(_row(stem, files, classes), root, audio_rate))
         except Rejected as e:
-            rejected.append(Rejection(stem, keys[stem], e.field, e.reason))
-    return jobs, rejected, classes
+            yield Rejection(stem, key, e.field, e.reason)
 
 
 def shard_folder(root: Path, out: Path, options: ShardOptions = ShardOptions(), label_from_folder: bool = False,
@@ -133,8 +144,9 @@ def shard_folder(root: Path, out: Path, options: ShardOptions = ShardOptions(), 
     if out.resolve().is_relative_to(root.resolve()):
         raise OutputError(f"--out {out} lies inside --input-dir {root}, whose files would become samples; "
                           "pick an --out outside it")
-    jobs, rejected, classes = read_folder(root, options.audio_rate, label_from_folder)
+    classes = class_names(root) if label_from_folder else None
     info: dict[str, Any] = {"input_dir": root.name}
     if classes is not None:
         info["classes"] = classes
-    return shuffle_into_shards([*rejected, *jobs], out, options, info, pool)
+    return shuffle_into_shards(read_folder(root, options.audio_rate, classes), out, options, info, pool,
+                               settle=hash_the_others)

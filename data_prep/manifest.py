@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,10 +223,13 @@ class ShardOptions:
         return {"seed": self.seed, "audio_rate": self.audio_rate, "text_chunk_bytes": self.text_chunk_bytes}
 
 
-def _unique(shuffle: KeyedShuffle[Job]) -> Iterator[Job | Rejection]:
-    for job, duplicate in shuffle:
-        yield Rejection(job.origin, job.key, "key", f"duplicate key {job.key!r}; keys must be unique") \
-            if duplicate else job
+Settle = Callable[[list[Job]], list[Job | Rejection]]  # the jobs that share a key -> what gets written
+
+
+def first_keeps_the_key(jobs: list[Job]) -> list[Job | Rejection]:
+    """A manifest's keys are the user's: the first line with a key is written, the others are rejected."""
+    return [jobs[0], *(Rejection(job.origin, job.key, "key", f"duplicate key {job.key!r}; keys must be unique")
+                       for job in jobs[1:])]
 
 
 def _pieces(job: Job, chunk_bytes: int) -> list[Job] | Rejection:
@@ -238,10 +241,10 @@ def _pieces(job: Job, chunk_bytes: int) -> list[Job] | Rejection:
 
 
 def shuffle_into_shards(items: Iterable[Job | Rejection], out: Path, options: ShardOptions, info: dict[str, Any],
-                        pool: Executor | None = None) -> ShardIndex:
+                        pool: Executor | None = None, settle: Settle = first_keeps_the_key) -> ShardIndex:
     """Write the jobs of ``items`` (:class:`ManifestRow` payloads) as shards in an order shuffled by the seed, so that
-    each shard mixes the sources, long texts in pieces; a job whose key an earlier one has is rejected. Encoding runs
-    in ``pool`` (``None``: this process)."""
+    each shard mixes the sources, long texts in pieces; ``settle`` decides between jobs that share a key. Encoding
+    runs in ``pool`` (``None``: this process)."""
     prepare_output(out, options.overwrite)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -250,8 +253,9 @@ def shuffle_into_shards(items: Iterable[Job | Rejection], out: Path, options: Sh
                 RejectionLog(out / REJECTED_FILE) as log:
             inputs = _read(items, shuffle, log, options.text_chunk_bytes)
             info = {"command": "shard", **info, **options.recorded(), "inputs": inputs}
-            return write_shards(out, _unique(shuffle), total=len(shuffle), limits=options.limits, pool=pool,
-                                info=info, rejections=log)
+            settled = (item for jobs in shuffle for item in settle(jobs))
+            return write_shards(out, settled, total=len(shuffle), limits=options.limits, pool=pool, info=info,
+                                rejections=log)
     except ManifestError:  # cut off: nothing is written
         (out / REJECTED_FILE).unlink(missing_ok=True)
         if created:

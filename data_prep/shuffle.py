@@ -15,6 +15,8 @@ import pickle
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -37,9 +39,9 @@ def _read_run(path: Path) -> Iterator[_Record]:
 
 
 class KeyedShuffle(Generic[T]):
-    """:meth:`add` every sample, then iterate once: ``(sample, duplicate)`` in the seeded order, ``duplicate`` true
-    for every sample after the first (in arrival order) with its key. Use it as a context manager: its temporary
-    folder under ``spill_dir`` is removed on exit."""
+    """:meth:`add` every sample, then iterate once: lists of the samples that share a key (one, unless a key
+    repeats), each in arrival order, the lists in the seeded order. Use it as a context manager: its temporary folder
+    under ``spill_dir`` is removed on exit."""
 
     def __init__(self, seed: int, spill_dir: Path, buffer_bytes: int, max_open_runs: int = MAX_OPEN_RUNS) -> None:
         self._salt = f"{seed}\0".encode()
@@ -65,13 +67,12 @@ class KeyedShuffle(Generic[T]):
         if self._held_bytes >= self._buffer_bytes:
             self._spill()
 
-    def __iter__(self) -> Iterator[tuple[T, bool]]:
-        last_tag, keys = b"", set()
-        for tag, _, key, blob in self._sorted():
-            if tag != last_tag:  # keys of one tag: one key, bar a 64-bit hash collision
-                last_tag, keys = tag, set()
-            yield pickle.loads(blob), key in keys
-            keys.add(key)
+    def __iter__(self) -> Iterator[list[T]]:
+        for _, records in groupby(self._sorted(), key=itemgetter(0)):
+            by_key: dict[str, list[T]] = {}  # one key, bar a 64-bit hash collision
+            for _, _, key, blob in records:
+                by_key.setdefault(key, []).append(pickle.loads(blob))
+            yield from by_key.values()
 
     def _sorted(self) -> Iterable[_Record]:
         self._held.sort()  # (tag, arrival) is unique: keys and pickles are never compared

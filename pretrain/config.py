@@ -401,12 +401,15 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    """W&B on rank 0 only. ``online`` without an API key falls back to ``offline`` (logged), never a hang."""
+    """W&B on rank 0 only. ``online`` without an API key falls back to ``offline`` (logged), never a hang. At the end
+    of a process W&B's upload waits at most ``finish_timeout_s`` (0: no limit): a job warned of its time limit has 180
+    s to checkpoint, exit and requeue itself; what is left stays under ``<run>/wandb/`` for ``wandb sync``."""
 
     mode: str = "offline"
     project: str = "perceiver-pretrain"
     entity: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    finish_timeout_s: float = 120.0
 
 
 @dataclass
@@ -488,6 +491,7 @@ def validate_config(cfg: Config, world_size: int) -> Config:
              "checkpoint.every_steps and checkpoint.every_minutes must be >= 0 (0 = off)")
     _require(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")
     _require(w.mode in WANDB_MODES, "wandb.mode", f"must be one of {WANDB_MODES}, got {w.mode!r}")
+    _require(w.finish_timeout_s >= 0, "wandb.finish_timeout_s", f"must be >= 0 (0: no limit), got {w.finish_timeout_s}")
     _require(bool(r.dir), "run.dir", "must name the run directory")
     _require(r.log_every_steps > 0, "run.log_every_steps", "must be a positive integer")
     _require(bool(cfg.data.train_shards), "data.train_shards", "give at least one shard spec to train on")

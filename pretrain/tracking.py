@@ -158,6 +158,12 @@ class Tracker:
                 self._run.finish(exit_code=exit_code)
                 self._run = None
                 wandb.teardown()
+            except TimeoutError:  # wandb.finish_timeout_s: the rest waits on disk
+                self._run = None
+                with contextlib.suppress(Exception, SystemExit):
+                    wandb.teardown()
+                log.warning("W&B did not finish uploading within wandb.finish_timeout_s=%s; the rest is under %s: "
+                            "upload it with `wandb sync`", self.cfg.finish_timeout_s, self.run_dir / "wandb")
             except SystemExit as exc:  # wandb exits the process when its service failed; the run must go on
                 log.warning("W&B's service exited with code %s: its files under %s/wandb may be incomplete",
                             exc.code, self.run_dir)
@@ -231,7 +237,8 @@ class Tracker:
             id=self.run_id,
             resume="allow",
             config=self.config,
-            settings=wandb.Settings(console="off", init_timeout=self.init_timeout),
+            settings=wandb.Settings(console="off", init_timeout=self.init_timeout,
+                                    finish_timeout=self.cfg.finish_timeout_s, finish_timeout_raises=True),
         )
         _write_atomic(self.run_dir / RUN_ID_FILE, run.id + "\n")
         return run

@@ -34,6 +34,7 @@ BAD = [
     (["train.compile=fast"], "train.compile"),
     (["train.compile=default", "deepspeed.zero_stage=3"], "train.compile"),
     (["train.collective_timeout_minutes=0"], "train.collective_timeout_minutes"),
+    (["wandb.finish_timeout_s=-1"], "wandb.finish_timeout_s"),
     (["--resume", "/nonexistent/checkpoints/step_00000010"], "--resume"),
 ]
 

@@ -114,6 +114,16 @@ def test_offline_run_holds_the_logged_metrics_and_config(tmp_path):
     assert lines == [{"step": step, **fake_metrics(step)} for step in range(1, 401)]
 
 
+def test_the_finish_timeout_reaches_wandb(tmp_path):
+    """wandb.finish_timeout_s bounds W&B's upload at the end (a job warned of its time limit must requeue in time),
+    raising so that the tracker can say where the rest waits."""
+    import wandb
+
+    with Tracker(WandbConfig(mode="offline", finish_timeout_s=7.5), tmp_path, 0, CONFIG) as tracker:
+        tracker.log({"loss": 1.0}, 1)
+        assert (wandb.run.settings.finish_timeout, wandb.run.settings.finish_timeout_raises) == (7.5, True)
+
+
 def test_resume_in_the_same_run_dir_continues_the_run_and_the_metrics_file(tmp_path):
     """A run killed after logging step 5 resumes from its step-3 checkpoint: W&B continues the same run id, and
     metrics.jsonl ends up byte-identical to the one of a run that was never interrupted."""

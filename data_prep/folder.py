@@ -104,7 +104,7 @@ def hash_the_others(jobs: list[Job]) -> list[Job | Rejection]:
     return [job if job is keeper else Job(hashed_key(job.key, job.origin), job.origin, job.payload) for job in jobs]
 
 
-def _row(stem: str, files: list[str], classes: list[str] | None) -> dict[str, Any]:
+def _row(stem: str, files: list[str], labels: dict[str, int] | None) -> dict[str, Any]:
     """The sample's fields -> file paths (the label as an int when it comes from the folder)."""
     row: dict[str, Any] = {}
     for name in files:
@@ -114,13 +114,13 @@ def _row(stem: str, files: list[str], classes: list[str] | None) -> dict[str, An
         if field in row:
             raise Rejected(field, f"two {field} files, {row[field]} and {name}; a sample has one of each")
         row[field] = name
-    if classes is not None:
+    if labels is not None:
         if "/" not in stem:
             raise Rejected("label", f"{stem} is not in a class folder; with --label-from-folder every sample's "
                                     "files lie in a folder named after its class")
         if "label" in row:
             raise Rejected("label", f"{row['label']} and --label-from-folder both give the label; keep one")
-        row["label"] = classes.index(stem.split("/", 1)[0])
+        row["label"] = labels[stem.split("/", 1)[0]]
     if not any(field in row for field in CONTENT_FIELDS):
         raise Rejected("file", f"only {', '.join(files)}: a sample needs one of {', '.join(CONTENT_FIELDS)}")
     return row
@@ -129,10 +129,11 @@ def _row(stem: str, files: list[str], classes: list[str] | None) -> dict[str, An
 def read_folder(root: Path, audio_rate: int, classes: list[str] | None = None) -> Iterator[Job | Rejection]:
     """A job per sample and a rejection per file group that makes none, folder by folder; ``classes`` (from
     :func:`class_names`) label each sample by its top folder."""
+    labels = None if classes is None else {name: label for label, name in enumerate(classes)}
     for stem, files in sample_groups(root):
         key = sample_key(stem)
         try:
-            yield Job(key, stem, FolderSample(_row(stem, files, classes), root, audio_rate))
+            yield Job(key, stem, FolderSample(_row(stem, files, labels), root, audio_rate))
         except Rejected as e:
             yield Rejection(stem, key, e.field, e.reason)
 

@@ -145,6 +145,11 @@ def test_a_folder_of_shard_directories_is_one_dataset(tmp_path):
     shards = expand_spec(str(tmp_path / "c4"), "k")
     assert [(str(Path(s.url).relative_to(tmp_path / "c4")), s.samples) for s in shards] == [
         ("00000/shard-000000.tar", 3), ("00001/shard-000000.tar", 4), ("00001/shard-000001.tar", 5)]
+    (tmp_path / "c4" / "00001" / "index.json").unlink()  # as a data_prep run cut off leaves it
+    with pytest.raises(DataError, match=r"k: 1 of the shard directories in .*c4' hold shards but no index.json "
+                                        r"\(first: 00001\): a data_prep shard run cut off there; finish it "
+                                        r"\(the same command with --resume\)"):
+        expand_spec(str(tmp_path / "c4"), "k")
 
 
 def test_pipe_specs_and_joined_specs_expand(tmp_path):

@@ -76,11 +76,17 @@ def _directory_shards(directory: str, key: str) -> List[Shard]:
     names = sorted(name for name in os.listdir(directory) if name.endswith(".tar"))
     if names:
         return [Shard(os.path.join(directory, name)) for name in names]
-    indexed = sorted(entry.path for entry in os.scandir(directory)
-                     if entry.is_dir() and os.path.isfile(os.path.join(entry.path, INDEX_NAME)))
+    subdirectories = sorted(entry.path for entry in os.scandir(directory) if entry.is_dir())
+    indexed = [sub for sub in subdirectories if os.path.isfile(os.path.join(sub, INDEX_NAME))]
     if not indexed:
         raise DataError(f"{key}: directory {directory!r} has neither {INDEX_NAME} nor *.tar files, nor subdirectories "
                         f"with an {INDEX_NAME}")
+    unfinished = [sub for sub in subdirectories if sub not in indexed and any(
+        name.endswith(".tar") for name in os.listdir(sub))]
+    if unfinished:  # data_prep writes index.json last: a run was cut off, and this dataset would lack it silently
+        raise DataError(f"{key}: {len(unfinished)} of the shard directories in {directory!r} hold shards but no "
+                        f"{INDEX_NAME} (first: {os.path.basename(unfinished[0])}): a data_prep shard run cut off "
+                        "there; finish it (the same command with --resume) or remove them")
     return [shard for sub in indexed for shard in _directory_shards(sub, key)]
 
 

@@ -12,6 +12,7 @@ from data_prep.schema import (
     INDEX_FILE,
     INDEX_FORMAT,
     PARTIAL_INDEX_FILE,
+    SHARD_GLOB,
     layout,
     modalities,
 )
@@ -112,8 +113,9 @@ def read_index(directory: Path) -> ShardIndex:
 
 
 def shard_dirs(root: Path) -> list[Path]:
-    """``root`` if it holds an index, else its subdirectories that do (``build-demo`` writes ``train/``, ``val/``)."""
+    """``root`` if it holds an index, else its subdirectories that hold an index or shards (``build-demo`` writes
+    ``train/``, ``val/``; shards without an index are a ``shard`` run cut off, which ``validate`` reports)."""
     if (root / INDEX_FILE).exists() or not root.is_dir():
         return [root]
-    found = sorted(p for p in root.iterdir() if (p / INDEX_FILE).exists())
+    found = sorted(p for p in root.iterdir() if (p / INDEX_FILE).exists() or any(p.glob(SHARD_GLOB)))
     return found or [root]

@@ -129,6 +129,18 @@ def test_a_missing_index(shards: Path, capsys):
     assert main(["stats", str(shards)]) == 2
 
 
+def test_a_shard_directory_cut_off_in_a_folder_of_them_is_reported(good_dir: Path, tmp_path: Path, capsys):
+    """A run over many files killed midway leaves one output with shards and no index: validating the folder says
+    so, where it used to pass over it."""
+    shutil.copytree(good_dir, tmp_path / "corpus" / "a")
+    shutil.copytree(good_dir, tmp_path / "corpus" / "b")
+    (tmp_path / "corpus" / "b" / "index.json").unlink()
+    code, lines = run_validate(tmp_path / "corpus", capsys)
+    assert code == 1
+    assert any(line.startswith(f"{tmp_path / 'corpus' / 'b' / 'index.json'}: not found") for line in lines)
+    assert lines[-1].endswith("checked 6 shards, 16 samples: 4 problems")  # the index, and 3 unlisted shards
+
+
 def test_stats_prints_counts_per_modality_and_sizes(good_dir: Path, capsys):
     assert main(["stats", str(good_dir)]) == 0
     out = capsys.readouterr().out.splitlines()

@@ -17,11 +17,17 @@ def human_bytes(size: float) -> str:
     return f"{size:.0f} B" if power == 0 else f"{size:.1f} {units[power]}"
 
 
+_SHOWN_APART = ("classes", "rejections")  # index.json's info keys with lines of their own
+
+
 def describe(name: str, index: ShardIndex) -> str:
-    """A few lines for one shard directory: totals, shard sizes, then samples and bytes per modality."""
+    """A few lines for one shard directory: totals, how it was made (what ``shard --resume`` compares), shard sizes,
+    then samples and bytes per modality."""
     sizes = [s.bytes for s in index.shards] or [0]
+    made = {key: value for key, value in index.info.items() if key not in _SHOWN_APART and value not in ({}, [], "")}
     lines = [f"{name}: {len(index.shards)} shards, {index.samples} samples, {human_bytes(index.bytes)}, "
              f"{index.rejected} rejected",
+             f"  made with: {', '.join(f'{key} {value}' for key, value in made.items())}",
              f"  shard size: min {human_bytes(min(sizes))}, mean {human_bytes(sum(sizes) / len(sizes))}, "
              f"max {human_bytes(max(sizes))}",
              f"  {'modality':<10}{'samples':>10}{'share':>9}{'bytes':>12}{'mean':>12}"]

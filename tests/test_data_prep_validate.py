@@ -145,7 +145,10 @@ def test_stats_prints_counts_per_modality_and_sizes(good_dir: Path, capsys):
     assert main(["stats", str(good_dir)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{good_dir}: 3 shards, 8 samples, ") and out[0].endswith("0 rejected")
-    assert out[1].startswith("  shard size: min ")
-    rows = {line.split()[0]: line.split()[1:3] for line in out[3:]}
+    size = (good_dir.parent / "m.jsonl").stat().st_size
+    assert out[1] == ("  made with: audio_rate 16000, command shard, inputs 8, manifest m.jsonl, manifest_bytes "
+                      f"{size}, other_fields reject, seed 0, text_chunk_bytes 0")
+    assert out[2].startswith("  shard size: min ")
+    rows = {line.split()[0]: line.split()[1:3] for line in out[4:]}
     assert rows == {"audio": ["2", "25.0%"], "image": ["3", "37.5%"], "label": ["3", "37.5%"],
                     "meta": ["2", "25.0%"], "text": ["4", "50.0%"], "video": ["1", "12.5%"]}

@@ -159,9 +159,7 @@ class Tracker:
                 self._run = None
                 wandb.teardown()
             except TimeoutError:  # wandb.finish_timeout_s: the rest waits on disk
-                self._run = None
-                with contextlib.suppress(Exception, SystemExit):
-                    wandb.teardown()
+                self._drop_wandb()
                 log.warning("W&B did not finish uploading within wandb.finish_timeout_s=%s; the rest is under %s: "
                             "upload it with `wandb sync`", self.cfg.finish_timeout_s, self.run_dir / "wandb")
             except SystemExit as exc:  # wandb exits the process when its service failed; the run must go on
@@ -173,12 +171,16 @@ class Tracker:
             self._metrics.close()
             self._metrics = None
 
-    def _wandb_failure(self, exc: Exception, when: str) -> None:
+    def _drop_wandb(self) -> None:
+        """W&B off for the rest of the process, its process-wide state (which names the service) dropped."""
         import wandb
 
         self._run, self._wandb_failed = None, True
-        with contextlib.suppress(Exception, SystemExit):  # drops wandb's process-wide state, which names the service
+        with contextlib.suppress(Exception, SystemExit):
             wandb.teardown()
+
+    def _wandb_failure(self, exc: Exception, when: str) -> None:
+        self._drop_wandb()
         log.warning("W&B failed %s (%s: %s), most likely because its service process ended (a Slurm requeue, "
                     "preemption or scancel signals it too). W&B is off for the rest of this process; %s keeps "
                     "every step, and a resumed run continues W&B run %s", when, type(exc).__name__, exc,

@@ -130,8 +130,9 @@ def _shard(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     limits = ShardLimits(max_samples=args.max_samples_per_shard, max_bytes=int(args.max_shard_mb * 1_000_000))
-    options = ShardOptions(seed=args.seed, limits=limits, audio_rate=args.audio_rate, overwrite=args.overwrite,
-                           text_chunk_bytes=args.text_chunk_bytes,
+    # --resume rewrites an output that an earlier run cut off, as --overwrite would
+    options = ShardOptions(seed=args.seed, limits=limits, audio_rate=args.audio_rate,
+                           overwrite=args.overwrite or args.resume, text_chunk_bytes=args.text_chunk_bytes,
                            shuffle_buffer_bytes=int(args.shuffle_buffer_mb * 1_000_000))
     if args.input_dir is not None:
         with worker_pool(args.workers) as pool:
@@ -142,7 +143,7 @@ def _shard(args: argparse.Namespace) -> int:
     for manifest, out in _manifest_outputs(args):  # every output is checked before any is written
         done = _completed(out, {**manifest_info(manifest, fmt), **options.recorded()}) if args.resume else None
         if done is None:
-            prepare_output(out, args.overwrite or args.resume)
+            prepare_output(out, options.overwrite)
             todo.append((manifest, out))
         else:
             print(f"{out}: kept, completed earlier from {manifest.name} with these options")

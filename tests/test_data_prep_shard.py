@@ -304,11 +304,13 @@ def test_resume_keeps_the_outputs_completed_with_the_same_options_and_writes_the
     (out / "b" / "index.json").unlink()  # killed while writing b: shards, no index; c not started
     (out / "b" / "shard-000001.tar").write_bytes(b"cut")
     (out / "b" / ".shuffle-x").mkdir()
+    (out / "b" / "notes.txt").write_text("not ours: kept, and no reason to refuse the directory")
     shutil.rmtree(out / "c")
     kept = (out / "a" / "shard-000000.tar").stat().st_mtime_ns
     capsys.readouterr()
     assert main([*args, "--resume"]) == 0
     assert f"{out / 'a'}: kept, completed earlier from a.jsonl with these options" in capsys.readouterr().out
+    (out / "b" / "notes.txt").unlink()
     assert {name: folder_bytes(out / name) for name in "abc"} == whole
     assert (out / "a" / "shard-000000.tar").stat().st_mtime_ns == kept and not (out / "b" / ".shuffle-x").exists()
 

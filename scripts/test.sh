@@ -7,4 +7,6 @@ bash scripts/install_demo_sources.sh
 command -v g++ >/dev/null || bash scripts/apt_install.sh g++  # torch.compile on CPU (train.compile tests) builds C++
 # a local Slurm cluster (tests/slurm_cluster.py) runs slurm/pretrain.sbatch
 command -v slurmctld >/dev/null || bash scripts/apt_install.sh slurmctld slurmd slurm-client munge
+# tests/test_checkpoint_space.py mounts a small tmpfs (a disk that fills up)
+command -v mount >/dev/null || bash scripts/apt_install.sh mount
 python3 -m pytest -q -ra "$@"

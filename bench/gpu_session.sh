@@ -34,6 +34,7 @@ declare -A steps=(
   [model_compiled_both]="${bench[*]} --interleave --no-sweep --no-masked --compile --compile-hf"
   [attention]="python3 bench/attention_check.py"
   [engine]="env OUT=/tmp/engine bash bench/engine_gpu_check.sh"  # its corpus and checkpoints stay on the machine
+  [engine_offload]="env OUT=/tmp/engine RUNS=bf16,offload bash bench/engine_gpu_check.sh"  # offload against bf16
 )
 order=(model_eager model_bf16 engine model_graphs_both model_cudagraphs model_sweep attention)
 

@@ -3,9 +3,12 @@ a text MLM model, a transformers ``PerceiverForMaskedLM`` directory.
 
 The weights are the optimizer's fp32 master copies, not the bf16 copies a bf16 run computed with: under ZeRO 1-3
 DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` gathers them from every rank's shard; ZeRO-0 keeps whole
-weights in its model-states file, the module's when it trained in fp32, else the bf16 optimizer's ``fp32_groups``,
-named through the optimizer's parameter groups and checked against the module's bf16 weights. The model config is
-the one the checkpoint holds: an export needs nothing but the checkpoint.
+weights in its model-states file, the module's when it trained in fp32, else the bf16 optimizer's ``fp32_groups``.
+ZeRO-1 with bf16 weights and fp32 gradient accumulation runs DeepSpeed's ``BF16_Optimizer``, whose files
+``get_fp32_state_dict_from_zero_checkpoint`` refuses: each rank holds a consecutive slice of every parameter group's
+flat fp32 copy (padded at its end), joined here. Whole copies are named through the optimizer's parameter groups and
+checked against the module's bf16 weights. The model config is the one the checkpoint holds: an export needs nothing
+but the checkpoint.
 
 Each directory is written under a temporary name beside its destination and renamed into place when complete: an
 interrupted export leaves nothing under the name, and a destination that exists with files in it is refused before
@@ -40,31 +43,61 @@ class Exported:
     directories: List[Path]
 
 
-def _zero0_masters(tag_dir: Path, model: PerceiverIO, states: Dict) -> Dict[str, torch.Tensor]:
-    """ZeRO-0 with bf16: the optimizer's fp32 copies, group by group in the optimizer's parameter order."""
+def _named_masters(tag_dir: Path, model: PerceiverIO, module: Dict[str, torch.Tensor],
+                   masters: List[List[torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """The optimizer's fp32 copies, group by group in the optimizer's parameter order, named and checked."""
     groups = parameter_groups(model)
-    masters = states["optimizer"]["fp32_groups"]
     if [[tuple(p.shape) for _, p in named] for named in groups] != [[tuple(t.shape) for t in g] for g in masters]:
         raise ExportError(f"{tag_dir}: the optimizer's fp32 copies do not line up with the parameters of the model "
                           f"config saved with it")
     weights = {name: tensor for named, tensors in zip(groups, masters) for (name, _), tensor in zip(named, tensors)}
-    module = states["module"]
     if any(not torch.equal(weights[name].to(module[name].dtype), module[name]) for name in weights):
         raise ExportError(f"{tag_dir}: the optimizer's fp32 copies do not round to the module's weights; the "
                           f"checkpoint is inconsistent, export another one")
     return weights
 
 
+def _split_flat_groups(tag_dir: Path, model: PerceiverIO, partitions: List[Dict]) -> List[List[torch.Tensor]]:
+    """``BF16_Optimizer``'s per-rank slices (in rank order) -> each group's parameters, shaped as the model's."""
+    from deepspeed.checkpoint.constants import GROUP_PADDINGS, SINGLE_PARTITION_OF_FP32_GROUPS
+
+    masters = []
+    for index, named in enumerate(parameter_groups(model)):
+        flat = torch.cat([rank[SINGLE_PARTITION_OF_FP32_GROUPS][index] for rank in partitions])
+        numels = [p.numel() for _, p in named]
+        total = sum(numels)
+        if flat.numel() - sum(rank[GROUP_PADDINGS][index] for rank in partitions) != total:
+            raise ExportError(f"{tag_dir}: parameter group {index} of the optimizer holds {flat.numel()} values "
+                              f"with padding, the model config saved with it {total}")
+        masters.append([t.view_as(p) for t, (_, p) in zip(flat[:total].split(numels), named)])
+    return masters
+
+
+def _optimizer_files(tag_dir: Path) -> List[Path]:
+    """The per-rank optimizer files of ZeRO 1-3 (``bf16_`` prefixed in bf16 runs), in rank order."""
+    files = tag_dir.glob("*zero_pp_rank_*_optim_states.pt")
+    return sorted(files, key=lambda f: int(f.name.split("zero_pp_rank_")[1].split("_")[0]))
+
+
 def master_weights(tag_dir: Path, model: PerceiverIO) -> Dict[str, torch.Tensor]:
     """The fp32 state dict a checkpoint tag holds for ``model`` (the model of its config; see the module docstring)."""
-    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):  # ZeRO 1-3, fp32 or bf16
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
+
+    optimizer = [torch.load(f, map_location="cpu", mmap=True, weights_only=False)[OPTIMIZER_STATE_DICT]
+                 for f in _optimizer_files(tag_dir)]  # mapped, read where used
+    if optimizer and ZERO_STAGE in optimizer[0]:  # ZeRO 1-3, fp32 or bf16
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     states = torch.load(model_states(tag_dir), map_location="cpu", weights_only=False)
     weights = dict(states["module"])
-    if "fp32_groups" in (states.get("optimizer") or {}):
-        weights.update(_zero0_masters(tag_dir, model, states))
+    if optimizer:  # BF16_Optimizer
+        masters = _split_flat_groups(tag_dir, model, optimizer)
+    elif "fp32_groups" in (states.get("optimizer") or {}):  # ZeRO-0 with bf16
+        masters = states["optimizer"]["fp32_groups"]
+    else:
+        return weights
+    weights.update(_named_masters(tag_dir, model, states["module"], masters))
     return weights
 
 

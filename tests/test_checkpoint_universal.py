@@ -1,6 +1,7 @@
-"""Another world size on resume: a 2-process ZeRO-2 checkpoint continues with 1 process through a DeepSpeed universal
-checkpoint (converted once, announced in the log), with finite losses that continue the 2-process run's, and
-the data stream at the number of samples the 2 processes had seen."""
+"""Another world size on resume: a 2-process ZeRO-2 checkpoint (and a ZeRO-1 bf16 one accumulating in fp32)
+continues with 1 process through a DeepSpeed universal checkpoint (converted once, announced in the log), with
+finite losses that continue the 2-process run's, and the data stream at the number of samples the 2 processes had
+seen."""
 
 from __future__ import annotations
 
@@ -9,15 +10,23 @@ import shutil
 
 import pytest
 import torch
-from test_train_engine import logs, losses, run, tiny_config
+from test_train_engine import FP32_ACCUMULATION, logs, losses, run, tiny_config
 
 from pretrain.checkpoint import MODEL_STATES, read_latest
 
+ENGINES = {
+    "zero2": {},
+    # DeepSpeed's BF16_Optimizer: flat fp32 slices per rank, which the universal conversion must re-split
+    "zero1_fp32_accumulation": {"train": {"precision": "bf16"}, "deepspeed": FP32_ACCUMULATION},
+}
+
 
 @pytest.mark.slow
-def test_two_process_checkpoint_resumes_with_one_process(tmp_path):
-    sections = dict(train={"max_steps": 12, "global_batch_size": 8}, checkpoint={"every_steps": 8},
-                    optim={"lr": 1e-2, "warmup_steps": 1})
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_two_process_checkpoint_resumes_with_one_process(tmp_path, engine):
+    extra = ENGINES[engine]
+    sections = dict(extra, train={"max_steps": 12, "global_batch_size": 8, **extra.get("train", {})},
+                    checkpoint={"every_steps": 8}, optim={"lr": 1e-2, "warmup_steps": 1})
     config = tiny_config(tmp_path / "one", **sections)
     config.write_text(config.read_text().replace("max_steps: 12", "max_steps: 8"))
     run(config, nproc=2)

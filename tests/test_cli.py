@@ -33,6 +33,7 @@ BAD = [
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
     (["train.compile=fast"], "train.compile"),
     (["train.compile=default", "deepspeed.zero_stage=3"], "train.compile"),
+    (["deepspeed.fp32_grad_accumulation=true", "deepspeed.zero_stage=0"], "deepspeed.fp32_grad_accumulation"),
     (["train.collective_timeout_minutes=0"], "train.collective_timeout_minutes"),
     (["wandb.finish_timeout_s=-1"], "wandb.finish_timeout_s"),
     (["--resume", "/nonexistent/checkpoints/step_00000010"], "--resume"),

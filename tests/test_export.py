@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from test_data_shards import text_sample, write_shards
-from test_train_engine import ROOT, metrics, run, tiny_config
+from test_train_engine import FP32_ACCUMULATION, ROOT, metrics, run, tiny_config
 
 from pretrain import load_pretrained
 from pretrain.checkpoint import UNIVERSAL, find_tag, model_states, read_latest
@@ -133,12 +133,16 @@ def test_text_zero3_run_exports_to_transformers_with_the_same_logits(tmp_path):
                                                   ours.state_dict().values()))
 
 
+BF16_ENGINES = {"zero0": {"zero_stage": 0}, "zero2": {"zero_stage": 2}, "zero1_fp32_accumulation": FP32_ACCUMULATION}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 2])
-def test_bf16_run_exports_the_fp32_master_weights(tmp_path, stage):
-    """The export holds the optimizer's fp32 copies (ZeRO-0: named through the optimizer's groups), which round to
-    the bf16 weights the model computed with, and carry more than those."""
-    run_dir = trained(tmp_path, train={"precision": "bf16"}, deepspeed={"zero_stage": stage})
+@pytest.mark.parametrize("engine", sorted(BF16_ENGINES))
+def test_bf16_run_exports_the_fp32_master_weights(tmp_path, engine):
+    """The export holds the optimizer's fp32 copies (ZeRO-0: named through the optimizer's groups; ZeRO-1 with fp32
+    accumulation: BF16_Optimizer's flat slices, which DeepSpeed's own gathering refuses, joined over both ranks),
+    which round to the bf16 weights the model computed with, and carry more than those."""
+    run_dir = trained(tmp_path, train={"precision": "bf16"}, deepspeed=BF16_ENGINES[engine])
     export_checkpoint(run_dir, tmp_path / "model")
     exported = load_pretrained(tmp_path / "model").state_dict()
     module = saved_module(run_dir)

@@ -194,10 +194,14 @@ def test_zero_stage_trains_checkpoints_and_resumes_with_two_processes(tmp_path, 
     assert "encoder.latents" in weights and all(torch.isfinite(w).all() for w in weights.values())
 
 
+FP32_ACCUMULATION = {"zero_stage": 1, "fp32_grad_accumulation": True}
 VARIANTS = {
     # name: (overrides of the run that is checkpointed and resumed, overrides of the uninterrupted reference)
     "offload": ({"deepspeed": {"zero_stage": 2, "offload_optimizer": True}}, {}),
     "bf16": ({"train": {"precision": "bf16"}}, {"train": {"precision": "bf16"}}),
+    # ZeRO-1 accumulating bf16 gradients in fp32 runs DeepSpeed's BF16_Optimizer (other state, other files)
+    "fp32_accumulation": ({"train": {"precision": "bf16"}, "deepspeed": FP32_ACCUMULATION},
+                          {"train": {"precision": "bf16"}, "deepspeed": FP32_ACCUMULATION}),
 }
 
 
@@ -209,8 +213,9 @@ def _with_steps(overrides: dict, max_steps: int) -> dict:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_trains_and_resumes_like_an_uninterrupted_run(tmp_path, variant):
     """ZeRO-2 with the optimizer offloaded to CPU gives the losses of a run without offload, and bf16 (DeepSpeed's
-    bf16 weights with fp32 master copies) those of an uninterrupted bf16 run, across a resume from their own
-    checkpoint at step 2 (the offloaded / master optimizer state saved and restored)."""
+    bf16 weights with fp32 master copies; also with fp32 gradient accumulation under ZeRO-1) those of an
+    uninterrupted run of its kind, across a resume from their own checkpoint at step 2 (the offloaded / master
+    optimizer state saved and restored)."""
     resumed, reference = VARIANTS[variant]
     run(tiny_config(tmp_path / "reference", **_with_steps(reference, 4)))
     run(tiny_config(tmp_path / "resumed", **_with_steps(resumed, 2)))
@@ -218,8 +223,9 @@ def test_variant_trains_and_resumes_like_an_uninterrupted_run(tmp_path, variant)
     run_dir = tmp_path / "resumed" / "run"
     assert "resumed from" in logs(tmp_path / "resumed")
     zero = json.loads((run_dir / "deepspeed.json").read_text())
-    assert zero["bf16"]["enabled"] == (variant == "bf16")
+    assert zero["bf16"]["enabled"] == (variant != "offload")
     assert ("offload_optimizer" in zero["zero_optimization"]) == (variant == "offload")
+    assert zero.get("data_types") == ({"grad_accum_dtype": "fp32"} if variant == "fp32_accumulation" else None)
     want, got = losses(tmp_path / "reference" / "run"), losses(run_dir)
     assert sorted(got) == [1, 2, 3, 4]
     for step in want:

@@ -53,6 +53,8 @@ def deepspeed_config(cfg: Config, world_size: int, device: torch.device, univers
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": universal},
     }
+    if cfg.deepspeed.fp32_grad_accumulation:
+        generated["data_types"] = {"grad_accum_dtype": "fp32"}
     return _merge(generated, cfg.deepspeed.extra)
 
 

@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--run-dir", default="bench/out/engine")
     parser.add_argument("--stages", type=lambda text: [int(s) for s in text.split(",")], default=[0, 1, 2],
                         help="comma-separated ZeRO stages to time, default 0,1,2 (DeepSpeed refuses some overrides "
-                             "at stage 0, e.g. deepspeed.extra.data_types.grad_accum_dtype=fp32 with bf16)")
+                             "at stage 0, e.g. deepspeed.fp32_grad_accumulation=true with bf16)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 1:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The training engine on a GPU: what CPU CI cannot show. nccl, bf16 on CUDA, the MFU and memory metrics, a checkpoint
-# and its resume on the GPU, ZeRO-2 with the optimizer offloaded to (pinned) CPU memory, ZeRO-1 with fp32 gradient
-# accumulation (the engine's speed without ZeRO-2's per-tensor bucketing), and train.compile with CUDA
+# and its resume on the GPU (the shipped engine: ZeRO-1 accumulating gradients in fp32), ZeRO-2 (bf16 gradients in
+# per-tensor buckets), ZeRO-2 with the optimizer offloaded to (pinned) CPU memory, and train.compile with CUDA
 # graphs (the samples/s of its last 10 steps against the eager run's). Model: the paper's 201M
 # language Perceiver (configs/mlm_bytes_201m.yaml) on a synthetic byte corpus written here. Every run takes the same
 # 40 steps (the same seed, batches and schedule), so each must end near the bf16 run's loss, not only below its own
@@ -9,7 +9,7 @@
 # table and every logged window's loss, and exits non-zero when a check fails.
 #
 #   bash bench/engine_gpu_check.sh [key=value ...]        # extra overrides go to every run
-#   RUNS=bf16,offload bash bench/engine_gpu_check.sh       # some of the runs: bf16 resume zero1 offload compiled
+#   RUNS=bf16,offload bash bench/engine_gpu_check.sh       # some of the runs: bf16 resume zero2 offload compiled
 #
 # On the GPU machine (device tool): collect the wheels the image lacks first, here, and carry .whl:
 #   bash ../shared/tools/gpu-wheels.sh pillow soundfile cffi pycparser
@@ -22,11 +22,11 @@ cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
 out=${OUT:-bench/out}/engine_gpu  # a folder of its own: it is emptied first
 nproc=${NPROC:-1}
-runs=${RUNS:-bf16 resume zero1 offload compiled}
+runs=${RUNS:-bf16 resume zero2 offload compiled}
 runs=${runs//,/ }  # spaces or commas
 for name in $runs; do
-  [[ " bf16 resume zero1 offload compiled " == *" $name "* ]] \
-    || { echo "unknown run $name in RUNS; runs: bf16 resume zero1 offload compiled"; exit 2; }
+  [[ " bf16 resume zero2 offload compiled " == *" $name "* ]] \
+    || { echo "unknown run $name in RUNS; runs: bf16 resume zero2 offload compiled"; exit 2; }
 done
 rm -rf "$out" && mkdir -p "$out"
 
@@ -60,15 +60,14 @@ train() {  # run name, then overrides
   # At once, so a run cut off by a time limit still leaves the runs before it on the record.
   echo "$name done in $((SECONDS - start)) s: $(grep -E '^step [0-9]+/' "$out/$name.log" | tail -1 | cut -c1-150)"
 }
+zero2=(deepspeed.zero_stage=2 deepspeed.fp32_grad_accumulation=false)
 for name in $runs; do
   case $name in
     bf16) train bf16 run.dir="$out/bf16" train.max_steps=40 "$@" ;;
     resume) train resume run.dir="$out/bf16" train.max_steps=60 "$@" ;;  # the bf16 run's directory, from step 40
-    # The lightest engine on the host in bench/engine_bench.py (a third less time per step than ZeRO-2's, CPU):
-    # ZeRO-1 accumulating gradients in fp32. Its samples/s against the bf16 run's (ZeRO-2) is the GPU's answer.
-    zero1) train zero1 run.dir="$out/zero1" train.max_steps=40 deepspeed.zero_stage=1 \
-             deepspeed.extra.data_types.grad_accum_dtype=fp32 "$@" ;;
-    offload) train offload run.dir="$out/offload" train.max_steps=40 deepspeed.offload_optimizer=true "$@" ;;
+    zero2) train zero2 run.dir="$out/zero2" train.max_steps=40 "${zero2[@]}" "$@" ;;
+    offload) train offload run.dir="$out/offload" train.max_steps=40 "${zero2[@]}" deepspeed.offload_optimizer=true \
+               "$@" ;;
     compiled) train compiled run.dir="$out/compiled" train.max_steps=40 train.compile=reduce-overhead "$@" ;;
   esac
 done
@@ -108,7 +107,8 @@ if "resume" in runs:
     check([r["step"] for r in windows("bf16")] == list(range(10, 61, 10)), "resume: logged steps")
 for name in trained:
     config = json.loads((out / name / "deepspeed.json").read_text())
-    print(f"deepspeed {name}: bf16={config['bf16']['enabled']} zero={config['zero_optimization']}")
+    print(f"deepspeed {name}: bf16={config['bf16']['enabled']} zero={config['zero_optimization']} "
+          f"data_types={config.get('data_types', {})}")
 print("wall s: " + ", ".join(f"{n} {(out / f'{n}.wall').read_text().split()[-1]}" for n in runs))
 for failure in failures:
     print("FAILED:", failure)

@@ -46,6 +46,6 @@ for name in "${@:-${order[@]}}"; do
   start=$SECONDS
   PYTHONUNBUFFERED=1 timeout "$limit" ${steps[$name]} > "$out/$name.txt" 2>&1
   echo "== $name: exit $? in $((SECONDS - start)) s (limit $limit s)"
-  grep -E "ratio_vs_hf|attention_accuracy|^(run|bf16|offload|zero1|compiled|wall) |done in|FAILED|failed|autotune|kernels/step|M=|samples/s" \
+  grep -E "ratio_vs_hf|attention_accuracy|^(run|bf16|offload|zero2|compiled|wall) |done in|FAILED|failed|autotune|kernels/step|M=|samples/s" \
     "$out/$name.txt" | tail -40
 done

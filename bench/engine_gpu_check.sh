@@ -10,6 +10,7 @@
 #
 #   bash bench/engine_gpu_check.sh [key=value ...]        # extra overrides go to every run
 #   RUNS=bf16,offload bash bench/engine_gpu_check.sh       # some of the runs: bf16 resume zero2 offload compiled
+#   bash bench/engine_gpu_check.sh run.profile_steps=3 run.profile_after_steps=10   # + each run's profile tables
 #
 # On the GPU machine (device tool): collect the wheels the image lacks first, here, and carry .whl:
 #   bash ../shared/tools/gpu-wheels.sh pillow soundfile cffi pycparser
@@ -101,6 +102,10 @@ for name in trained:
               f"{name}: loss {at_40} at step 40, the bf16 run's {reference[40]:.4f} (same batches and schedule)")
 for name in trained:
     print(f"loss by step, {name}: " + " ".join(f"{r['step']}:{r['loss']:.4f}" for r in windows(name)))
+for name in trained:  # with run.profile_steps=N among the overrides: where each engine's step goes
+    profile = out / name / "profile" / "rank0.txt"
+    if profile.is_file():
+        print(f"profile, {name} (rank 0):\n{profile.read_text()}")
 if "resume" in runs:
     log = (out / "bf16" / "train.log").read_text()
     check("resumed from" in log and "at step 40" in log, "resume: the second run did not resume from step 40")

@@ -349,33 +349,21 @@ def measure(spec: dict) -> dict:
     return result
 
 
-def profile_steps(prepared: dict, steps: int = 3, rows: int = 15) -> tuple[str, float | None]:
-    """Where a step's time goes, from ``torch.profiler`` over a few steps: on GPU the kernels launched per step, their
-    summed time against the step's wall time (far below it: the step waits on Python and launches, not the GPU), the
-    top kernels and the operators that take the host's time; on CPU the top operators. Also the GPU's busy ms per step
-    (None on CPU)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+def profile_steps(prepared: dict, steps: int = 3) -> tuple[str, float | None]:
+    """Where a step's time goes, from ``torch.profiler`` over a few steps (``pretrain.train.profiling.summarize``),
+    and the GPU's busy ms per step (None on CPU)."""
+    from pretrain.train.profiling import start_profiler, summarize
 
     cuda = prepared["cuda"]
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            prepared["step"]()
-        if cuda:
-            torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-    summary, busy_ms = f"wall {wall_ms:.1f} ms/step (profiled)", None
+    prof = start_profiler(torch.device("cuda" if cuda else "cpu"))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        prepared["step"]()
     if cuda:
-        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-        busy_ms = sum(e.device_time_total for e in kernels) / 1e3 / steps
-        summary += f", {len(kernels) / steps:.0f} kernels/step, GPU busy {busy_ms:.1f} ms/step ({busy_ms / wall_ms:.0%})"
-    averages = prof.key_averages()
-    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)]
-    if cuda:  # the host's operators too: an eager step the host cannot launch fast enough waits on them
-        tables.insert(0, averages.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))
-    return "\n".join([summary, *tables]), busy_ms
+        torch.cuda.synchronize()
+    wall_s = time.perf_counter() - t0
+    prof.stop()
+    return summarize(prof, steps, wall_s, cuda)
 
 
 def measure_interleaved(specs: list[dict]) -> dict:

@@ -335,12 +335,17 @@ WANDB_MODES = ("online", "offline", "disabled")
 
 @dataclass
 class RunConfig:
-    """Where a run writes everything (resolved config, DeepSpeed JSON, metrics.jsonl, checkpoints/, wandb/, log)."""
+    """Where a run writes everything (resolved config, DeepSpeed JSON, metrics.jsonl, checkpoints/, wandb/, log).
+    ``profile_steps`` > 0: ``torch.profiler`` over that many training steps after the first ``profile_after_steps`` of
+    the process (attention tuning, compilation and data warm-up happen there), each rank's summary and trace in
+    ``<dir>/profile/``; the steps exclude evaluation and checkpoints unless one falls in them."""
 
     dir: str = "runs/default"
     name: str = ""
     log_every_steps: int = 10
     progress_bar: bool = True
+    profile_steps: int = 0
+    profile_after_steps: int = 5
 
 
 @dataclass
@@ -503,6 +508,8 @@ def validate_config(cfg: Config, world_size: int) -> Config:
     _require(w.finish_timeout_s >= 0, "wandb.finish_timeout_s", f"must be >= 0 (0: no limit), got {w.finish_timeout_s}")
     _require(bool(r.dir), "run.dir", "must name the run directory")
     _require(r.log_every_steps > 0, "run.log_every_steps", "must be a positive integer")
+    for key in ("profile_steps", "profile_after_steps"):
+        _require(getattr(r, key) >= 0, f"run.{key}", f"must be >= 0, got {getattr(r, key)}")
     _require(bool(cfg.data.train_shards), "data.train_shards", "give at least one shard spec to train on")
     return cfg
 

@@ -36,6 +36,7 @@ BAD = [
     (["deepspeed.fp32_grad_accumulation=true", "deepspeed.zero_stage=0"], "deepspeed.fp32_grad_accumulation"),
     (["train.collective_timeout_minutes=0"], "train.collective_timeout_minutes"),
     (["wandb.finish_timeout_s=-1"], "wandb.finish_timeout_s"),
+    (["run.profile_steps=-1"], "run.profile_steps"),
     (["--resume", "/nonexistent/checkpoints/step_00000010"], "--resume"),
 ]
 

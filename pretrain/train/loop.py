@@ -21,6 +21,7 @@ from ..tracking import format_metrics
 from .distributed import DeferredAgreement, all_gather, mean_over_ranks
 from .metrics import Window, compute_metrics, count_flops, input_tokens, skipped_totals
 from .objective import modality_losses, weighted_total
+from .profiling import StepProfiler
 from .run import Run
 from .schedule import lr_factor
 
@@ -95,8 +96,11 @@ def train_loop(run: Run, preemption: Preemption) -> int:
     agreement = DeferredAgreement(2, run.device)  # [stop for a signal, checkpoint minutes due], one step late
     last_save, flops, checkpoint_time = time.monotonic(), None, None
     bar = tqdm(total=cfg.train.max_steps, initial=progress.step, disable=run.env.rank != 0 or not cfg.run.progress_bar)
+    profiler = StepProfiler(cfg.run.profile_steps, cfg.run.profile_after_steps, run.run_dir / "profile", run.env.rank,
+                            run.device)
     try:
         while progress.step < cfg.train.max_steps:
+            profiler.step_begins(progress.step)
             for micro in range(gas):
                 waited = time.perf_counter()
                 batch = next(batches)
@@ -162,6 +166,8 @@ def train_loop(run: Run, preemption: Preemption) -> int:
             if not last:  # posted after the save, so a save made for the minutes is not asked for again
                 agreement.post([preemption.requested,
                                 0 < cfg.checkpoint.every_minutes * 60 <= time.monotonic() - last_save])
+            profiler.step_ends()
         return 0
     finally:
+        profiler.close()
         bar.close()

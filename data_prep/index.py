@@ -13,6 +13,7 @@ from data_prep.schema import (
     INDEX_FORMAT,
     PARTIAL_INDEX_FILE,
     SHARD_GLOB,
+    WRITING_FILE,
     layout,
     modalities,
 )
@@ -100,6 +101,9 @@ def read_index(directory: Path) -> ShardIndex:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
+        if (directory / WRITING_FILE).exists():
+            raise IndexFileError(f"{path}: not found: the shard run that writes this directory was cut off or is "
+                                 f"still going; finish it (the same command with --resume)") from None
         raise IndexFileError(f"{path}: not found; `python -m data_prep shard` writes shard directories") from None
     except ValueError as e:
         raise IndexFileError(f"{path}: not valid JSON ({e})") from None
@@ -117,5 +121,6 @@ def shard_dirs(root: Path) -> list[Path]:
     ``train/``, ``val/``; shards without an index are a ``shard`` run cut off, which ``validate`` reports)."""
     if (root / INDEX_FILE).exists() or not root.is_dir():
         return [root]
-    found = sorted(p for p in root.iterdir() if (p / INDEX_FILE).exists() or any(p.glob(SHARD_GLOB)))
+    found = sorted(p for p in root.iterdir()
+                   if (p / INDEX_FILE).exists() or (p / WRITING_FILE).exists() or any(p.glob(SHARD_GLOB)))
     return found or [root]

@@ -21,6 +21,9 @@ FIELD_MODALITY = {
 INDEX_FILE = "index.json"
 PARTIAL_INDEX_FILE = ".index.json.partial"  # renamed to INDEX_FILE once complete
 REJECTED_FILE = "rejected.jsonl"
+# In a directory while `shard` writes it (what, where, since when), removed once its index.json is in place: the
+# trainer refuses a directory that holds it (pretrain/data/specs.py names it too).
+WRITING_FILE = ".writing"
 SHARD_PATTERN = "shard-%06d.tar"
 SHARD_GLOB = "shard-*.tar"
 INDEX_FORMAT = "perceiver-shards/1"

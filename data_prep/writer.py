@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import socket
+import sys
+import time
 from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
@@ -24,6 +28,7 @@ from data_prep.schema import (
     REJECTED_FILE,
     SHARD_GLOB,
     SHARD_PATTERN,
+    WRITING_FILE,
     Rejected,
     Sample,
 )
@@ -112,7 +117,7 @@ def prepare_output(directory: Path, overwrite: bool) -> None:
         raise OutputError(f"{directory} is not empty ({len(entries)} entries, e.g. {entries[0].name}); "
                           "pass --overwrite to replace its shards, or pick another --out")
     for path in [*directory.glob(SHARD_GLOB), directory / INDEX_FILE, directory / PARTIAL_INDEX_FILE,
-                 directory / REJECTED_FILE]:
+                 directory / REJECTED_FILE, directory / WRITING_FILE]:
         path.unlink(missing_ok=True)
     for stale in directory.glob(SPILL_PREFIX + "*"):  # a killed run's sort runs
         shutil.rmtree(stale, ignore_errors=True)
@@ -179,6 +184,9 @@ def write_shards(directory: Path, items: Iterable[Job | Rejection], *, total: in
     The directory must have been through :func:`prepare_output`. Returns the index that was written.
     """
     directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / WRITING_FILE
+    marker.write_text(json.dumps({"command": " ".join(sys.argv), "host": socket.gethostname(), "pid": os.getpid(),
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n")
     writer = _IndexedShardWriter(directory, limits)
     with contextlib.ExitStack() as stack:
         log = rejections or stack.enter_context(RejectionLog(directory / REJECTED_FILE))
@@ -197,4 +205,5 @@ def write_shards(directory: Path, items: Iterable[Job | Rejection], *, total: in
         info = {"inputs": inputs, **(info or {}), "rejections": log.by_field()}
         index = ShardIndex(writer.records, rejected=log.count, info=info)
     write_index(directory, index)
+    marker.unlink()
     return index

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,9 @@ from data_prep.__main__ import main
 from data_prep.manifest import parse_row
 from data_prep.schema import Rejected
 from data_prep.stats import stats as stats_of
-from pretrain.data import expand_spec
+from pretrain.data import DataError, expand_spec
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_tars(directory: Path) -> dict[str, dict[str, bytes]]:
@@ -322,6 +326,36 @@ def test_resume_keeps_the_outputs_completed_with_the_same_options_and_writes_the
     assert main([*args, "--resume", "--overwrite"]) == 2
     assert "pick one" in capsys.readouterr().err
     assert {name: folder_bytes(out / name) for name in "ab"} == {name: whole[name] for name in "ab"}
+
+
+@pytest.mark.slow
+def test_a_shard_run_killed_while_writing_is_refused_by_the_trainer_until_resumed(tmp_path: Path, capsys):
+    """A real ``shard`` process killed once its shards begin leaves its output marked as being written and without
+    an index: training on it is refused, naming the command (its tars would have passed for the whole corpus),
+    ``validate`` reports it, and the same command with --resume finishes it."""
+    source = write_manifest(tmp_path / "big.jsonl", [{"text": f"sample {i} " + "x" * 200} for i in range(40_000)])
+    out = tmp_path / "shards"
+    args = ["shard", "--manifest", str(source), "--out", str(out), "--workers", "1", "--max-samples-per-shard", "50"]
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    deadline = time.monotonic() + 120
+    while not (out / "shard-000002.tar").exists():  # two shards complete, the run far from its end
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    marker = json.loads((out / ".writing").read_text())
+    assert not (out / "index.json").exists() and f"shard --manifest {source}" in marker["command"]
+    with pytest.raises(DataError, match=r"data.train_shards\[0\]: '.*shards' is a data_prep shard output without its "
+                                        r"index.json: the run that writes it was cut off or is still going; started "
+                                        r".* \(pid \d+\): .*shard --manifest .* Finish it \(the same command with "
+                                        r"--resume\), or remove the directory"):
+        expand_spec(str(out), "data.train_shards[0]")
+    assert main(["validate", str(out)]) == 1
+    assert "index.json: not found: the shard run that writes this directory was cut off" in capsys.readouterr().out
+    assert main([*args, "--resume"]) == 0
+    assert not (out / ".writing").exists()
+    assert sum(shard.samples for shard in expand_spec(str(out), "k")) == 40_000
 
 
 @pytest.mark.parametrize("line", [b'{"text": "\\ud800"}', b'{"text": "\xed\xa0\x80"}',

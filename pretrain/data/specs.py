@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import braceexpand
 
 INDEX_NAME = "index.json"
+WRITING_NAME = ".writing"  # data_prep shard's marker while it writes a directory, removed once its index is there
 PIPE_PREFIX = "pipe:"
 
 
@@ -67,12 +68,28 @@ def listed_classes(shards: List[Shard]) -> List[str]:
     return max((info.get("classes") or [] for info in infos if isinstance(info, dict)), key=len, default=[])
 
 
+def _unfinished(directory: str, key: str) -> DataError:
+    """A ``data_prep shard`` output without its index: a run cut off there (or still writing it), whose shards are a
+    part of the data (the last one perhaps cut), which training would take for the whole."""
+    try:
+        with open(os.path.join(directory, WRITING_NAME)) as f:
+            marker = json.load(f)
+        started = f"; started {marker['started']} on {marker['host']} (pid {marker['pid']}): {marker['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        started = ""
+    return DataError(f"{key}: {directory!r} is a data_prep shard output without its {INDEX_NAME}: the run that "
+                     f"writes it was cut off or is still going{started}. Finish it (the same command with "
+                     f"--resume), or remove the directory")
+
+
 def _directory_shards(directory: str, key: str) -> List[Shard]:
     """The shards of a directory: those its index lists, else its tars, else those of its subdirectories that have
     an index (one ``data_prep shard`` output per corpus file: ``c4/00000/``, ``c4/00001/``, ...)."""
     counts = read_index(directory)
     if counts:
         return [Shard(os.path.join(directory, name), n) for name, n in counts.items()]
+    if os.path.exists(os.path.join(directory, WRITING_NAME)):
+        raise _unfinished(directory, key)
     names = sorted(name for name in os.listdir(directory) if name.endswith(".tar"))
     if names:
         return [Shard(os.path.join(directory, name)) for name in names]
@@ -82,7 +99,7 @@ def _directory_shards(directory: str, key: str) -> List[Shard]:
         raise DataError(f"{key}: directory {directory!r} has neither {INDEX_NAME} nor *.tar files, nor subdirectories "
                         f"with an {INDEX_NAME}")
     unfinished = [sub for sub in subdirectories if sub not in indexed and any(
-        name.endswith(".tar") for name in os.listdir(sub))]
+        name.endswith(".tar") or name == WRITING_NAME for name in os.listdir(sub))]
     if unfinished:  # data_prep writes index.json last: a run was cut off, and this dataset would lack it silently
         raise DataError(f"{key}: {len(unfinished)} of the shard directories in {directory!r} hold shards but no "
                         f"{INDEX_NAME} (first: {os.path.basename(unfinished[0])}): a data_prep shard run cut off "

@@ -150,6 +150,11 @@ def test_a_folder_of_shard_directories_is_one_dataset(tmp_path):
                                         r"\(first: 00001\): a data_prep shard run cut off there; finish it "
                                         r"\(the same command with --resume\)"):
         expand_spec(str(tmp_path / "c4"), "k")
+    (tmp_path / "c4" / "00000" / "index.json").unlink()  # every one cut off: said so, not "no shards here"
+    (tmp_path / "c4" / "00000" / ".writing").write_text("{}")
+    with pytest.raises(DataError, match=r"k: 2 of the shard directories in .*c4' hold shards but no index.json "
+                                        r"\(first: 00000\)"):
+        expand_spec(str(tmp_path / "c4"), "k")
 
 
 def test_pipe_specs_and_joined_specs_expand(tmp_path):

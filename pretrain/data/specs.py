@@ -95,11 +95,11 @@ def _directory_shards(directory: str, key: str) -> List[Shard]:
         return [Shard(os.path.join(directory, name)) for name in names]
     subdirectories = sorted(entry.path for entry in os.scandir(directory) if entry.is_dir())
     indexed = [sub for sub in subdirectories if os.path.isfile(os.path.join(sub, INDEX_NAME))]
-    if not indexed:
-        raise DataError(f"{key}: directory {directory!r} has neither {INDEX_NAME} nor *.tar files, nor subdirectories "
-                        f"with an {INDEX_NAME}")
     unfinished = [sub for sub in subdirectories if sub not in indexed and any(
         name.endswith(".tar") or name == WRITING_NAME for name in os.listdir(sub))]
+    if not indexed and not unfinished:
+        raise DataError(f"{key}: directory {directory!r} has neither {INDEX_NAME} nor *.tar files, nor subdirectories "
+                        f"with an {INDEX_NAME}")
     if unfinished:  # data_prep writes index.json last: a run was cut off, and this dataset would lack it silently
         raise DataError(f"{key}: {len(unfinished)} of the shard directories in {directory!r} hold shards but no "
                         f"{INDEX_NAME} (first: {os.path.basename(unfinished[0])}): a data_prep shard run cut off "

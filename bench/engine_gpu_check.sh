@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The training engine on a GPU: what CPU CI cannot show. nccl, bf16 on CUDA, the MFU and memory metrics, a checkpoint
 # and its resume on the GPU (the shipped engine: ZeRO-1 accumulating gradients in fp32), ZeRO-2 (bf16 gradients in
-# per-tensor buckets), ZeRO-2 with the optimizer offloaded to (pinned) CPU memory, and train.compile with CUDA
-# graphs (the samples/s of its last 10 steps against the eager run's). Model: the paper's 201M
-# language Perceiver (configs/mlm_bytes_201m.yaml) on a synthetic byte corpus written here. Every run takes the same
-# 40 steps (the same seed, batches and schedule), so each must end near the bf16 run's loss, not only below its own
-# first: a 20-step run's second window (peak learning rate) can sit above its first while training is sound. Prints a
-# table and every logged window's loss, and exits non-zero when a check fails.
+# per-tensor buckets), ZeRO-2 with the optimizer offloaded to (pinned) CPU memory, train.compile with CUDA graphs
+# (the samples/s of its last 10 steps against the eager run's), and train.precision=autocast under ZeRO-1 and ZeRO-2
+# (DeepSpeed's torch_autocast: 0.81x a plain PyTorch step on an H200 where its bf16 mode made 0.53x, design notes).
+# Model: the paper's 201M language Perceiver (configs/mlm_bytes_201m.yaml) on a synthetic byte corpus written here.
+# Every run takes the same 40 steps (the same seed, batches and schedule), so each must end near the bf16 run's loss,
+# not only below its own first: a 20-step run's second window (peak learning rate) can sit above its first while
+# training is sound. Prints a table and every logged window's loss, and exits non-zero when a check fails.
 #
 #   bash bench/engine_gpu_check.sh [key=value ...]        # extra overrides go to every run
-#   RUNS=bf16,offload bash bench/engine_gpu_check.sh       # some of the runs: bf16 resume zero2 offload compiled
+#   RUNS=bf16,offload bash bench/engine_gpu_check.sh       # some of the runs (all: $all_runs below)
 #   bash bench/engine_gpu_check.sh run.profile_steps=3 run.profile_after_steps=10   # + each run's profile tables
 #
 # On the GPU machine (device tool): collect the wheels the image lacks first, here, and carry .whl:
@@ -23,11 +24,11 @@ cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
 out=${OUT:-bench/out}/engine_gpu  # a folder of its own: it is emptied first
 nproc=${NPROC:-1}
-runs=${RUNS:-bf16 resume zero2 offload compiled}
+all_runs="bf16 resume zero2 offload compiled autocast autocast_zero2"
+runs=${RUNS:-$all_runs}
 runs=${runs//,/ }  # spaces or commas
 for name in $runs; do
-  [[ " bf16 resume zero2 offload compiled " == *" $name "* ]] \
-    || { echo "unknown run $name in RUNS; runs: bf16 resume zero2 offload compiled"; exit 2; }
+  [[ " $all_runs " == *" $name "* ]] || { echo "unknown run $name in RUNS; runs: $all_runs"; exit 2; }
 done
 rm -rf "$out" && mkdir -p "$out"
 
@@ -70,6 +71,9 @@ for name in $runs; do
     offload) train offload run.dir="$out/offload" train.max_steps=40 "${zero2[@]}" deepspeed.offload_optimizer=true \
                "$@" ;;
     compiled) train compiled run.dir="$out/compiled" train.max_steps=40 train.compile=reduce-overhead "$@" ;;
+    autocast) train autocast run.dir="$out/autocast" train.max_steps=40 train.precision=autocast "$@" ;;
+    autocast_zero2) train autocast_zero2 run.dir="$out/autocast_zero2" train.max_steps=40 train.precision=autocast \
+                      "${zero2[@]}" "$@" ;;
   esac
 done
 
@@ -86,13 +90,13 @@ def check(ok, what):
         failures.append(what)
 trained = [name for name in runs if name != "resume"]
 reference = {r["step"]: r["loss"] for r in windows("bf16")} if "bf16" in runs else {}
-print(f"{'run':<10}{'steps':>6}{'samples/s':>11}{'step s':>8}{'MFU':>7}{'mem GB':>8}{'loss first':>11}{'loss last':>10}")
+print(f"{'run':<15}{'steps':>6}{'samples/s':>11}{'step s':>8}{'MFU':>7}{'mem GB':>8}{'loss first':>11}{'loss last':>10}")
 for name in trained:
     train = windows(name)
     last = train[-1]
     mfu = f"{last['mfu']:.1%}" if "mfu" in last else "-"
     mem = f"{last['memory_gb']:.1f}" if "memory_gb" in last else "-"
-    print(f"{name:<10}{last['step']:>6}{last['samples_per_s']:>11.1f}{last['step_time_s']:>8.3f}{mfu:>7}{mem:>8}"
+    print(f"{name:<15}{last['step']:>6}{last['samples_per_s']:>11.1f}{last['step_time_s']:>8.3f}{mfu:>7}{mem:>8}"
           f"{train[0]['loss']:>11.3f}{last['loss']:>10.3f}")
     check(all(r["loss"] == r["loss"] for r in train), f"{name}: a NaN loss")
     at_40 = {r["step"]: r["loss"] for r in train}.get(40)
@@ -113,7 +117,7 @@ if "resume" in runs:
 for name in trained:
     config = json.loads((out / name / "deepspeed.json").read_text())
     print(f"deepspeed {name}: bf16={config['bf16']['enabled']} zero={config['zero_optimization']} "
-          f"data_types={config.get('data_types', {})}")
+          f"data_types={config.get('data_types', {})} torch_autocast={config.get('torch_autocast', {})}")
 print("wall s: " + ", ".join(f"{n} {(out / f'{n}.wall').read_text().split()[-1]}" for n in runs))
 for failure in failures:
     print("FAILED:", failure)

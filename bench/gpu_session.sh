@@ -33,9 +33,12 @@ declare -A steps=(
   [model_cudagraphs]="${bench[*]} --no-sweep --no-masked --compile --compile-mode reduce-overhead"
   [model_compiled_both]="${bench[*]} --interleave --no-sweep --no-masked --compile --compile-hf"
   [attention]="python3 bench/attention_check.py"
-  # Its corpus and checkpoints stay on the machine. Steps 11-13 of each run profiled: where the engine's step (95-125
-  # ms on an H100) spends the time beyond the model's own (60 ms, model_bf16's 15%-decode row).
-  [engine]="env OUT=/tmp/engine bash bench/engine_gpu_check.sh run.profile_steps=3 run.profile_after_steps=10"
+  # Its corpus and checkpoints stay on the machine. The engines whose speed is open (~200 s), steps 11-13 of each
+  # profiled: where the engine's step (95-125 ms on an H100) spends the time beyond the model's own (60 ms,
+  # model_bf16's 15%-decode row), and whether DeepSpeed's torch_autocast is faster.
+  [engine]="env OUT=/tmp/engine RUNS=bf16,zero2,autocast,autocast_zero2 bash bench/engine_gpu_check.sh
+            run.profile_steps=3 run.profile_after_steps=10"
+  [engine_all]="env OUT=/tmp/engine bash bench/engine_gpu_check.sh"  # every run (~380 s: STEP_TIMEOUT=450)
   [engine_offload]="env OUT=/tmp/engine RUNS=bf16,offload bash bench/engine_gpu_check.sh"  # offload against bf16
 )
 order=(engine model_bf16 model_eager model_graphs_both model_cudagraphs model_sweep attention)
@@ -48,6 +51,6 @@ for name in "${@:-${order[@]}}"; do
   start=$SECONDS
   PYTHONUNBUFFERED=1 timeout "$limit" ${steps[$name]} > "$out/$name.txt" 2>&1
   echo "== $name: exit $? in $((SECONDS - start)) s (limit $limit s)"
-  grep -E "ratio_vs_hf|attention_accuracy|^(run|bf16|offload|zero2|compiled|wall) |done in|FAILED|failed|autotune|kernels/step|M=|samples/s" \
+  grep -E "ratio_vs_hf|attention_accuracy|^(run|bf16|offload|zero2|compiled|autocast[a-z0-9_]*|wall) |done in|FAILED|failed|autotune|kernels/step|M=|samples/s" \
     "$out/$name.txt" | tail -40
 done

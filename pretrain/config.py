@@ -328,7 +328,7 @@ def validate_data_config(cfg: DataConfig, model: ModelConfig, prefix: str = "dat
 
 # --- Training run ----------------------------------------------------------------------------------------------------
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "autocast")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -352,7 +352,10 @@ class RunConfig:
 class TrainConfig:
     """The loop. ``global_batch_size`` 0 means ``data.batch_size x world size`` (no accumulation); otherwise it must be
     a multiple of that product and the quotient is the number of gradient-accumulation micro-steps.
-    ``precision`` auto is bf16 on GPU and fp32 on CPU. ``loss_weights`` weighs the per-modality losses (default 1).
+    ``precision`` auto is bf16 on GPU and fp32 on CPU; bf16 is DeepSpeed's bf16 mode (bf16 weights, fp32 master copies
+    in the optimizer); autocast its ``torch_autocast`` (fp32 weights, the forward under bf16 autocast, Linear
+    gradients reduced in bf16: no master copies to keep in step). ``loss_weights`` weighs the per-modality losses
+    (default 1).
     ``compile``: ``torch.compile`` the model in place with that mode (``default``, ``reduce-overhead`` for CUDA
     graphs, ``max-autotune``), or ``none``; the first steps then include the compilation. Not with ZeRO stage 3.
     ``collective_timeout_minutes``: how long a rank waits for its peers in a collective before the run fails, so that a

@@ -202,6 +202,7 @@ VARIANTS = {
     # ZeRO-1 accumulating bf16 gradients in fp32 runs DeepSpeed's BF16_Optimizer (other state, other files)
     "fp32_accumulation": ({"train": {"precision": "bf16"}, "deepspeed": FP32_ACCUMULATION},
                           {"train": {"precision": "bf16"}, "deepspeed": FP32_ACCUMULATION}),
+    "autocast": ({"train": {"precision": "autocast"}}, {"train": {"precision": "autocast"}}),
 }
 
 
@@ -213,8 +214,8 @@ def _with_steps(overrides: dict, max_steps: int) -> dict:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_trains_and_resumes_like_an_uninterrupted_run(tmp_path, variant):
     """ZeRO-2 with the optimizer offloaded to CPU gives the losses of a run without offload, and bf16 (DeepSpeed's
-    bf16 weights with fp32 master copies; also with fp32 gradient accumulation under ZeRO-1) those of an
-    uninterrupted run of its kind, across a resume from their own checkpoint at step 2 (the offloaded / master
+    bf16 weights with fp32 master copies; also with fp32 gradient accumulation under ZeRO-1) and autocast (DeepSpeed's
+    torch_autocast) those of an uninterrupted run of its kind, across a resume from their own checkpoint at step 2 (the offloaded / master
     optimizer state saved and restored)."""
     resumed, reference = VARIANTS[variant]
     run(tiny_config(tmp_path / "reference", **_with_steps(reference, 4)))
@@ -223,13 +224,30 @@ def test_variant_trains_and_resumes_like_an_uninterrupted_run(tmp_path, variant)
     run_dir = tmp_path / "resumed" / "run"
     assert "resumed from" in logs(tmp_path / "resumed")
     zero = json.loads((run_dir / "deepspeed.json").read_text())
-    assert zero["bf16"]["enabled"] == (variant != "offload")
+    assert zero["bf16"]["enabled"] == (variant in ("bf16", "fp32_accumulation"))
+    assert ("torch_autocast" in zero) == (variant == "autocast")
     assert ("offload_optimizer" in zero["zero_optimization"]) == (variant == "offload")
     assert zero.get("data_types") == ({"grad_accum_dtype": "fp32"} if variant == "fp32_accumulation" else None)
     want, got = losses(tmp_path / "reference" / "run"), losses(run_dir)
     assert sorted(got) == [1, 2, 3, 4]
     for step in want:
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_autocast_computes_in_bf16_over_fp32_weights(tmp_path):
+    """``train.precision=autocast``: the forward runs under bf16 autocast (its losses round away from an fp32 run's,
+    by bf16's precision) while the weights the checkpoint holds stay fp32."""
+    for name, precision in (("fp32", "fp32"), ("autocast", "autocast")):
+        run(tiny_config(tmp_path / name, train={"max_steps": 2, "precision": precision},
+                        checkpoint={"every_steps": 2}), nproc=1)
+    fp32, autocast = losses(tmp_path / "fp32" / "run"), losses(tmp_path / "autocast" / "run")
+    for step in (1, 2):
+        assert autocast[step]["loss"] != fp32[step]["loss"]
+        assert autocast[step]["loss"] == pytest.approx(fp32[step]["loss"], rel=2e-2), step
+    module = torch.load(read_latest(tmp_path / "autocast" / "run" / "checkpoints") / MODEL_STATES,
+                        map_location="cpu", weights_only=False)["module"]
+    assert {w.dtype for w in module.values() if w.is_floating_point()} == {torch.float32}
 
 
 @pytest.mark.slow

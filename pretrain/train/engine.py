@@ -34,6 +34,7 @@ def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
 def deepspeed_config(cfg: Config, world_size: int, device: torch.device, universal: bool = False) -> Dict[str, Any]:
     """The DeepSpeed JSON for ``cfg``; ``deepspeed.extra`` is merged last (it may override anything)."""
     micro, gas = cfg.data.batch_size, gradient_accumulation_steps(cfg, world_size)
+    precision = resolve_precision(cfg, device)
     zero: Dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
     if cfg.deepspeed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
@@ -46,13 +47,15 @@ def deepspeed_config(cfg: Config, world_size: int, device: torch.device, univers
         # No per-tensor overflow scan: 13 operators per gradient tensor and a host sync every step, 4,800 of the
         # 15,800 operators of a bf16 ZeRO-1/2 step of the demo model 26 layers deep (bench/engine_bench.py), each a
         # kernel launch on a GPU. The loop stops on a non-finite loss or gradient norm instead, before any save.
-        "bf16": {"enabled": resolve_precision(cfg, device) == "bf16", "check_grad_overflow": False},
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": False},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": universal},
     }
+    if precision == "autocast":
+        generated["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if cfg.deepspeed.fp32_grad_accumulation:
         generated["data_types"] = {"grad_accum_dtype": "fp32"}
     return _merge(generated, cfg.deepspeed.extra)

@@ -214,9 +214,9 @@ def _with_steps(overrides: dict, max_steps: int) -> dict:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_trains_and_resumes_like_an_uninterrupted_run(tmp_path, variant):
     """ZeRO-2 with the optimizer offloaded to CPU gives the losses of a run without offload, and bf16 (DeepSpeed's
-    bf16 weights with fp32 master copies; also with fp32 gradient accumulation under ZeRO-1) and autocast (DeepSpeed's
-    torch_autocast) those of an uninterrupted run of its kind, across a resume from their own checkpoint at step 2 (the offloaded / master
-    optimizer state saved and restored)."""
+    bf16 weights with fp32 master copies; also with fp32 gradient accumulation under ZeRO-1) and autocast
+    (DeepSpeed's torch_autocast) those of an uninterrupted run of its kind, across a resume from their own checkpoint
+    at step 2 (the offloaded / master optimizer state saved and restored)."""
     resumed, reference = VARIANTS[variant]
     run(tiny_config(tmp_path / "reference", **_with_steps(reference, 4)))
     run(tiny_config(tmp_path / "resumed", **_with_steps(resumed, 2)))

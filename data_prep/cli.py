@@ -27,7 +27,7 @@ from data_prep.manifest import (
     ShardOptions,
     manifest_info,
     manifest_stem,
-    shard_manifest,
+    shard_manifests,
 )
 from data_prep.parallel import worker_pool
 from data_prep.schema import REJECTED_FILE
@@ -148,15 +148,12 @@ def _shard(args: argparse.Namespace) -> int:
         else:
             print(f"{out}: kept, completed earlier from {manifest.name} with these options")
             codes.append(_summarise(out, done, args.max_reject_fraction))
-    with worker_pool(args.workers if todo else 1) as pool:  # started once for every manifest
-        for manifest, out in todo:
-            try:
-                index = shard_manifest(manifest, out, options, fmt, pool)
-            except ManifestError as e:  # the others still get written
-                print(f"error: {e}", file=sys.stderr)
-                codes.append(1)
-            else:
-                codes.append(_summarise(out, index, args.max_reject_fraction))
+    for out, result in shard_manifests(todo, options, fmt, args.workers):
+        if isinstance(result, ManifestError):  # the others still get written
+            print(f"error: {result}", file=sys.stderr)
+            codes.append(1)
+        else:
+            codes.append(_summarise(out, result, args.max_reject_fraction))
     return max(codes)
 
 
@@ -213,7 +210,10 @@ def _writing_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output directory (must be empty or absent)")
     parser.add_argument("--overwrite", action="store_true", help="replace the shards of a non-empty --out")
     parser.add_argument("--seed", type=int, default=0, help="sample order; equal seeds give byte-identical shards")
-    parser.add_argument("--workers", type=_positive, default=_default_workers(), help="processes that encode")
+    parser.add_argument("--workers", type=_positive, default=_default_workers(),
+                        help="processes (default: every core): several manifests are sharded side by side, up to "
+                             "this many at once, each with its share of the workers and the shuffle buffer; within "
+                             "one, they decode media")
     parser.add_argument("--audio-rate", type=_positive, default=16_000, help="sample rate of the stored FLAC audio")
     parser.add_argument("--max-reject-fraction", type=_fraction, default=0.01,
                         help="fail (exit 1) when more than this fraction of the samples is rejected")

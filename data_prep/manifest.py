@@ -5,8 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor
-from dataclasses import dataclass
+from concurrent.futures import Executor, as_completed
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,6 +21,7 @@ from data_prep.media import (
     encode_label,
     image_field,
 )
+from data_prep.parallel import worker_pool
 from data_prep.schema import KEY_RE, KEY_RULE, REJECTED_FILE, Rejected
 from data_prep.shuffle import KeyedShuffle
 from data_prep.writer import Job, Rejection, RejectionLog, ShardLimits, prepare_output, write_shards
@@ -217,6 +218,7 @@ class ShardOptions:
     overwrite: bool = False
     text_chunk_bytes: int = 0
     shuffle_buffer_bytes: int = 512_000_000
+    progress: bool = True  # progress bars where stderr is a terminal
 
     def recorded(self) -> dict[str, Any]:
         """The options that shape the samples, as ``index.json`` records them (the buffer changes nothing)."""
@@ -251,11 +253,11 @@ def shuffle_into_shards(items: Iterable[Job | Rejection], out: Path, options: Sh
     try:
         with KeyedShuffle[Job](options.seed, out, options.shuffle_buffer_bytes) as shuffle, \
                 RejectionLog(out / REJECTED_FILE) as log:
-            inputs = _read(items, shuffle, log, options.text_chunk_bytes)
+            inputs = _read(items, shuffle, log, options)
             info = {"command": "shard", **info, **options.recorded(), "inputs": inputs}
             settled = (item for jobs in shuffle for item in settle(jobs))
             return write_shards(out, settled, total=len(shuffle), limits=options.limits, pool=pool, info=info,
-                                rejections=log)
+                                rejections=log, progress=options.progress)
     except ManifestError:  # cut off: nothing is written
         (out / REJECTED_FILE).unlink(missing_ok=True)
         if created:
@@ -263,10 +265,11 @@ def shuffle_into_shards(items: Iterable[Job | Rejection], out: Path, options: Sh
         raise
 
 
-def _read(items: Iterable[Job | Rejection], shuffle: KeyedShuffle[Job], log: RejectionLog, chunk_bytes: int) -> int:
+def _read(items: Iterable[Job | Rejection], shuffle: KeyedShuffle[Job], log: RejectionLog,
+          options: ShardOptions) -> int:
     """Jobs (long texts in pieces) into ``shuffle``, rejections into ``log``; returns the number of items."""
-    inputs = 0
-    for item in tqdm(items, desc="read", unit=" inputs", disable=None):
+    inputs, chunk_bytes = 0, options.text_chunk_bytes
+    for item in tqdm(items, desc="read", unit=" inputs", disable=None if options.progress else True):
         inputs += 1
         result = item if isinstance(item, Rejection) else _pieces(item, chunk_bytes)
         if isinstance(result, Rejection):
@@ -288,3 +291,40 @@ def shard_manifest(manifest: Path, out: Path, options: ShardOptions = ShardOptio
     """The manifest's samples as shards."""
     items = read_manifest(manifest, options.audio_rate, fmt)
     return shuffle_into_shards(items, out, options, manifest_info(manifest, fmt), pool)
+
+
+def _shard_file(manifest: Path, out: Path, options: ShardOptions, fmt: ManifestFormat,
+                workers: int) -> ShardIndex | ManifestError:
+    """One manifest in a process of its own, with ``workers`` more for its media; a cut-off manifest is returned."""
+    with worker_pool(workers) as pool:
+        try:
+            return shard_manifest(manifest, out, options, fmt, pool)
+        except ManifestError as e:
+            return e
+
+
+def shard_manifests(todo: list[tuple[Path, Path]], options: ShardOptions, fmt: ManifestFormat,
+                    workers: int) -> Iterator[tuple[Path, ShardIndex | ManifestError]]:
+    """Each (manifest, output) of ``todo`` sharded, yielded as (output, index or the ``ManifestError`` of a manifest
+    cut off) as each ends. With ``workers`` > 1 and several manifests, up to ``workers`` are sharded side by side, each
+    with its share of the workers and of the shuffle buffer: a text corpus of many files (whose samples are encoded
+    where they are written, not in workers) then uses every core. The outputs are the same either way."""
+    files = min(workers, len(todo))
+    if files <= 1:
+        with worker_pool(workers if todo else 1) as pool:  # started once for every manifest
+            for manifest, out in todo:
+                try:
+                    yield out, shard_manifest(manifest, out, options, fmt, pool)
+                except ManifestError as e:  # the others still get written
+                    yield out, e
+        return
+    each = replace(options, shuffle_buffer_bytes=options.shuffle_buffer_bytes // files, progress=False)
+    with worker_pool(files) as pool, tqdm(total=len(todo), desc="shard", unit=" files", disable=None) as bar:
+        futures = {pool.submit(_shard_file, manifest, out, each, fmt, workers // files): out for manifest, out in todo}
+        try:
+            for future in as_completed(futures):
+                bar.update()
+                yield futures[future], future.result()
+        except BaseException:  # a failure (or an interrupt) stops the files not yet begun
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise

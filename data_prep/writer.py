@@ -175,11 +175,12 @@ class _IndexedShardWriter:
 
 def write_shards(directory: Path, items: Iterable[Job | Rejection], *, total: int | None = None,
                  limits: ShardLimits = ShardLimits(), pool: Executor | None = None, info: dict[str, Any] | None = None,
-                 desc: str = "shard", rejections: RejectionLog | None = None) -> ShardIndex:
+                 desc: str = "shard", rejections: RejectionLog | None = None, progress: bool = True) -> ShardIndex:
     """Encode the jobs of ``items`` in order (in ``pool``, from :func:`~data_prep.parallel.worker_pool`) into
     ``directory`` and add its rejections to ``rejections`` (by default a new ``rejected.jsonl``), earlier ones
-    counted too; ``total`` items, for the progress bar. The index records ``info``, the rejections by field and the
-    number of ``inputs``: the items and earlier rejections, unless ``info`` counts them (texts split into pieces).
+    counted too; ``total`` items, for the progress bar (``progress``: drawn where stderr is a terminal). The index
+    records ``info``, the rejections by field and the number of ``inputs``: the items and earlier rejections, unless
+    ``info`` counts them (texts split into pieces).
 
     The directory must have been through :func:`prepare_output`. Returns the index that was written.
     """
@@ -192,7 +193,7 @@ def write_shards(directory: Path, items: Iterable[Job | Rejection], *, total: in
         log = rejections or stack.enter_context(RejectionLog(directory / REJECTED_FILE))
         inputs = log.count
         try:
-            with tqdm(total=total, desc=desc, unit=" samples", disable=None) as bar:
+            with tqdm(total=total, desc=desc, unit=" samples", disable=None if progress else True) as bar:
                 for result in ordered_map(_encode, items, pool, here=_quick):
                     inputs += 1
                     if isinstance(result, Rejection):

@@ -259,25 +259,32 @@ def test_manifest_mapping_options_are_checked(tmp_path: Path, capsys, args, mess
 
 def test_several_manifests_write_one_directory_each(tmp_path: Path, capsys):
     """A corpus of many files in one command: one shard directory per file under --out, each byte-identical to the
-    file sharded alone; the folder is one training dataset; a file cut off fails alone."""
+    file sharded alone, whether the files are sharded side by side (--workers 2) or one by one; the folder is one
+    training dataset; a file cut off fails alone."""
     rows = [{"text": f"line {i}"} for i in range(6)]
     manifests = [write_manifest(tmp_path / "a.jsonl", rows[:2]), write_manifest(tmp_path / "b.json.gz", rows[2:5]),
                  write_manifest(tmp_path / "c.json", rows[5:])]
     out = tmp_path / "corpus"
     assert main(["shard", "--manifest", *map(str, manifests), "--out", str(out), "--workers", "2"]) == 0
-    assert [line.split(": wrote ")[1][:9] for line in capsys.readouterr().out.splitlines()] == [
-        "2 samples", "3 samples", "1 samples"]
+    summary = dict(line.split(": wrote ") for line in capsys.readouterr().out.splitlines())  # as each file ends
+    assert {Path(d).name: wrote[:9] for d, wrote in summary.items()} == {
+        "a": "2 samples", "b": "3 samples", "c": "1 samples"}
+    assert main(["shard", "--manifest", *map(str, manifests), "--out", str(tmp_path / "one-by-one"),
+                 "--workers", "1"]) == 0
+    assert all(folder_bytes(out / name) == folder_bytes(tmp_path / "one-by-one" / name) for name in "abc")
     assert main(["shard", "--manifest", str(manifests[1]), "--out", str(tmp_path / "b-alone"), "--workers", "1"]) == 0
     assert folder_bytes(out / "b") == folder_bytes(tmp_path / "b-alone")
     assert sum(shard.samples for shard in expand_spec(str(out), "data.train_shards[0]")) == 6
 
     whole = write_manifest(tmp_path / "d.jsonl.gz", [{"text": "x" * 5000} for _ in range(50)])
     (tmp_path / "cut.jsonl.gz").write_bytes(whole.read_bytes()[:-200])
-    capsys.readouterr()
-    assert main(["shard", "--manifest", str(tmp_path / "cut.jsonl.gz"), str(manifests[0]), "--out",
-                 str(tmp_path / "partly"), "--workers", "1"]) == 1
-    assert "cut.jsonl.gz: unreadable after line" in capsys.readouterr().err
-    assert sorted(p.name for p in (tmp_path / "partly").iterdir()) == ["a"]
+    for workers in ("1", "2"):
+        capsys.readouterr()
+        partly = tmp_path / f"partly-{workers}"
+        assert main(["shard", "--manifest", str(tmp_path / "cut.jsonl.gz"), str(manifests[0]), "--out", str(partly),
+                     "--workers", workers]) == 1
+        assert "cut.jsonl.gz: unreadable after line" in capsys.readouterr().err
+        assert sorted(p.name for p in partly.iterdir()) == ["a"]
 
 
 def test_several_manifests_are_checked_before_any_is_written(tmp_path: Path, capsys):

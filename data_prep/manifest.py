@@ -293,14 +293,20 @@ def shard_manifest(manifest: Path, out: Path, options: ShardOptions = ShardOptio
     return shuffle_into_shards(items, out, options, manifest_info(manifest, fmt), pool)
 
 
+def _shard_one(manifest: Path, out: Path, options: ShardOptions, fmt: ManifestFormat,
+               pool: Executor | None) -> ShardIndex | ManifestError:
+    """The manifest's index, or its ``ManifestError`` (a manifest cut off), returned: the other files still go on."""
+    try:
+        return shard_manifest(manifest, out, options, fmt, pool)
+    except ManifestError as e:
+        return e
+
+
 def _shard_file(manifest: Path, out: Path, options: ShardOptions, fmt: ManifestFormat,
                 workers: int) -> ShardIndex | ManifestError:
-    """One manifest in a process of its own, with ``workers`` more for its media; a cut-off manifest is returned."""
+    """One manifest in a process of its own, with ``workers`` more for its media."""
     with worker_pool(workers) as pool:
-        try:
-            return shard_manifest(manifest, out, options, fmt, pool)
-        except ManifestError as e:
-            return e
+        return _shard_one(manifest, out, options, fmt, pool)
 
 
 def shard_manifests(todo: list[tuple[Path, Path]], options: ShardOptions, fmt: ManifestFormat,
@@ -313,10 +319,7 @@ def shard_manifests(todo: list[tuple[Path, Path]], options: ShardOptions, fmt: M
     if files <= 1:
         with worker_pool(workers if todo else 1) as pool:  # started once for every manifest
             for manifest, out in todo:
-                try:
-                    yield out, shard_manifest(manifest, out, options, fmt, pool)
-                except ManifestError as e:  # the others still get written
-                    yield out, e
+                yield out, _shard_one(manifest, out, options, fmt, pool)
         return
     each = replace(options, shuffle_buffer_bytes=options.shuffle_buffer_bytes // files, progress=False)
     with worker_pool(files) as pool, tqdm(total=len(todo), desc="shard", unit=" files", disable=None) as bar:

@@ -83,16 +83,19 @@ def master_weights(tag_dir: Path, model: PerceiverIO) -> Dict[str, torch.Tensor]
     """The fp32 state dict a checkpoint tag holds for ``model`` (the model of its config; see the module docstring)."""
     from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
 
-    optimizer = [torch.load(f, map_location="cpu", mmap=True, weights_only=False)[OPTIMIZER_STATE_DICT]
-                 for f in _optimizer_files(tag_dir)]  # mapped, read where used
-    if optimizer and ZERO_STAGE in optimizer[0]:  # ZeRO 1-3, fp32 or bf16
+    def optimizer_state(path: Path) -> Dict:  # mapped: tensors are read where used
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)[OPTIMIZER_STATE_DICT]
+
+    files = _optimizer_files(tag_dir)
+    first = optimizer_state(files[0]) if files else None  # rank 0's file says which layout
+    if first is not None and ZERO_STAGE in first:  # ZeRO 1-3, fp32 or bf16
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     states = torch.load(model_states(tag_dir), map_location="cpu", weights_only=False)
     weights = dict(states["module"])
-    if optimizer:  # BF16_Optimizer
-        masters = _split_flat_groups(tag_dir, model, optimizer)
+    if first is not None:  # BF16_Optimizer
+        masters = _split_flat_groups(tag_dir, model, [first, *map(optimizer_state, files[1:])])
     elif "fp32_groups" in (states.get("optimizer") or {}):  # ZeRO-0 with bf16
         masters = states["optimizer"]["fp32_groups"]
     else:

@@ -352,18 +352,13 @@ def measure(spec: dict) -> dict:
 def profile_steps(prepared: dict, steps: int = 3) -> tuple[str, float | None]:
     """Where a step's time goes, from ``torch.profiler`` over a few steps (``pretrain.train.profiling.summarize``),
     and the GPU's busy ms per step (None on CPU)."""
-    from pretrain.train.profiling import start_profiler, summarize
+    from pretrain.train.profiling import start_profiler, stop_and_summarize
 
-    cuda = prepared["cuda"]
-    prof = start_profiler(torch.device("cuda" if cuda else "cpu"))
-    t0 = time.perf_counter()
+    device = torch.device("cuda" if prepared["cuda"] else "cpu")
+    prof, started = start_profiler(device), time.perf_counter()
     for _ in range(steps):
         prepared["step"]()
-    if cuda:
-        torch.cuda.synchronize()
-    wall_s = time.perf_counter() - t0
-    prof.stop()
-    return summarize(prof, steps, wall_s, cuda)
+    return stop_and_summarize(prof, started, steps, device)
 
 
 def measure_interleaved(specs: list[dict]) -> dict:

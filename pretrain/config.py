@@ -76,6 +76,10 @@ class ModelConfig:
     ``qk_channels``/``v_channels`` default to the query's channels (transformers' rules).
     ``attention_backend``: ``auto`` times the candidate kernels once per attention shape on CUDA and keeps the fastest
     (the measured static order on CPU); ``autotune`` does so on any device; a backend's name pins it.
+    ``init_from``: start a training run from pretrained weights (``pretrain.init_from``): one of our export
+    directories, a transformers ``PerceiverForMaskedLM`` directory, or a run, checkpoint or tag directory (its fp32
+    master weights). Tensors of the same name and shape are loaded; this model's others (a new head, a new modality)
+    start fresh. Read at a run's first start only: a resumed run continues from its checkpoint.
     """
 
     d_model: int = 768
@@ -101,6 +105,7 @@ class ModelConfig:
     init_std: float = 0.02
     activation_checkpointing: bool = False
     attention_backend: str = "auto"
+    init_from: str = ""
     text: Optional[TextConfig] = field(default_factory=TextConfig)
     image: Optional[ImageConfig] = None
     audio: Optional[AudioConfig] = None
@@ -235,6 +240,9 @@ def model_config_to_dict(cfg: ModelConfig) -> dict:
 DATA_KEYS = {"text": ("txt",), "image": ("png", "jpg", "jpeg"), "audio": ("flac", "wav"), "video": ("npy", "mp4")}
 LABEL_KEY = "cls"
 PIXEL_CHANNELS = (1, 3, 4)
+# What a modality of the data is to a run (``data.objective``): hidden in part and predicted, seen whole, or predicted.
+MASKED, INPUT, TARGET = "masked", "input", "target"
+ROLES = {**{name: (MASKED, INPUT) for name in DATA_KEYS}, "label": (TARGET,)}
 
 
 @dataclass
@@ -287,6 +295,19 @@ class DataConfig:
     pixel_mean: List[float] = field(default_factory=lambda: [0.5])
     pixel_std: List[float] = field(default_factory=lambda: [0.5])
     pipe_stall_timeout_s: float = 300.0
+    objective: Dict[str, str] = field(default_factory=dict)
+
+
+def streamed_modalities(model: ModelConfig) -> List[str]:
+    """The modalities of the data this model can take, the label included when it classifies, in stream order."""
+    return [name for name in DATA_KEYS if getattr(model, name) is not None] + (["label"] if model.num_classes else [])
+
+
+def data_roles(data: DataConfig, model: ModelConfig) -> Dict[str, str]:
+    """The role of each modality a run reads from its data (``data.objective``, or its default), in stream order."""
+    if data.objective:
+        return {name: data.objective[name] for name in ROLES if name in data.objective}
+    return {name: ROLES[name][0] for name in streamed_modalities(model)}
 
 
 def validate_data_config(cfg: DataConfig, model: ModelConfig, prefix: str = "data") -> DataConfig:
@@ -323,6 +344,18 @@ def validate_data_config(cfg: DataConfig, model: ModelConfig, prefix: str = "dat
         _require(len(values) == 1 or {len(values)} == channels, f"{prefix}.{key}",
                  f"needs 1 value or one per image/video channel {sorted(channels)}, got {list(values)}")
     _require(all(s > 0 for s in cfg.pixel_std), f"{prefix}.pixel_std", f"must be positive, got {list(cfg.pixel_std)}")
+    readable = streamed_modalities(model)
+    for name, role in cfg.objective.items():
+        _require(name in readable, f"{prefix}.objective.{name}",
+                 f"the model has no {name!r} {'head (model.num_classes is 0)' if name == 'label' else 'modality'}; "
+                 f"it reads {readable}")
+        _require(role in ROLES[name], f"{prefix}.objective.{name}", f"must be one of {ROLES[name]}, got {role!r}")
+    if cfg.objective:
+        roles = data_roles(cfg, model)
+        _require(any(role != TARGET for role in roles.values()), f"{prefix}.objective",
+                 f"names no input: give at least one modality as {MASKED!r} or {INPUT!r}, got {dict(roles)}")
+        _require(any(role != INPUT for role in roles.values()), f"{prefix}.objective",
+                 f"nothing to predict: make a modality {MASKED!r} or the label a {TARGET!r}, got {dict(roles)}")
     return cfg
 
 
@@ -356,6 +389,11 @@ class TrainConfig:
     in the optimizer); autocast its ``torch_autocast`` (fp32 weights, the forward under bf16 autocast, Linear
     gradients reduced in bf16: no master copies to keep in step). ``loss_weights`` weighs the per-modality losses
     (default 1).
+    ``freeze``: parameters that do not train (no gradient, no optimizer state): ``pretrained`` (every tensor
+    ``model.init_from`` loaded: with a new label head, a linear probe), ``latents``, or any module path of the model
+    (``encoder``, ``encoder.cross_attention``, ``encoder.self_attends``, ``decoder``, ``adapters.image``,
+    ``modality_embeddings``, ...). A run keeps its frozen parameters when it resumes. In a bf16 run they are held in
+    bf16 alone (DeepSpeed keeps fp32 copies of the trained parameters only), and exported so.
     ``compile``: ``torch.compile`` the model in place with that mode (``default``, ``reduce-overhead`` for CUDA
     graphs, ``max-autotune``), or ``none``; the first steps then include the compilation. Not with ZeRO stage 3.
     ``collective_timeout_minutes``: how long a rank waits for its peers in a collective before the run fails, so that a
@@ -371,12 +409,15 @@ class TrainConfig:
     eval_every_steps: int = 0
     eval_batches: int = 0
     loss_weights: Dict[str, float] = field(default_factory=dict)
+    freeze: List[str] = field(default_factory=list)
     collective_timeout_minutes: float = 30.0
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay to ``lr x min_lr_ratio`` at ``train.max_steps``."""
+    """AdamW with linear warmup then cosine decay to ``lr x min_lr_ratio`` at ``train.max_steps``.
+    ``pretrained_lr_scale``: the parameters ``model.init_from`` loaded learn at ``lr x`` this, the new ones (a head)
+    at ``lr``: below 1, fine-tuning moves the pretrained weights less."""
 
     lr: float = 3e-4
     weight_decay: float = 0.01
@@ -385,6 +426,7 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    pretrained_lr_scale: float = 1.0
 
 
 @dataclass
@@ -451,7 +493,9 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
                 raise ConfigError(f"--config: file {path} does not exist")
             layers.append(OmegaConf.load(path))
         for override in overrides:
-            key = override.split("=", 1)[0]
+            key, _, value = override.partition("=")
+            if value == "" and isinstance(OmegaConf.select(schema, key, default=None), str):
+                override = f"{key}=''"  # `key=` empties a string (YAML would read it as null)
             try:
                 layers.append(OmegaConf.from_dotlist([override]))
             except Exception as exc:
@@ -497,6 +541,8 @@ def validate_config(cfg: Config, world_size: int) -> Config:
     _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = no clipping)")
+    _require(o.pretrained_lr_scale > 0, "optim.pretrained_lr_scale",
+             f"must be positive, got {o.pretrained_lr_scale} (train.freeze: [pretrained] keeps them fixed)")
     _require(d.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {d.zero_stage}")
     _require(not d.fp32_grad_accumulation or d.zero_stage > 0, "deepspeed.fp32_grad_accumulation",
              "needs deepspeed.zero_stage 1-3 (DeepSpeed accumulates bf16 gradients in fp32 only under ZeRO); "

@@ -7,8 +7,9 @@ weights in its model-states file, the module's when it trained in fp32, else the
 ZeRO-1 with bf16 weights and fp32 gradient accumulation runs DeepSpeed's ``BF16_Optimizer``, whose files
 ``get_fp32_state_dict_from_zero_checkpoint`` refuses: each rank holds a consecutive slice of every parameter group's
 flat fp32 copy (padded at its end), joined here. Whole copies are named through the optimizer's parameter groups and
-checked against the module's bf16 weights. The model config is the one the checkpoint holds: an export needs nothing
-but the checkpoint.
+checked against the module's bf16 weights. Frozen parameters (``train.freeze``) have no optimizer copy: they are the
+module's (in a bf16 run its bf16 weights, which are what the model computed with). The model config, the frozen
+parameters and the optimizer's groups are the ones the checkpoint holds: an export needs nothing but the checkpoint.
 
 Each directory is written under a temporary name beside its destination and renamed into place when complete: an
 interrupted export leaves nothing under the name, and a destination that exists with files in it is refused before
@@ -21,7 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -30,6 +31,7 @@ from .config import ConfigError, model_config_from_dict
 from .model import PerceiverIO, hf
 from .model.pretrained import save_hf_pretrained, save_pretrained
 from .train.schedule import parameter_groups
+from .train.trainable import Pretrained, prepare
 
 
 class ExportError(ValueError):
@@ -43,10 +45,9 @@ class Exported:
     directories: List[Path]
 
 
-def _named_masters(tag_dir: Path, model: PerceiverIO, module: Dict[str, torch.Tensor],
+def _named_masters(tag_dir: Path, groups: List[List[Tuple[str, torch.nn.Parameter]]], module: Dict[str, torch.Tensor],
                    masters: List[List[torch.Tensor]]) -> Dict[str, torch.Tensor]:
     """The optimizer's fp32 copies, group by group in the optimizer's parameter order, named and checked."""
-    groups = parameter_groups(model)
     if [[tuple(p.shape) for _, p in named] for named in groups] != [[tuple(t.shape) for t in g] for g in masters]:
         raise ExportError(f"{tag_dir}: the optimizer's fp32 copies do not line up with the parameters of the model "
                           f"config saved with it")
@@ -57,12 +58,13 @@ def _named_masters(tag_dir: Path, model: PerceiverIO, module: Dict[str, torch.Te
     return weights
 
 
-def _split_flat_groups(tag_dir: Path, model: PerceiverIO, partitions: List[Dict]) -> List[List[torch.Tensor]]:
+def _split_flat_groups(tag_dir: Path, groups: List[List[Tuple[str, torch.nn.Parameter]]], partitions: List[Dict]
+                       ) -> List[List[torch.Tensor]]:
     """``BF16_Optimizer``'s per-rank slices (in rank order) -> each group's parameters, shaped as the model's."""
     from deepspeed.checkpoint.constants import GROUP_PADDINGS, SINGLE_PARTITION_OF_FP32_GROUPS
 
     masters = []
-    for index, named in enumerate(parameter_groups(model)):
+    for index, named in enumerate(groups):
         flat = torch.cat([rank[SINGLE_PARTITION_OF_FP32_GROUPS][index] for rank in partitions])
         numels = [p.numel() for _, p in named]
         total = sum(numels)
@@ -79,8 +81,10 @@ def _optimizer_files(tag_dir: Path) -> List[Path]:
     return sorted(files, key=lambda f: int(f.name.split("zero_pp_rank_")[1].split("_")[0]))
 
 
-def master_weights(tag_dir: Path, model: PerceiverIO) -> Dict[str, torch.Tensor]:
-    """The fp32 state dict a checkpoint tag holds for ``model`` (the model of its config; see the module docstring)."""
+def master_weights(tag_dir: Path, model: PerceiverIO, groups: List[List[Tuple[str, torch.nn.Parameter]]]
+                   ) -> Dict[str, torch.Tensor]:
+    """The fp32 state dict a checkpoint tag holds for ``model`` (the model of its config, its optimizer's parameter
+    ``groups``; see the module docstring). Frozen parameters have no master copy: theirs are the module's."""
     from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
 
     def optimizer_state(path: Path) -> Dict:  # mapped: tensors are read where used
@@ -88,26 +92,47 @@ def master_weights(tag_dir: Path, model: PerceiverIO) -> Dict[str, torch.Tensor]
 
     files = _optimizer_files(tag_dir)
     first = optimizer_state(files[0]) if files else None  # rank 0's file says which layout
+    states = torch.load(model_states(tag_dir), map_location="cpu", mmap=True, weights_only=False)
+    module = states["module"]
     if first is not None and ZERO_STAGE in first:  # ZeRO 1-3, fp32 or bf16
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    states = torch.load(model_states(tag_dir), map_location="cpu", weights_only=False)
-    weights = dict(states["module"])
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        # ZeRO-1 leaves frozen parameters out; the module holds them whole (ZeRO-3 partitions them: its own files do)
+        shapes = {name: t.shape for name, t in model.state_dict().items()}
+        weights.update({name: t.float() for name, t in module.items() if name not in weights
+                        and name in shapes and t.shape == shapes[name]})
+        return weights
+    weights = dict(module)
     if first is not None:  # BF16_Optimizer
-        masters = _split_flat_groups(tag_dir, model, [first, *map(optimizer_state, files[1:])])
+        masters = _split_flat_groups(tag_dir, groups, [first, *map(optimizer_state, files[1:])])
     elif "fp32_groups" in (states.get("optimizer") or {}):  # ZeRO-0 with bf16
         masters = states["optimizer"]["fp32_groups"]
     else:
         return weights
-    weights.update(_named_masters(tag_dir, model, states["module"], masters))
+    weights.update(_named_masters(tag_dir, groups, module, masters))
     return weights
 
 
-def _refuse_occupied(destinations: List[Path]) -> None:
-    if len({d.resolve() for d in destinations}) < len(destinations):
-        raise ExportError(f"--out and --hf name the same directory {destinations[0]}: give each its own")
-    for destination in destinations:
+def checkpoint_model(tag_dir: Path, saved: Dict) -> PerceiverIO:
+    """The model a checkpoint tag holds (the model of its config, with the frozen parameters and optimizer groups of
+    its run) carrying its fp32 master weights; ``saved``: the tag's client state (``peek_client_state``)."""
+    model = PerceiverIO(model_config_from_dict(saved["config"]["model"]))
+    pretrained = Pretrained.of_checkpoint(saved)
+    prepare(model, saved["config"]["train"].get("freeze", []), pretrained)
+    groups = [named for _, named in parameter_groups(model, pretrained.loaded)]
+    try:
+        model.load_state_dict(master_weights(tag_dir, model, groups), strict=True)
+    except RuntimeError as exc:
+        raise ExportError(f"{tag_dir}: its weights do not fit the model config saved with it: {exc}") from None
+    return model.requires_grad_(True)
+
+
+def _refuse_occupied(destinations: Dict[str, Path]) -> None:
+    """``destinations``: flag -> directory."""
+    if len({d.resolve() for d in destinations.values()}) < len(destinations):
+        raise ExportError(f"{' and '.join(destinations)} name the same directory: give each its own")
+    for destination in destinations.values():
         if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
             raise ExportError(f"{destination} exists and is not an empty directory: give another destination, or "
                               f"remove it first")
@@ -122,32 +147,30 @@ def _write_into_place(destination: Path, write: Callable[[Path], Path]) -> None:
     os.replace(tmp, destination)
 
 
-def export_checkpoint(checkpoint: Path, out: Path, hf_out: Optional[Path] = None) -> Exported:
+def export_checkpoint(checkpoint: Path, out: Path, hf_out: Optional[Path] = None,
+                      hf_encoder_out: Optional[Path] = None) -> Exported:
     """Write the model of ``checkpoint`` (a run directory, a checkpoint directory or a tag directory; see
-    ``find_tag``) to ``out`` in our format and, when given, to ``hf_out`` in transformers'."""
+    ``find_tag``) to ``out`` in our format and, when given, to ``hf_out`` in transformers' (``PerceiverForMaskedLM``)
+    and to ``hf_encoder_out`` as the encoder alone, for transformers' other text heads."""
     tag_dir = find_tag(Path(checkpoint))
     if tag_dir is None:
         raise ExportError(f"{checkpoint} {NOT_A_CHECKPOINT}")
     if tag_dir.name.endswith(UNIVERSAL):
         raise ExportError(f"{tag_dir} is a universal conversion made at a resume: export the tag it was converted "
                           f"from, {tag_dir.with_name(tag_dir.name[: -len(UNIVERSAL)])}")
-    destinations = [Path(out)] + ([Path(hf_out)] if hf_out is not None else [])
-    _refuse_occupied(destinations)
+    transformers = {flag: (Path(path), encoder_only) for flag, path, encoder_only in
+                    (("--hf", hf_out, False), ("--hf-encoder", hf_encoder_out, True)) if path is not None}
+    _refuse_occupied({"--out": Path(out), **{flag: path for flag, (path, _) in transformers.items()}})
     saved = peek_client_state(tag_dir)
-    cfg = model_config_from_dict(saved["config"]["model"])
-    if hf_out is not None:
+    for flag, (_, encoder_only) in transformers.items():
         try:
-            hf.config_to_hf(cfg)
+            hf.config_to_hf(model_config_from_dict(saved["config"]["model"]), encoder_only)
         except ConfigError as exc:
-            raise ExportError(f"--hf: {exc}") from None
-    model = PerceiverIO(cfg)
-    try:
-        model.load_state_dict(master_weights(tag_dir, model), strict=True)
-    except RuntimeError as exc:
-        raise ExportError(f"{tag_dir}: its weights do not fit the model config saved with it: {exc}") from None
+            raise ExportError(f"{flag}: {exc}") from None
+    model = checkpoint_model(tag_dir, saved)
     step = int(saved["shared"]["progress"]["step"])
     metadata = {"checkpoint": str(tag_dir.resolve()), "step": str(step)}
-    _write_into_place(destinations[0], lambda tmp: save_pretrained(model, tmp, metadata))
-    if hf_out is not None:
-        _write_into_place(destinations[1], lambda tmp: save_hf_pretrained(model, tmp, metadata))
-    return Exported(tag_dir, step, destinations)
+    _write_into_place(Path(out), lambda tmp: save_pretrained(model, tmp, metadata))
+    for path, encoder_only in transformers.values():
+        _write_into_place(path, lambda tmp: save_hf_pretrained(model, tmp, metadata, encoder_only))
+    return Exported(tag_dir, step, [Path(out), *(path for path, _ in transformers.values())])

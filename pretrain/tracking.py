@@ -18,7 +18,8 @@ is logged once and W&B is off for the rest of the process, so the ranks still ch
 own record loses what its service had not written yet (measured offline: the last few seconds).
 
 Metric names the console line knows (:func:`format_metrics`); W&B groups names by their ``/`` prefix:
-``loss``, ``loss/<modality>``, ``val/loss``, ``val/loss/<modality>``, ``lr``, ``grad_norm``, ``samples_per_s``,
+``loss``, ``loss/<modality>``, ``val/loss``, ``val/loss/<modality>``, ``val/accuracy`` (top-1; per class
+``val/accuracy/<class>`` is logged, not printed), ``lr``, ``grad_norm``, ``samples_per_s``,
 ``data_wait_frac`` (fraction of the wall time spent waiting for batches). Any other name is logged, not printed.
 """
 
@@ -47,6 +48,7 @@ _ID_ALPHABET = string.ascii_lowercase + string.digits
 
 # name -> how the console line shows it, in this order (after the losses).
 _CONSOLE = {
+    "val/accuracy": "val top-1 {:.2%}",
     "lr": "lr {:.2e}",
     "grad_norm": "grad {:.3g}",
     "samples_per_s": "{:.1f} samples/s",

@@ -38,6 +38,10 @@ BAD = [
     (["wandb.finish_timeout_s=-1"], "wandb.finish_timeout_s"),
     (["run.profile_steps=-1"], "run.profile_steps"),
     (["--resume", "/nonexistent/checkpoints/step_00000010"], "--resume"),
+    (["model.init_from=/nonexistent/exported"], "model.init_from: /nonexistent/exported does not exist"),
+    (["train.freeze=[pretrained]"], "train.freeze: 'pretrained' names the tensors model.init_from loaded"),
+    (["optim.pretrained_lr_scale=0"], "optim.pretrained_lr_scale"),
+    (["data.objective.label=input"], "data.objective.label: must be one of ('target',)"),
 ]
 
 
@@ -89,7 +93,15 @@ def test_print_config_shows_the_resolved_config_with_overrides(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("name", ["demo", "mlm_bytes_201m", "multimodal_base"])
+def test_an_empty_value_empties_a_string_key(tmp_path):
+    """``model.init_from=`` (train from scratch with a fine-tuning config) is the empty string, not YAML's null."""
+    done = cli("train", "--config", str(tiny_config(tmp_path)), "model.init_from=/x", "model.init_from=",
+               "--print-config")
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["model"]["init_from"] == ""
+
+
+@pytest.mark.parametrize("name", ["demo", "finetune_demo", "mlm_bytes_201m", "multimodal_base"])
 def test_shipped_configs_are_valid(name):
     done = cli("train", "--config", f"configs/{name}.yaml", "--print-config")
     assert done.returncode == 0, done.stderr

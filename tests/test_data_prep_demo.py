@@ -16,7 +16,7 @@ import soundfile as sf
 from test_data_prep_shard import folder_bytes, read_tars
 
 from data_prep.__main__ import main
-from data_prep.demo import SIZES
+from data_prep.demo import DOWNSTREAM, DOWNSTREAM_FROM, SIZES
 from data_prep.sources import FASHION_CLASSES, FASHION_DIR, default_npm_cache
 
 HAS_ESPEAK = shutil.which("espeak-ng") is not None
@@ -93,6 +93,27 @@ def test_demo_from_fake_sources_reports_missing_espeak_and_builds_the_rest(fakes
         in texts["train"] | texts["val"]
     assert main(["validate", str(out), "--workers", "1"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].endswith("no problems")
+
+
+def test_the_downstream_task_is_labelled_images_no_other_split_reads(tmp_path: Path):
+    """From the test file's images at DOWNSTREAM_FROM on: 30 per class to fine-tune on, an evaluation set of the
+    others, disjoint, uncaptioned, their index listing the classes; val reads only the images before."""
+    for name in ("sotu", "moby-dick"):
+        fake_pack(tmp_path / "npm", name)
+    fashion = fake_fashion(tmp_path / "fashion", val=DOWNSTREAM_FROM + 400)
+    out = tmp_path / "demo"
+    assert main(["build-demo", "--out", str(out), "--fashion-dir", str(fashion), "--npm-cache", str(tmp_path / "npm"),
+                 "--espeak", NO_ESPEAK, "--workers", "1"]) == 0
+    splits = {split: read_tars(out / split) for split in ("val", "downstream_train", "downstream_eval")}
+    image = {split: {int(key.rsplit("_", 1)[1]) for key in samples if key.startswith("fashion_")}
+             for split, samples in splits.items()}
+    assert max(image["val"]) < DOWNSTREAM_FROM <= min(image["downstream_train"] | image["downstream_eval"])
+    assert len(image["downstream_train"]) == 300 and len(image["downstream_eval"]) == 100
+    assert not image["downstream_train"] & image["downstream_eval"]
+    tuning = splits["downstream_train"].values()
+    assert sorted(int(s["cls"]) for s in tuning) == sorted(list(range(10)) * 30)
+    assert all("txt" not in s and "png" in s for split in DOWNSTREAM for s in splits[split].values())
+    assert index(out / "downstream_eval")["info"]["classes"] == list(FASHION_CLASSES)
 
 
 def test_every_missing_source_is_reported_with_its_install_command(tmp_path: Path, capsys):

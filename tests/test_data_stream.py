@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -50,6 +51,40 @@ def test_batches_follow_the_contract_and_feed_the_model(tmp_path):
     outputs = PerceiverIO(model_cfg)(inputs, decode)
     assert outputs["text"].shape == (4, 5, model_cfg.text.vocab_size)
     assert outputs["image"].shape == (4, 2, 4 * 4 * 3) and outputs["label"].shape == (4, 5)
+
+
+def test_a_classification_objective_reads_its_inputs_whole_and_nothing_else(tmp_path):
+    """data.objective {image: input, label: target} on samples with captions, audio and video: the batch holds the
+    image whole (nothing hidden, nothing to reconstruct) and the label; the caption never reaches the model's inputs,
+    and samples without an image are skipped (counted)."""
+    write_shards(tmp_path, [10, 10], multimodal_sample)
+    cfg = data_config([str(tmp_path)], num_workers=1, objective={"image": "input", "label": "target"})
+    stream = DataStream(cfg, multimodal_model())
+    batch = next(iter(stream))
+    assert set(batch["inputs"]) == {"image", "image_mask"} and batch["inputs"]["image_mask"].all()
+    assert set(batch["decode"]) == {"label"} and set(batch["targets"]) == {"label"}
+    assert (batch["targets"]["label"] != IGNORE_INDEX).all()
+    assert all(int(key[-4:]) % 2 == 0 for key in batch["keys"])  # the samples holding an image
+    assert stream.skipped()["no_usable_modality"] > 0
+    masked = next(iter(DataStream(dataclasses.replace(cfg, objective={"image": "masked", "audio": "input"}),
+                                  multimodal_model())))
+    assert set(masked["decode"]) == {"image"} and set(masked["inputs"]) == {"image", "image_mask", "audio",
+                                                                           "audio_mask"}
+
+
+@pytest.mark.parametrize("objective, message", [
+    ({"text": "input", "label": "target"}, r"data.objective.text: the model has no 'text' modality; it reads "
+                                           r"\['image', 'audio', 'video', 'label'\]"),
+    ({"image": "target"}, r"data.objective.image: must be one of \('masked', 'input'\), got 'target'"),
+    ({"image": "input", "label": "input"}, r"data.objective.label: must be one of \('target',\)"),
+    ({"label": "target"}, r"data.objective: names no input"),
+    ({"image": "input", "audio": "input"}, r"data.objective: nothing to predict"),
+])
+def test_an_objective_the_model_cannot_run_names_its_key(tmp_path, objective, message):
+    write_shards(tmp_path, [8, 8], multimodal_sample)
+    with pytest.raises(ConfigError, match=message):
+        DataStream(data_config([str(tmp_path)], objective=objective),
+                   dataclasses.replace(multimodal_model(), text=None))
 
 
 def test_text_ids_masks_and_targets(tmp_path):

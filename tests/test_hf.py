@@ -216,3 +216,26 @@ def test_load_pretrained_other_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match=r"model_type is 'bert', not 'perceiver'"):
         load_pretrained(tmp_path)
+
+
+def test_transformers_sequence_classification_loads_our_text_encoder_with_only_its_decoder_new(tmp_path):
+    """The transformers route to fine-tuning: ``PerceiverForSequenceClassification.from_pretrained(dir,
+    num_labels=K)`` on our export. From the encoder export (``--hf-encoder``) nothing is left unused and exactly the
+    classification decoder is new; from the MLM export the MLM decoder is left over (transformers' "unexpected",
+    expected for another head). Either way its encoder computes our latents."""
+    model = PerceiverIO(our_text_config()).eval()
+    perturb(model)
+    save_hf_pretrained(model, tmp_path / "encoder", encoder_only=True)
+    save_hf_pretrained(model, tmp_path / "mlm")
+    ids, mask = text_batch()
+    for directory, unused in (("encoder", []), ("mlm", ["embedding_decoder.bias", "perceiver.decoder."])):
+        theirs, info = transformers.PerceiverForSequenceClassification.from_pretrained(
+            tmp_path / directory, num_labels=3, output_loading_info=True)
+        decoder = sorted(name for name, _ in theirs.named_parameters() if name.startswith("perceiver.decoder."))
+        assert decoder and sorted(info["missing_keys"]) == decoder
+        assert sorted({next(p for p in unused if k.startswith(p)) for k in info["unexpected_keys"]}) == sorted(unused)
+        assert not info["mismatched_keys"]
+        with torch.no_grad():
+            latents = theirs.eval().perceiver(inputs=ids, attention_mask=mask).last_hidden_state
+            torch.testing.assert_close(latents, model.encode({"text": ids, "text_mask": mask.bool()}), atol=1e-5,
+                                       rtol=0)

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from pretrain.config import OptimConfig
-from pretrain.train.schedule import apply_optim_config, build_optimizer, build_scheduler, lr_factor
+from pretrain.train.schedule import GroupKind, apply_optim_config, build_optimizer, build_scheduler, lr_factor
 
 MAX_STEPS = 20
+KINDS = [GroupKind(decay=True), GroupKind(decay=False)]
 
 
 def stepped(optim: OptimConfig, steps: int):
@@ -34,7 +35,7 @@ def test_resumed_optimizer_takes_the_configs_settings():
     resumed_scheduler.load_state_dict(scheduler.state_dict())
     assert resumed_scheduler.base_lrs == [1e-2, 1e-2]  # what a load alone leaves: the saved run's rate
 
-    changed = apply_optim_config(resumed_optimizer, resumed_scheduler, wanted)
+    changed = apply_optim_config(resumed_optimizer, resumed_scheduler, wanted, KINDS)
     assert "param group 0 lr: 0.01 -> 0.002" in changed and "param group 0 weight_decay: 0.1 -> 0.01" in changed
     assert "param group 1 betas: (0.9, 0.95) -> (0.8, 0.9)" in changed and len(changed) == 7  # group 1 keeps wd 0
     decay, rest = resumed_optimizer.param_groups
@@ -49,7 +50,7 @@ def test_same_config_changes_nothing():
     optim = OptimConfig(lr=1e-2, warmup_steps=4)
     optimizer, scheduler = stepped(optim, 6)
     rates = [group["lr"] for group in optimizer.param_groups]
-    assert apply_optim_config(optimizer, scheduler, optim) == []
+    assert apply_optim_config(optimizer, scheduler, optim, KINDS) == []
     assert [group["lr"] for group in optimizer.param_groups] == rates  # bit-equal: exact resume is kept
 
 

@@ -6,8 +6,8 @@ one epoch. This package imports ``pretrain.config`` and ``pretrain.vocab``, neve
 Sample schema (webdataset keys, any subset per sample): ``txt`` UTF-8 text, ``png``/``jpg`` image, ``flac``/``wav``
 audio, ``npy`` (T, H, W, C uint8) or ``mp4`` video, ``cls`` integer label, ``json`` metadata (not read).
 
-Batch contract (B = ``data.batch_size``; shapes from the ``ModelConfig``; a modality's keys appear only when the model
-enables it; ``array`` inputs are not streamed):
+Batch contract (B = ``data.batch_size``; shapes from the ``ModelConfig``; a modality's keys appear only when the run
+reads it: the model enables it and ``data.objective`` names it, or is empty; ``array`` inputs are not streamed):
 
 ``batch["inputs"]`` -- for ``PerceiverIO.encode``:
     ``text`` long [B, S] (S = model.text.max_length): UTF-8 byte ids (``vocab.encode_utf8``), positions to predict
@@ -20,11 +20,11 @@ enables it; ``array`` inputs are not streamed):
     ``video`` float [B, T, C, H, W] normalised like images; ``video_mask`` [B, tubelets].
     Hidden patches keep their values in the input tensors: the trainer patchifies them for the reconstruction targets.
 ``batch["decode"]`` -- positions to predict, long [B, P_mod] with a fixed P_mod = round(ratio x positions) per
-    modality (``data.masking``; a ratio of 0 leaves the modality out), and ``label`` [B, 1] zeros when
-    model.num_classes > 0. Padding slots hold 0.
+    modality (``data.masking``; a ratio of 0, or the role ``input``, leaves the modality out), and ``label`` [B, 1]
+    zeros when the label is a target. Padding slots hold 0.
 ``batch["decode_mask"]`` -- bool [B, P_mod], False on padding slots and for rows lacking the modality.
 ``batch["targets"]`` -- ``text`` long [B, P_text], the original ids at the decoded positions, -100 on padding slots;
-    ``label`` long [B], -100 when absent (only when model.num_classes > 0).
+    ``label`` long [B], -100 when absent (only when the label is a target).
 ``batch["keys"]`` -- list of the B samples' ``__key__``.
 ``batch["valid"]`` -- bool [B]; False for a row whose sample failed to decode (skipped and counted: the row stays,
     empty, so that a batch is always exactly B raw samples -- see ``stream.py`` for why).

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from .. import vocab
-from ..config import DATA_KEYS, LABEL_KEY, DataConfig, ModelConfig
+from ..config import DATA_KEYS, LABEL_KEY, MASKED, DataConfig, ModelConfig, data_roles
 from .decode import decode
 from .masking import hide, num_predicted, patch_positions, text_positions
 from .reader import Sample, SkipCounter
@@ -25,14 +25,18 @@ IGNORE_INDEX = -100
 
 
 class BatchBuilder:
-    """Knows the model's shapes and the masking ratios; turns a list of raw samples into tensors."""
+    """Knows the model's shapes, what the run reads (``data.objective``) and the masking ratios; turns a list of raw
+    samples into tensors."""
 
     def __init__(self, model: ModelConfig, data: DataConfig, random_crop: Optional[bool] = None):
         self.model, self.data = model, data
         self.random_crop = data.random_crop if random_crop is None else random_crop
-        self.modalities = [m for m in DATA_KEYS if getattr(model, m) is not None]
+        roles = data_roles(data, model)
+        self.modalities = [m for m in roles if m in DATA_KEYS]
+        self.labels = "label" in roles
         self.grid = {m: self._grid(m) for m in self.modalities if m != "text"}
-        self.slots = {m: num_predicted(getattr(data.masking, m), self._size(m)) for m in self.modalities}
+        self.slots = {m: num_predicted(getattr(data.masking, m), self._size(m)) if roles[m] == MASKED else 0
+                      for m in self.modalities}
 
     def _grid(self, name: str) -> List[int]:
         """Patches per axis, as the model's patch adapters cut them."""
@@ -51,7 +55,7 @@ class BatchBuilder:
         batch: Dict[str, object] = {"inputs": {}, "decode": {}, "decode_mask": {}, "targets": {}}
         for name in self.modalities:
             getattr(self, f"_stack_{name}")(rows, rng, batch)
-        if self.model.num_classes > 0:
+        if self.labels:
             labels = torch.tensor([IGNORE_INDEX if row is None else row.get("label", IGNORE_INDEX) for row in rows])
             batch["targets"]["label"] = labels
             batch["decode"]["label"] = torch.zeros(len(rows), 1, dtype=torch.long)
@@ -72,7 +76,7 @@ class BatchBuilder:
                 if key:
                     row[name] = getattr(self, f"_{name}")(decode(key, sample[key]), rng)
             key = LABEL_KEY
-            if self.model.num_classes > 0 and key in sample:
+            if self.labels and key in sample:
                 row["label"] = self._label(decode(key, sample[key]))
         except Exception as exc:  # noqa: BLE001 -- odd media content makes PIL/numpy/torch raise anything
             counter.skip(f"undecodable:{key}", f"{sample['__url__']}:{sample['__key__']}", exc)

@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 
-from ..config import DATA_KEYS, LABEL_KEY, DataConfig, ModelConfig, validate_data_config
+from ..config import DATA_KEYS, LABEL_KEY, DataConfig, ModelConfig, data_roles, validate_data_config
 from .collate import BatchBuilder
 from .plan import (
     MIX, SHUFFLE, SOURCE, SPLITS, Dataset, batch_rng, batches_before, check_readers, epoch_batches, first_batch,
@@ -90,8 +90,9 @@ def mix(sources: Sequence[Iterator[Sample]], weights: Sequence[float], rng) -> I
 def raw_samples(plan: StreamPlan, epoch: int, worker: int, counter: SkipCounter) -> Iterator[Sample]:
     """One worker's endless, undecoded sample stream for this epoch: a pure function of its arguments."""
     ids = (plan.data.seed, SPLITS[plan.split], plan.rng_epoch(epoch), plan.rank, worker)
-    usable = [key for name in DATA_KEYS if getattr(plan.model, name) is not None for key in DATA_KEYS[name]]
-    select = sample_selector(plan.data.require, usable, [LABEL_KEY] if plan.model.num_classes > 0 else [])
+    roles = data_roles(plan.data, plan.model)
+    usable = [key for name in roles if name in DATA_KEYS for key in DATA_KEYS[name]]
+    select = sample_selector(plan.data.require, usable, [LABEL_KEY] if "label" in roles else [])
     sources = [
         shard_samples(
             plan.shards(epoch, worker, i), python_rng(*ids, SOURCE, i), plan.data.resample, select, counter,

@@ -126,9 +126,16 @@ def hf_to_state_dict(hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return fuse_projections(out)
 
 
-def state_dict_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our text MLM state dict -> transformers ``PerceiverForMaskedLM``."""
+# Ours -> the part of a transformers Perceiver every text head shares: latents, text embeddings, encoder.
+ENCODER = ("encoder.", "adapters.text.embeddings.", "adapters.text.position_embeddings.")
+
+
+def state_dict_to_hf(state: Mapping[str, torch.Tensor], encoder_only: bool = False) -> dict[str, torch.Tensor]:
+    """Our text MLM state dict -> transformers ``PerceiverForMaskedLM``; ``encoder_only``: of a text model (any
+    head), the weights of the encoder alone, which every transformers Perceiver text model shares."""
     prefixes, layer_names = _invert(PREFIXES), _invert(LAYER_NAMES)
+    if encoder_only:
+        state = {name: value for name, value in state.items() if name.startswith(ENCODER)}
     out = {}
     for name, value in split_projections(state).items():
         try:
@@ -152,14 +159,15 @@ def config_from_hf(hf: Mapping) -> ModelConfig:
     return validate_model_config(cfg)
 
 
-def config_to_hf(cfg: ModelConfig) -> dict:
-    """Our ModelConfig -> ``PerceiverConfig`` keyword arguments; refuses what PerceiverForMaskedLM cannot express."""
-    if cfg.input_modalities != ["text"] or cfg.num_classes:
+def config_to_hf(cfg: ModelConfig, encoder_only: bool = False) -> dict:
+    """Our ModelConfig -> ``PerceiverConfig`` keyword arguments; refuses what PerceiverForMaskedLM cannot express
+    (``encoder_only``: what the encoder of a transformers Perceiver text model cannot)."""
+    if cfg.input_modalities != ["text"] or (cfg.num_classes and not encoder_only):
         raise ConfigError(
             f"model: only a text-only MLM model converts to transformers (inputs {cfg.input_modalities}, "
             f"num_classes={cfg.num_classes})"
         )
-    for key, value in HF_DECODER.items():
+    for key, value in ({} if encoder_only else HF_DECODER).items():
         if getattr(cfg, key) != value:
             raise ConfigError(f"model.{key}: PerceiverForMaskedLM fixes it to {value}, got {getattr(cfg, key)}")
     if cfg.v_channels is None and cfg.qk_channels not in (None, cfg.d_latents):
@@ -168,7 +176,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             f"channels, not d_latents={cfg.d_latents}; set v_channels={cfg.d_latents} explicitly (this also sets "
             f"the encoder cross-attention's v width)"
         )
-    if cfg.decoder_v_channels not in (None, cfg.d_model):
+    if cfg.decoder_v_channels not in (None, cfg.d_model) and not encoder_only:
         raise ConfigError(f"model.decoder_v_channels: PerceiverForMaskedLM fixes it to d_model={cfg.d_model}")
     hf = {key: getattr(cfg, key) for key in SHARED_CONFIG_KEYS}
     hf.update({theirs: getattr(cfg, ours) for theirs, ours in RENAMED_CONFIG_KEYS.items()})
@@ -177,6 +185,6 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         max_position_embeddings=cfg.text.max_length,
         hidden_act="gelu",
         model_type="perceiver",
-        architectures=["PerceiverForMaskedLM"],
+        architectures=["PerceiverModel" if encoder_only else "PerceiverForMaskedLM"],
     )
     return hf

@@ -116,5 +116,10 @@ def mean_over_ranks(values: dict, device: torch.device) -> dict:
         return {}
     keys = sorted(values)
     tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    return dict(zip(keys, (sum_over_ranks(tensor) / dist.get_world_size()).tolist()))
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum over ranks of a tensor of the same shape on every rank (in place)."""
     dist.all_reduce(tensor)
-    return dict(zip(keys, (tensor / dist.get_world_size()).tolist()))
+    return tensor

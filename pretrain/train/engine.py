@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Collection, Dict
 
 import torch
 
@@ -62,8 +62,9 @@ def deepspeed_config(cfg: Config, world_size: int, device: torch.device, univers
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, device: torch.device, run_dir: Path,
-                 universal: bool = False):
-    """``deepspeed.initialize`` on ``model`` with the generated config, also saved as ``run_dir/deepspeed.json``."""
+                 universal: bool = False, pretrained: Collection[str] = ()):
+    """``deepspeed.initialize`` on ``model`` with the generated config, also saved as ``run_dir/deepspeed.json``;
+    ``pretrained``: the parameters ``model.init_from`` loaded (their own optimizer groups)."""
     import deepspeed
 
     ds_config = deepspeed_config(cfg, world_size, device, universal)
@@ -76,7 +77,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, device: t
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     if cfg.train.compile != "none":  # in place: parameter names, checkpoints and exports stay as they are
         model.compile(mode=cfg.train.compile)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, pretrained)
     engine, _, _, _ = deepspeed.initialize(
         model=model.to(device), optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda wrapped: build_scheduler(wrapped, cfg.optim, cfg.train.max_steps),

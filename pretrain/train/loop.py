@@ -18,9 +18,9 @@ from ..data import DataStream
 from ..model.attention import tunes
 from ..preemption import EXIT_PREEMPTED, Preemption
 from ..tracking import format_metrics
-from .distributed import DeferredAgreement, all_gather, mean_over_ranks
+from .distributed import DeferredAgreement, all_gather, mean_over_ranks, sum_over_ranks
 from .metrics import Window, compute_metrics, count_flops, input_tokens, skipped_totals
-from .objective import modality_losses, weighted_total
+from .objective import accuracy_metrics, label_counts, modality_losses, predict, weighted_total
 from .profiling import StepProfiler
 from .run import Run
 from .schedule import lr_factor
@@ -55,18 +55,28 @@ def reseed(seed: int, rank: int, step: int, micro: int) -> None:
 @torch.no_grad()
 def evaluate(run: Run) -> Dict[str, float]:
     """Per-modality and total loss over the first ``train.eval_batches`` validation batches (all when 0), the same
-    batches every time, averaged over ranks."""
+    batches every time, averaged over ranks; with a label target, top-1 accuracy over all those samples and per
+    class."""
     run.engine.eval()
     run.val.load_state_dict({"epoch": 0, "batches": 0})
     sums: Dict[str, float] = defaultdict(float)
+    counts: Optional[torch.Tensor] = None
     batches = run.cfg.train.eval_batches or len(run.val)
     for batch in itertools.islice(run.val, batches):
-        losses = modality_losses(run.engine, run.engine.module, to_device(batch, run.device, run.dtype))
+        batch = to_device(batch, run.device, run.dtype)
+        losses, out = predict(run.engine, run.engine.module, batch)
         losses["total"] = weighted_total(losses, run.cfg.train.loss_weights)
         for name, loss in losses.items():
             sums[name] += float(loss) / batches
+        if "label" in out:
+            found = label_counts(out["label"], batch["targets"]["label"])
+            counts = found if counts is None else counts + found
     run.engine.train()
-    return {("val/loss" if k == "total" else f"val/loss/{k}"): v for k, v in mean_over_ranks(sums, run.device).items()}
+    metrics = {("val/loss" if k == "total" else f"val/loss/{k}"): v
+               for k, v in mean_over_ranks(sums, run.device).items()}
+    if counts is not None:  # every rank has a label target or none
+        metrics.update({f"val/{k}": v for k, v in accuracy_metrics(sum_over_ranks(counts), run.class_names).items()})
+    return metrics
 
 
 def divergence(metrics: Dict[str, float]) -> Optional[str]:

@@ -2,12 +2,13 @@
 
 Text and labels: cross-entropy on the decoded positions (targets -100 on padding slots and absent rows). Image, audio
 and video: MSE between the decoded patches and the model adapter's ``patchify`` of the unmasked input, gathered at
-the decoded positions and averaged over the slots ``decode_mask`` keeps.
+the decoded positions and averaged over the slots ``decode_mask`` keeps. Classification is the same objective with
+the label as the only target (``data.objective``); its metric is top-1 accuracy, overall and per class.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping
+from typing import Callable, Dict, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from ..data import IGNORE_INDEX
 
 Forward = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], Dict[str, torch.Tensor]]
+Losses = Dict[str, torch.Tensor]
 
 
 def _patch_mse(pred: torch.Tensor, patches: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -25,8 +27,8 @@ def _patch_mse(pred: torch.Tensor, patches: torch.Tensor, positions: torch.Tenso
     return (per_slot * keep).sum() / keep.sum().clamp(min=1)
 
 
-def modality_losses(forward: Forward, model: nn.Module, batch: Mapping[str, dict]) -> Dict[str, torch.Tensor]:
-    """One scalar loss per decoded modality of ``batch`` (the contract of ``pretrain.data``)."""
+def predict(forward: Forward, model: nn.Module, batch: Mapping[str, dict]) -> Tuple[Losses, Dict[str, torch.Tensor]]:
+    """One scalar loss per decoded modality of ``batch`` (the contract of ``pretrain.data``), and the outputs."""
     inputs, decode, mask, targets = batch["inputs"], batch["decode"], batch["decode_mask"], batch["targets"]
     out = forward(inputs, decode)
     losses = {}
@@ -41,9 +43,38 @@ def modality_losses(forward: Forward, model: nn.Module, batch: Mapping[str, dict
         else:
             patches = model.adapters[name].patchify(inputs[name])
             losses[name] = _patch_mse(pred, patches, decode[name], mask[name])
-    return losses
+    return losses, out
+
+
+def modality_losses(forward: Forward, model: nn.Module, batch: Mapping[str, dict]) -> Losses:
+    """The losses of :func:`predict`, for the training step."""
+    return predict(forward, model, batch)[0]
 
 
 def weighted_total(losses: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
     """The optimised loss: the per-modality losses weighed by ``train.loss_weights`` (default 1)."""
     return sum(weights.get(name, 1.0) * loss for name, loss in losses.items())
+
+
+def label_counts(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[2, classes]: per true class, the samples whose top-1 class is right and all samples, rows without a label
+    (``IGNORE_INDEX``) left out. Counts add over batches and ranks, which means of accuracies would not."""
+    kept = targets != IGNORE_INDEX
+    truth = targets[kept]
+    right = truth[logits[kept].argmax(-1) == truth]
+    classes = logits.shape[-1]
+    return torch.stack([torch.bincount(right, minlength=classes), torch.bincount(truth, minlength=classes)])
+
+
+def accuracy_metrics(counts: torch.Tensor, class_names: Sequence[str] = ()) -> Dict[str, float]:
+    """``accuracy`` (top-1 over every labelled sample) and ``accuracy/<class>`` for each class with samples, named
+    as ``class_names`` lists them (``/`` made ``_``: W&B groups by it) or by index."""
+    right, total = (row.tolist() for row in counts)
+    if not sum(total):
+        return {}
+    out = {"accuracy": sum(right) / sum(total)}
+    for index, (r, n) in enumerate(zip(right, total)):
+        if n:
+            name = class_names[index] if index < len(class_names) else str(index)
+            out[f"accuracy/{name.replace('/', '_')}"] = r / n
+    return out

@@ -7,7 +7,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -15,11 +15,14 @@ from omegaconf import OmegaConf
 from launch.env import DistEnv
 from ..checkpoint import CHECKPOINTS, Checkpointer, RngState, peek_client_state
 from ..config import Config, config_to_dict
-from ..data import DataStream
+from ..data import DataStream, expand_spec, listed_classes
 from ..model import PerceiverIO
 from ..tracking import Tracker
 from .engine import build_engine, resolve_precision
-from .schedule import apply_optim_config
+from .schedule import apply_optim_config, parameter_groups
+
+if TYPE_CHECKING:  # pretrain.init_from imports this package
+    from ..init_from import InitPlan
 
 log = logging.getLogger("pretrain")
 
@@ -51,6 +54,7 @@ class Run:
     progress: Progress
     tracker: Tracker
     checkpointer: Checkpointer
+    class_names: List[str]
 
 
 def checkpoint_dir(cfg: Config) -> Path:
@@ -69,7 +73,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def build_run(cfg: Config, env: DistEnv, device: torch.device, resume_from: Optional[Path]) -> Run:
+def build_run(cfg: Config, env: DistEnv, device: torch.device, resume_from: Optional[Path], init: InitPlan) -> Run:
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, env.rank)
@@ -81,7 +85,16 @@ def build_run(cfg: Config, env: DistEnv, device: torch.device, resume_from: Opti
     saved = peek_client_state(resume_from) if resume_from else None
     universal = saved is not None and saved["world_size"] != env.world_size
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    engine = build_engine(cfg, PerceiverIO(cfg.model), env.world_size, device, run_dir, universal)
+    model = PerceiverIO(cfg.model)
+    if init.summary:
+        log.info("%s", init.summary)
+    frozen = init.apply(model, cfg.train.freeze)
+    if frozen:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        log.info("train.freeze %s: %d tensors frozen, %d tensors (%s parameters) train", list(cfg.train.freeze),
+                 len(frozen), len(trainable), f"{sum(p.numel() for p in trainable):,}")
+    pretrained = init.pretrained.loaded
+    engine = build_engine(cfg, model, env.world_size, device, run_dir, universal, pretrained)
     stream = DataStream(cfg.data, cfg.model, env.rank, env.world_size, "train")
     val = None
     if cfg.data.val_shards and cfg.train.eval_every_steps:
@@ -90,15 +103,18 @@ def build_run(cfg: Config, env: DistEnv, device: torch.device, resume_from: Opti
     resume_step = saved["shared"]["progress"]["step"] if saved else None
     tracker = Tracker(cfg.wandb, run_dir, env.rank, resolved, cfg.run.name, resume_step)
     checkpointer = Checkpointer(checkpoint_dir(cfg), engine, cfg.checkpoint.keep_last,
-                                shared={"progress": progress, "tracker": tracker},
+                                shared={"progress": progress, "tracker": tracker, "pretrained": init.pretrained},
                                 per_rank={"data": stream, "rng": RngState()}, config=resolved)
     if resume_from is not None:
         if universal:
             log.info("checkpoint %s was saved by %d processes, resuming with %d: loading it as a DeepSpeed universal "
                      "checkpoint", resume_from, saved["world_size"], env.world_size)
         checkpointer.load(resume_from, universal)
-        for change in apply_optim_config(engine.optimizer, engine.lr_scheduler, cfg.optim):
+        kinds = [kind for kind, _ in parameter_groups(engine.module, pretrained)]
+        for change in apply_optim_config(engine.optimizer, engine.lr_scheduler, cfg.optim, kinds):
             log.info("resuming with the config's optimizer setting, not the checkpoint's: %s", change)
         log.info("resumed from %s at step %d (%d samples seen)", resume_from, progress.step, progress.samples)
     dtype = torch.bfloat16 if resolve_precision(cfg, device) == "bf16" else torch.float32
-    return Run(cfg, env, device, dtype, run_dir, engine, stream, val, progress, tracker, checkpointer)
+    class_names = max((listed_classes(expand_spec(spec, f"data.val_shards[{i}]"))
+                       for i, spec in enumerate(cfg.data.val_shards)), key=len, default=[])
+    return Run(cfg, env, device, dtype, run_dir, engine, stream, val, progress, tracker, checkpointer, class_names)

@@ -86,6 +86,7 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
     from pretrain.checkpoint import check_fits, resolve_resume
     from pretrain.config import config_to_dict, load_config, validate_config
     from pretrain.init_from import plan_start
+    from pretrain.model.hf import export_refusal
     from pretrain.model import PerceiverIO
     from pretrain.train import checkpoint_dir
 
@@ -94,7 +95,8 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
         env = detect_env()
         validate_config(cfg, env.world_size)
         if print_config:
-            print(OmegaConf.to_yaml(config_to_dict(cfg)), end="")
+            refusal = export_refusal(cfg.model)
+            print(OmegaConf.to_yaml(config_to_dict(cfg)) + (f"# {refusal}\n" if refusal else ""), end="")
             return 0
         check_data_paths(cfg)
         resume_from: Optional[Path] = resolve_resume(resume, checkpoint_dir(cfg))

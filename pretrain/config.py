@@ -6,6 +6,8 @@ between them is a rename, not arithmetic.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -482,6 +484,44 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+def _field_type(key: str) -> Any:
+    """The schema's type of a dotted key (``Optional`` unwrapped), or None for a key the schema does not have; read
+    from the dataclasses, so a key under a section that is None by default (``model.image.size``) has one too."""
+    node: Any = Config
+    for part in key.split("."):
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        if part not in hints:
+            return None
+        node = hints[part]
+        if typing.get_origin(node) is typing.Union:
+            node = next(arg for arg in typing.get_args(node) if arg is not type(None))
+    return node
+
+
+def _override_layer(schema: Any, override: str) -> Any:
+    """One ``key=value`` override as a config layer. ``key=`` empties a string (YAML would read null); a list-valued
+    key takes ``key=a`` as the list ``[a]`` (the value as written, braces and all) and ``key=`` as ``[]``."""
+    key, _, value = override.partition("=")
+    kind = _field_type(key)
+    if typing.get_origin(kind) is list and not value.lstrip().startswith("["):
+        layer = OmegaConf.create()
+        OmegaConf.update(layer, key, [value] if value else [], force_add=True)
+        element = typing.get_args(kind)[0].__name__
+        try:
+            OmegaConf.merge(schema, layer)
+        except Exception as exc:  # omegaconf's validation errors: the value is not of the list's element type
+            raise ConfigError(f"{key}: {value!r} is not of type {element}; give one value as {key}=a or several "
+                              f"as {key}=[a,b]") from exc
+        return layer
+    if kind is str and value == "":
+        override = f"{key}=''"
+    try:
+        return OmegaConf.from_dotlist([override])
+    except Exception as exc:
+        raise ConfigError(f"{key}: cannot parse override {override!r} ({exc}); quote values holding YAML syntax such "
+                          f"as {{...}} or [...], e.g. {key}='\"...\"'") from exc
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
     """YAML file (optional) plus ``key=value`` dotlist overrides onto the schema; unknown keys and wrong types raise a
     ConfigError naming the key. Semantic checks that need the world size are in :func:`validate_config`."""
@@ -493,14 +533,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
                 raise ConfigError(f"--config: file {path} does not exist")
             layers.append(OmegaConf.load(path))
         for override in overrides:
-            key, _, value = override.partition("=")
-            if value == "" and isinstance(OmegaConf.select(schema, key, default=None), str):
-                override = f"{key}=''"  # `key=` empties a string (YAML would read it as null)
-            try:
-                layers.append(OmegaConf.from_dotlist([override]))
-            except Exception as exc:
-                raise ConfigError(f"{key}: cannot parse override {override!r} ({exc}); quote values holding "
-                                  f"YAML syntax such as {{...}} or [...], e.g. {key}='\"...\"'") from exc
+            layers.append(_override_layer(schema, override))
         merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)
     except ConfigError:

@@ -14,7 +14,7 @@ from test_data_shards import multimodal_model
 from test_train_engine import ROOT, tiny_config
 
 from pretrain.checkpoint import MODEL_STATES
-from pretrain.config import model_config_from_dict, model_config_to_dict
+from pretrain.config import ModelConfig, TextConfig, model_config_from_dict, model_config_to_dict
 from pretrain.model import PerceiverIO
 
 
@@ -91,6 +91,45 @@ def test_print_config_shows_the_resolved_config_with_overrides(tmp_path):
     resolved = yaml.safe_load(done.stdout)
     assert resolved["train"]["max_steps"] == 77 and resolved["optim"]["betas"] == [0.9, 0.999]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_list_key_takes_one_value_as_a_one_element_list(tmp_path):
+    """``data.train_shards=shards/train``, the form every user types first, is ``[shards/train]`` (a brace pattern
+    stays whole); ``key=`` is the empty list; a value the list's elements cannot hold names the key and the forms."""
+    config = str(tiny_config(tmp_path))
+    train = str(tmp_path / "shards" / "train")
+    pattern = str(tmp_path / "shards" / "val" / "shard-{000010..000011}.tar")
+    done = cli("train", "--config", config, f"data.train_shards={train}", f"data.val_shards={pattern}",
+               "data.weights=1.5", "data.require=", "--print-config")
+    assert done.returncode == 0, done.stderr
+    data = yaml.safe_load(done.stdout)["data"]
+    assert (data["train_shards"], data["val_shards"], data["weights"], data["require"]) == ([train], [pattern], [1.5],
+                                                                                             [])
+    done = cli("train", "--config", config, "data.weights=heavy")
+    assert done.returncode == 2
+    assert ("error: data.weights: 'heavy' is not of type float; give one value as data.weights=a or several as "
+            "data.weights=[a,b]") in done.stderr
+    done = cli("train", "--config", config, f"data.train_shards={train}", "train.max_steps=1")
+    assert done.returncode == 0, done.stderr  # and it trains
+
+
+def test_a_text_model_that_will_not_export_to_transformers_says_so_at_its_start(tmp_path):
+    """Its decoder is fixed in PerceiverForMaskedLM: --print-config and the run's start name every setting that blocks
+    the export (the check export makes), before days of training, not after."""
+    model = model_config_to_dict(ModelConfig(d_model=32, num_latents=8, d_latents=32, num_self_attends_per_block=1,
+                                             num_self_attention_heads=2, num_cross_attention_heads=2,
+                                             decoder_num_heads=2, decoder_qk_channels=16, text=TextConfig(max_length=32)))
+    config = str(tiny_config(tmp_path, model=model, train={"max_steps": 1}))
+    blockers = ("model.decoder_num_heads: PerceiverForMaskedLM fixes it to 8, got 2; "
+                "model.decoder_qk_channels: PerceiverForMaskedLM fixes it to 256, got 16")
+    done = cli("train", "--config", config, "--print-config")
+    assert done.returncode == 0 and done.stdout.endswith(f"# pretrain export --hf will refuse this model: {blockers}\n")
+    done = cli("train", "--config", config)
+    assert done.returncode == 0, done.stderr
+    assert f"WARNING pretrain: pretrain export --hf will refuse this model: {blockers}" in done.stderr
+    done = cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "m"), "--hf", str(tmp_path / "hf"))
+    assert done.returncode == 2 and f"error: --hf: {blockers}" in done.stderr
+    assert "refuse" not in cli("train", "--config", "configs/mlm_bytes_201m.yaml", "--print-config").stdout
 
 
 def test_an_empty_value_empties_a_string_key(tmp_path):

@@ -15,7 +15,7 @@ from typing import Dict
 import pytest
 from slurm_cluster import LocalSlurm, available
 from test_tracking import offline_runs
-from test_train_engine import ROOT, losses, metrics, run, tiny_config
+from test_train_engine import ROOT, metrics, run, tiny_config
 from test_train_wandb import history
 
 from launch.env import SLURM_PORT_BASE, SLURM_PORT_SPAN
@@ -38,13 +38,14 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def submit(slurm: LocalSlurm, config: Path, partition: str = "local", *options: str) -> str:
+def submit(slurm: LocalSlurm, config: Path, partition: str = "local", *options: str, overrides: tuple = ()) -> str:
     """Two tasks on two nodes, one CPU each; returns the job id. The job inherits this environment (as a user's
     activated environment), with the repository importable, one thread per task, W&B's own state next to the config,
-    and a launcher's variables, which the script must not let override srun's."""
+    and a launcher's variables, which the script must not let override srun's. ``overrides``: the script's
+    ``key=value`` arguments."""
     done = slurm.run("sbatch", "--parsable", f"--partition={partition}", "--nodes=2", "--ntasks-per-node=1",
                      "--cpus-per-task=1", f"--chdir={ROOT}", f"--output={config.parent / 'slurm-%j.out'}", *options,
-                     str(SBATCH), str(config),
+                     str(SBATCH), str(config), *overrides,
                      env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": "5", "WORLD_SIZE": "8",
                           "WANDB_CONFIG_DIR": str(config.parent / "wandb-home"),
                           "WANDB_CACHE_DIR": str(config.parent / "wandb-home")})
@@ -82,10 +83,10 @@ def finished(slurm: LocalSlurm, job_id: str, config: Path) -> Dict[str, str]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Dict[int, Dict[str, float]]:
-    """The losses of the interrupted jobs' config trained without interruption (two processes, no Slurm)."""
+    """The metrics of the interrupted jobs' config trained without interruption (two processes, no Slurm)."""
     path = tmp_path_factory.mktemp("uninterrupted")
     run(tiny_config(path, train={"max_steps": STEPS}))
-    return losses(path / "run")
+    return metrics(path / "run")
 
 
 def reached_step(run_dir: Path, step: int):
@@ -97,8 +98,9 @@ def reached_step(run_dir: Path, step: int):
 
 
 def test_two_node_job_trains(slurm, tmp_path):
-    config = tiny_config(tmp_path, train={"max_steps": 3})
-    job_id = submit(slurm, config)
+    """With the script's overrides, a list-valued key in its one-value form among them."""
+    config = tiny_config(tmp_path, train={"max_steps": 2})
+    job_id = submit(slurm, config, overrides=("train.max_steps=3", f"data.train_shards={tmp_path / 'shards' / 'train'}"))
     fields = finished(slurm, job_id, config)
     assert fields["NodeList"] == "n[1-2]" and fields["Restarts"] == "0"
     log = (tmp_path / "run" / "train.log").read_text()
@@ -118,6 +120,10 @@ def preempt(slurm: LocalSlurm, job_id: str, output: Path) -> str:
 INTERRUPTIONS = {
     "scontrol requeue": ("local", 15, False),
     "time-limit signal": ("local", 10, True),
+    # the batch shell is signalled too (scancel --full) or alone (--batch, as #SBATCH --signal=B:USR1@... does): it
+    # must outlive SIGUSR1, pass it on to the ranks and requeue the job
+    "signal to the whole job": ("local", 10, True),
+    "signal to the batch script": ("local", 10, True),
     "preemption": ("local", 15, False),
     # GraceTime with preempt_send_user_signal: the tasks get --signal's SIGUSR1 at once, and a job that ends within
     # its grace time is not requeued by Slurm (measured: it completes), so the script must requeue it
@@ -129,10 +135,11 @@ INTERRUPTIONS = {
 def test_interrupted_job_checkpoints_requeues_and_resumes(slurm, uninterrupted, tmp_path, interruption):
     """``scontrol requeue`` and a preemption (PreemptMode=REQUEUE, no grace time) send SIGTERM and requeue the job
     themselves; the time-limit warning (``--signal=USR1@180``, here sent at once with ``scancel --signal=USR1``) and a
-    preemption with a grace time send SIGUSR1, and the script requeues the job on the ranks' exit 143. Either way the
-    ranks checkpoint first (the data loader's workers, signalled too, keep serving them; W&B's service, which SIGTERM
-    ends, does not stop them), and the restarted job resumes there, trains every step with the losses of an
-    uninterrupted run and logs them to the same W&B run."""
+    preemption with a grace time send SIGUSR1, and the script requeues the job on the ranks' exit 143; so it does
+    when SIGUSR1 reaches it too (``--full``) or alone (``--batch``). Either way the ranks checkpoint first (the data
+    loader's workers, signalled too, keep serving them; W&B's service, which SIGTERM ends, does not stop them), and
+    the restarted job resumes there, trains every step with the losses and gradient norms of an uninterrupted run and
+    logs them to the same W&B run."""
     partition, signum, script_requeues = INTERRUPTIONS[interruption]
     # no periodic checkpoints: only the signal saves; W&B offline, whose service the signals reach too
     config = tiny_config(tmp_path, train={"max_steps": STEPS}, wandb={"mode": "offline"})
@@ -144,6 +151,10 @@ def test_interrupted_job_checkpoints_requeues_and_resumes(slurm, uninterrupted, 
         slurm.run("scontrol", "requeue", job_id)
     elif interruption == "time-limit signal":
         slurm.run("scancel", "--signal=USR1", job_id)
+    elif interruption == "signal to the whole job":
+        slurm.run("scancel", "--signal=USR1", "--full", job_id)
+    elif interruption == "signal to the batch script":
+        slurm.run("scancel", "--signal=USR1", "--batch", job_id)
     else:
         urgent = preempt(slurm, job_id, tmp_path / "urgent.out")
     fields = finished(slurm, job_id, config)
@@ -152,10 +163,11 @@ def test_interrupted_job_checkpoints_requeues_and_resumes(slurm, uninterrupted, 
     stopped = int(re.search(rf"signal {signum}: checkpointed step (\d+), exiting with 143", log).group(1))
     assert 2 <= stopped < STEPS
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped:08d}'} at step {stopped}" in log
-    got = losses(run_dir)
+    got = metrics(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step, want in uninterrupted.items():
-        assert got[step]["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6), step
+        for key in ("loss", "grad_norm"):
+            assert got[step][key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (step, key)
     output = (tmp_path / f"slurm-{job_id}.out").read_text()
     assert "(restart 1)" in output
     assert ("checkpointed after a signal: requeueing job" in output) == script_requeues

@@ -162,9 +162,10 @@ def test_wandbs_service_ending_mid_run_leaves_the_run_going(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pretrain.tracking"):
         run_steps(tracker, [3, 4])
         tracker.finish(exit_code=143)
-    assert [r.getMessage() for r in caplog.records if "W&B failed at step 3" in r.getMessage()] == [
-        r.getMessage() for r in caplog.records]
-    assert f"continues W&B run {tracker.run_id}" in caplog.records[0].getMessage()
+    # ours alone: wandb's own records (its warnings outside a git checkout, its debug lines) are not the test's
+    ours = [r.getMessage() for r in caplog.records if r.name == "pretrain.tracking"]
+    assert len(ours) == 1 and "W&B failed at step 3" in ours[0]
+    assert f"continues W&B run {tracker.run_id}" in ours[0]
     assert jsonl(tmp_path) == [{"step": step, **fake_metrics(step)} for step in range(1, 5)]
     with Tracker(WandbConfig(mode="offline"), tmp_path / "next", 0, CONFIG) as tracker:
         run_steps(tracker, [1])

@@ -159,25 +159,37 @@ def config_from_hf(hf: Mapping) -> ModelConfig:
     return validate_model_config(cfg)
 
 
-def config_to_hf(cfg: ModelConfig, encoder_only: bool = False) -> dict:
-    """Our ModelConfig -> ``PerceiverConfig`` keyword arguments; refuses what PerceiverForMaskedLM cannot express
-    (``encoder_only``: what the encoder of a transformers Perceiver text model cannot)."""
+def export_blockers(cfg: ModelConfig, encoder_only: bool = False) -> list[str]:
+    """Every setting of ``cfg`` that transformers' ``PerceiverForMaskedLM`` cannot express (``encoder_only``: that
+    the encoder of a transformers Perceiver text model cannot), one ``model.<key>: why`` line each."""
     if cfg.input_modalities != ["text"] or (cfg.num_classes and not encoder_only):
-        raise ConfigError(
-            f"model: only a text-only MLM model converts to transformers (inputs {cfg.input_modalities}, "
-            f"num_classes={cfg.num_classes})"
-        )
-    for key, value in ({} if encoder_only else HF_DECODER).items():
-        if getattr(cfg, key) != value:
-            raise ConfigError(f"model.{key}: PerceiverForMaskedLM fixes it to {value}, got {getattr(cfg, key)}")
+        return [f"model: only a text-only MLM model converts to transformers (inputs {cfg.input_modalities}, "
+                f"num_classes={cfg.num_classes})"]
+    blockers = [f"model.{key}: PerceiverForMaskedLM fixes it to {value}, got {getattr(cfg, key)}"
+                for key, value in ({} if encoder_only else HF_DECODER).items() if getattr(cfg, key) != value]
     if cfg.v_channels is None and cfg.qk_channels not in (None, cfg.d_latents):
-        raise ConfigError(
-            f"model.v_channels: transformers' latent self-attention would output qk_channels={cfg.qk_channels} "
-            f"channels, not d_latents={cfg.d_latents}; set v_channels={cfg.d_latents} explicitly (this also sets "
-            f"the encoder cross-attention's v width)"
-        )
+        blockers.append(f"model.v_channels: transformers' latent self-attention would output "
+                        f"qk_channels={cfg.qk_channels} channels, not d_latents={cfg.d_latents}; set "
+                        f"v_channels={cfg.d_latents} explicitly (this also sets the encoder cross-attention's v width)")
     if cfg.decoder_v_channels not in (None, cfg.d_model) and not encoder_only:
-        raise ConfigError(f"model.decoder_v_channels: PerceiverForMaskedLM fixes it to d_model={cfg.d_model}")
+        blockers.append(f"model.decoder_v_channels: PerceiverForMaskedLM fixes it to d_model={cfg.d_model}")
+    return blockers
+
+
+def export_refusal(cfg: ModelConfig) -> str:
+    """For a text-only MLM model that ``pretrain export --hf`` would refuse, the line that says so and why, to show
+    when its training starts rather than after it; empty otherwise (other models have no transformers class)."""
+    blockers = export_blockers(cfg) if cfg.input_modalities == ["text"] and not cfg.num_classes else []
+    return f"pretrain export --hf will refuse this model: {'; '.join(blockers)}" if blockers else ""
+
+
+def config_to_hf(cfg: ModelConfig, encoder_only: bool = False) -> dict:
+    """Our ModelConfig -> ``PerceiverConfig`` keyword arguments; refuses, naming every setting, what
+    PerceiverForMaskedLM cannot express (``encoder_only``: what the encoder of a transformers Perceiver text model
+    cannot)."""
+    blockers = export_blockers(cfg, encoder_only)
+    if blockers:
+        raise ConfigError("; ".join(blockers))
     hf = {key: getattr(cfg, key) for key in SHARED_CONFIG_KEYS}
     hf.update({theirs: getattr(cfg, ours) for theirs, ours in RENAMED_CONFIG_KEYS.items()})
     hf.update(

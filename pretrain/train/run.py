@@ -17,6 +17,7 @@ from ..checkpoint import CHECKPOINTS, Checkpointer, RngState, peek_client_state
 from ..config import Config, config_to_dict
 from ..data import DataStream, expand_spec, listed_classes
 from ..model import PerceiverIO
+from ..model.hf import export_refusal
 from ..tracking import Tracker
 from .engine import build_engine, resolve_precision
 from .schedule import apply_optim_config, parameter_groups
@@ -84,6 +85,9 @@ def build_run(cfg: Config, env: DistEnv, device: torch.device, resume_from: Opti
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     saved = peek_client_state(resume_from) if resume_from else None
     universal = saved is not None and saved["world_size"] != env.world_size
+    refusal = export_refusal(cfg.model)
+    if refusal and env.rank == 0:
+        log.warning("%s", refusal)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = PerceiverIO(cfg.model)
     if init.summary:

@@ -3,7 +3,8 @@
     python -m pretrain train --config configs/demo.yaml [key=value ...] [--resume auto|none|PATH] [--print-config]
     python -m pretrain export runs/demo --out exported/demo [--hf exported/demo-hf] [--hf-encoder DIR]
 
-``train`` exit codes: 0 trained to ``train.max_steps``; 2 a bad config, data path or checkpoint path (before any
+``train`` exit codes: 0 trained to ``train.max_steps`` (or found the run there already: it says so and starts
+nothing); 2 a bad config, data path or checkpoint path (before any
 training, the message names the key); 3 training diverged (a non-finite loss or gradient norm): nothing was saved
 after it, do not requeue, resume from the last checkpoint or an earlier one with changed ``optim`` settings (a resumed
 run takes its optimizer settings from its config); 143 SIGUSR1/SIGTERM came (caught from the process's first lines)
@@ -24,8 +25,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -77,13 +80,27 @@ def check_data_paths(cfg) -> None:
                           "data.val_shards or set train.eval_every_steps=0")
 
 
+def quiet_deepspeed() -> None:
+    """DeepSpeed's start-up noise that we can configure: without a GPU its accelerator is named (else each import
+    warns "Setting accelerator to CPU ... we were unable to detect it"), and its ZeRO optimizers' use of
+    ``all_gather_into_tensor``, which torch 2.13 deprecates, is not warned about at every step."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    warnings.filterwarnings("ignore", message="`torch.distributed.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+
+
 def train_command(config: str, overrides: Sequence[str], resume: str, print_config: bool,
                   preemption: Preemption) -> int:
     from launch.env import detect_env
     from omegaconf import OmegaConf
     import torch
 
-    from pretrain.checkpoint import check_fits, resolve_resume
+    quiet_deepspeed()
+
+    from pretrain.checkpoint import check_fits, peek_client_state, resolve_resume
     from pretrain.config import config_to_dict, load_config, validate_config
     from pretrain.init_from import plan_start
     from pretrain.model.hf import export_refusal
@@ -104,6 +121,12 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
             model = PerceiverIO(cfg.model)
         if resume_from is not None:
             check_fits(resume_from, model)
+            done = peek_client_state(resume_from)["shared"]["progress"]["step"]
+            if done >= cfg.train.max_steps:
+                if env.rank == 0:
+                    print(f"run already at train.max_steps={cfg.train.max_steps} ({resume_from}): nothing to train "
+                          f"(raise train.max_steps to continue)", file=sys.stderr)
+                return 0
         init = plan_start(cfg, model, resume_from)
     except ValueError as exc:  # ConfigError, DataError, CheckpointError and launch's environment errors
         print(f"error: {exc}", file=sys.stderr)
@@ -117,6 +140,7 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
 def export_command(checkpoint: Path, out: Path, hf_out: Optional[Path], hf_encoder_out: Optional[Path]) -> int:
     from pretrain.export import export_checkpoint
 
+    quiet_deepspeed()
     try:  # DeepSpeed's log (its handler takes stdout at import) and prints: stdout holds the result line alone
         with contextlib.redirect_stdout(sys.stderr):
             exported = export_checkpoint(checkpoint, out, hf_out, hf_encoder_out)

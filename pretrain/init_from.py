@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 from omegaconf import OmegaConf
 
 from .checkpoint import find_tag, peek_client_state
 from .config import Config, ConfigError, ModelConfig, model_config_to_dict
+from .model import pretrained
 from .model.pretrained import read_model_dir
 from .train.trainable import Pretrained, frozen_names, prepare
 
@@ -85,6 +86,17 @@ def read_source(path_text: str) -> Source:
         raise ConfigError(f"model.init_from: {exc}") from None
     kind = "transformers PerceiverForMaskedLM directory" if config_file.suffix == ".json" else "model directory"
     return Source(path, kind, config, weights, str(config_file))
+
+
+def load_pretrained(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> torch.nn.Module:
+    """``pretrain.load_pretrained``: our model directory, a transformers ``PerceiverForMaskedLM`` directory, or a run,
+    checkpoint or tag directory (its fp32 master weights, as ``pretrain export`` writes them); in eval mode."""
+    tag_dir = find_tag(Path(path))
+    if tag_dir is None:
+        return pretrained.load_pretrained(path, map_location)
+    from .export import checkpoint_model
+
+    return checkpoint_model(tag_dir, peek_client_state(tag_dir)).to(map_location).eval()
 
 
 def _flatten(values: dict, prefix: str = ""):

@@ -110,7 +110,18 @@ def test_a_list_key_takes_one_value_as_a_one_element_list(tmp_path):
     assert ("error: data.weights: 'heavy' is not of type float; give one value as data.weights=a or several as "
             "data.weights=[a,b]") in done.stderr
     done = cli("train", "--config", config, f"data.train_shards={train}", "train.max_steps=1")
-    assert done.returncode == 0, done.stderr  # and it trains
+    assert done.returncode == 0, done.stderr  # and it trains, without DeepSpeed's noise we can configure
+    assert "Setting accelerator to CPU" not in done.stderr and "all_gather_into_tensor" not in done.stderr
+
+
+def test_a_run_already_at_its_last_step_says_so_and_trains_nothing(tmp_path):
+    config = str(tiny_config(tmp_path, train={"max_steps": 1}))
+    assert cli("train", "--config", config).returncode == 0
+    done = cli("train", "--config", config)
+    assert done.returncode == 0, done.stderr
+    tag = tmp_path / "run" / "checkpoints" / "step_00000001"
+    assert done.stderr.strip() == (f"run already at train.max_steps=1 ({tag}): nothing to train (raise "
+                                   f"train.max_steps to continue)")
 
 
 def test_a_text_model_that_will_not_export_to_transformers_says_so_at_its_start(tmp_path):
@@ -118,7 +129,8 @@ def test_a_text_model_that_will_not_export_to_transformers_says_so_at_its_start(
     the export (the check export makes), before days of training, not after."""
     model = model_config_to_dict(ModelConfig(d_model=32, num_latents=8, d_latents=32, num_self_attends_per_block=1,
                                              num_self_attention_heads=2, num_cross_attention_heads=2,
-                                             decoder_num_heads=2, decoder_qk_channels=16, text=TextConfig(max_length=32)))
+                                             decoder_num_heads=2, decoder_qk_channels=16,
+                                             text=TextConfig(max_length=32)))
     config = str(tiny_config(tmp_path, model=model, train={"max_steps": 1}))
     blockers = ("model.decoder_num_heads: PerceiverForMaskedLM fixes it to 8, got 2; "
                 "model.decoder_qk_channels: PerceiverForMaskedLM fixes it to 256, got 16")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -25,6 +27,7 @@ from test_train_engine import ROOT, children, ended, rank_and_workers
 from pretrain import vocab
 from pretrain.config import ConfigError, MaskingConfig
 from pretrain.data import IGNORE_INDEX, DataError, DataStream
+from pretrain.data.reader import SkipCounter, sample_selector
 from pretrain.model.perceiver import PerceiverIO
 
 
@@ -56,7 +59,7 @@ def test_batches_follow_the_contract_and_feed_the_model(tmp_path):
 def test_a_classification_objective_reads_its_inputs_whole_and_nothing_else(tmp_path):
     """data.objective {image: input, label: target} on samples with captions, audio and video: the batch holds the
     image whole (nothing hidden, nothing to reconstruct) and the label; the caption never reaches the model's inputs,
-    and samples without an image are skipped (counted)."""
+    and samples without an image are passed over (counted as unused, not as skipped)."""
     write_shards(tmp_path, [10, 10], multimodal_sample)
     cfg = data_config([str(tmp_path)], num_workers=1, objective={"image": "input", "label": "target"})
     stream = DataStream(cfg, multimodal_model())
@@ -65,7 +68,7 @@ def test_a_classification_objective_reads_its_inputs_whole_and_nothing_else(tmp_
     assert set(batch["decode"]) == {"label"} and set(batch["targets"]) == {"label"}
     assert (batch["targets"]["label"] != IGNORE_INDEX).all()
     assert all(int(key[-4:]) % 2 == 0 for key in batch["keys"])  # the samples holding an image
-    assert stream.skipped()["no_usable_modality"] > 0
+    assert stream.skipped()["unused"] > 0 and "no_usable_modality" not in stream.skipped()
     masked = next(iter(DataStream(dataclasses.replace(cfg, objective={"image": "masked", "audio": "input"}),
                                   multimodal_model())))
     assert set(masked["decode"]) == {"image"} and set(masked["inputs"]) == {"image", "image_mask", "audio",
@@ -85,6 +88,20 @@ def test_an_objective_the_model_cannot_run_names_its_key(tmp_path, objective, me
     with pytest.raises(ConfigError, match=message):
         DataStream(data_config([str(tmp_path)], objective=objective),
                    dataclasses.replace(multimodal_model(), text=None))
+
+
+def test_the_first_conversion_of_each_kind_is_said_once(tmp_path, caplog):
+    """Images, audio and clips of another shape than the model's are converted: said once, so a user who meant another
+    size sees it."""
+    write_shards(tmp_path, [10, 10], multimodal_sample)
+    with caplog.at_level(logging.INFO, logger="pretrain.data"):
+        for _ in zip(range(3), DataStream(data_config([str(tmp_path)], num_workers=1), multimodal_model())):
+            pass
+    notes = [r.getMessage() for r in caplog.records if "in the data ->" in r.getMessage()]
+    assert sorted(notes) == [
+        "data (train): audio: 8000 Hz in the data -> 1000 Hz (data.audio_sample_rate)",
+        "data (train): image: 3-channel 12x10 in the data -> 3-channel 8x8 (model.image)",
+        "data (train): video: 3 frames, 3-channel 10x12 in the data -> 4 frames, 3-channel 8x8 (model.video)"]
 
 
 def test_text_ids_masks_and_targets(tmp_path):
@@ -203,13 +220,36 @@ def test_bad_config_values_name_their_key(tmp_path):
         DataStream(data_config([str(tmp_path)], batch_size=64), text_model())
 
 
-def test_text_only_stream_skips_samples_without_text(tmp_path):
-    write_shards(tmp_path, [6, 6], lambda s, i: text_sample(s, i) if i % 3 else {
-        "__key__": f"s{s:02d}-{i:04d}", "png": png_bytes(np.zeros((4, 4, 3), np.uint8))})
-    stream = DataStream(data_config([str(tmp_path)], num_workers=1, shuffle_buffer=0, epoch_samples=8), text_model())
-    keys = [k for b in stream for k in b["keys"]]
-    assert len(keys) == 8 and all(int(k[-4:]) % 3 for k in keys)
-    assert Counter(stream.skipped())["no_usable_modality"] >= 2
+def test_text_only_stream_passes_over_samples_without_text(tmp_path, caplog):
+    """An image-only sample is not read by a text model by design: counted as unused, quietly, and announced once at
+    the start from the index; a sample holding no medium at all (metadata alone) is a skip, logged."""
+    def sample(s: int, i: int) -> dict:
+        if i % 3 == 0:
+            return {"__key__": f"s{s:02d}-{i:04d}", "png": png_bytes(np.zeros((4, 4, 3), np.uint8))}
+        return {"__key__": f"s{s:02d}-{i:04d}", "json": b"{}"} if i == 1 else text_sample(s, i)
+    write_shards(tmp_path, [6, 6], sample)
+    index = json.loads((tmp_path / "index.json").read_text())
+    for entry in index["shards"]:  # as data_prep records them
+        entry["layouts"] = {"png": 2, "json": 1, "txt": 3}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with caplog.at_level(logging.INFO, logger="pretrain.data"):
+        stream = DataStream(data_config([str(tmp_path)], num_workers=1, shuffle_buffer=0, epoch_samples=8),
+                            text_model())
+        keys = [k for b in stream for k in b["keys"]]
+    assert len(keys) == 8 and all(int(k[-4:]) % 3 and int(k[-4:]) != 1 for k in keys)
+    assert Counter(stream.skipped())["unused"] >= 2 and Counter(stream.skipped())["no_usable_modality"] >= 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert ("data (train): 4 samples hold nothing this run reads (it reads ['text']): 4 with image only (png); "
+            "passed over and counted as unused_samples, not as skipped") in messages
+
+    counter = SkipCounter()  # the workers' counting, in this process: the unused sample logs nothing
+    select = sample_selector([], ["txt"])
+    with caplog.at_level(logging.WARNING, logger="pretrain.data.reader"):
+        assert select({"__key__": "a", "__url__": "u", "png": b""}, counter) is None
+        assert select({"__key__": "b", "__url__": "u", "json": b""}, counter) is None
+    assert counter.total == {"unused": 1, "no_usable_modality": 1}
+    assert [r.getMessage() for r in caplog.records if r.name == "pretrain.data.reader"] == [
+        "data: skipped no_usable_modality at u:b: keys ['__key__', '__url__', 'json']"]
 
 
 WORKER_SIGNALS = """

@@ -90,6 +90,8 @@ def test_each_source_kind_gives_the_source_weights_and_a_new_head(source, tmp_pa
         assert all(torch.equal(state[name], expected[name]) for name in plan.pretrained.loaded), path
         assert model.adapters.label.classifier.weight.shape == (target.num_classes, target.d_model)
         assert f"model.init_from {path} (" in plan.summary and f"newly initialised: {', '.join(new)};" in plan.summary
+    run_model = load_pretrained(source / "run")  # a run directory loads too: its latest checkpoint's fp32 weights
+    assert not run_model.training and all(torch.equal(t, exported[n]) for n, t in run_model.state_dict().items())
 
 
 @pytest.mark.slow
@@ -129,6 +131,8 @@ def test_frozen_linear_probe_trains_the_head_alone_and_reports_accuracy(source, 
     got = metrics(tmp_path / "run")
     assert set(got[1]) >= {"loss", "loss/label"} and not any(k.startswith(("loss/image", "loss/text")) for k in got[1])
     assert 0.0 <= got[6]["val/accuracy"] <= 1.0
+    train_log = (tmp_path / "run" / "train.log").read_text()  # every line the console had
+    assert line in train_log and "INFO pretrain: step 6/6 | loss " in train_log and "val top-1 " in train_log
     per_class = {k: v for k, v in got[6].items() if k.startswith("val/accuracy/")}
     assert per_class and all(0.0 <= v <= 1.0 for v in per_class.values())
     assert "val top-1 " in logs(tmp_path)

@@ -8,7 +8,7 @@ from torch._dynamo.testing import CompileCounter
 
 from conftest import tiny_config
 from pretrain.model import PerceiverIO
-from pretrain.train.metrics import count_flops
+from pretrain.train.metrics import SkipSummary, count_flops
 
 
 class TwoLayers(torch.nn.Module):
@@ -44,3 +44,13 @@ def test_count_flops_of_the_perceiver_equals_three_forwards():
         model(inputs, outputs)
     assert forward.get_total_flops() > 0
     assert count_flops(model, (inputs, outputs)) == 3.0 * forward.get_total_flops()
+
+
+def test_skips_are_summed_up_once_per_log_window():
+    summary = SkipSummary()
+    assert summary.line({"unused_samples": 40}, 25) is None  # passed over by design: not a skip
+    assert summary.line({"skipped/undecodable:png": 3, "unused_samples": 41}, 50) == (
+        "data: 3 samples skipped by step 50 since the last line (undecodable:png 3); 3 in all")
+    assert summary.line({"skipped/undecodable:png": 3, "unused_samples": 60}, 75) is None
+    assert summary.line({"skipped/corrupt_tar": 1, "skipped/undecodable:png": 5}, 100) == (
+        "data: 3 samples skipped by step 100 since the last line (corrupt_tar 1, undecodable:png 2); 6 in all")

@@ -10,7 +10,7 @@ from conftest import NUM_CLASSES, TEXT_VOCAB, multimodal_config, multimodal_inpu
 from pretrain.data import IGNORE_INDEX
 from pretrain.model import PerceiverIO
 from pretrain.train.metrics import OperatorCount
-from pretrain.train.objective import modality_losses
+from pretrain.train.objective import modality_losses, over_present, present
 
 B = 2
 SYNCS = {"_local_scalar_dense", "is_nonzero", "item", "nonzero"}  # a value read back on the host
@@ -53,6 +53,13 @@ def test_a_batch_without_text_targets_gives_zero_loss_and_zero_gradients():
     losses["text"].backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_a_modality_without_targets_is_left_out_not_logged_as_zero():
+    """Means over a window: the audio had no targets in it, the text in half of its steps."""
+    means = {"loss": 2.0, "loss/text": 0.5, "present/text": 0.5, "loss/audio": 0.0, "present/audio": 0.0}
+    assert over_present(means, "loss/") == {"loss": 2.0, "loss/text": 1.0}
+    assert present(batch(torch.full((B, 3), IGNORE_INDEX)))["text"].item() == 0.0
 
 
 def test_the_losses_read_nothing_back_on_the_host():

@@ -37,6 +37,19 @@ class BatchBuilder:
         self.grid = {m: self._grid(m) for m in self.modalities if m != "text"}
         self.slots = {m: num_predicted(getattr(data.masking, m), self._size(m)) if roles[m] == MASKED else 0
                       for m in self.modalities}
+        self._noted: set = set()  # what the transforms did to data of another shape, each said once
+        self._new_notes: List[str] = []
+
+    def _note(self, name: str, found: str, wanted: str, key: str) -> None:
+        note = f"{name}: {found} in the data -> {wanted} ({key})"
+        if found != wanted and note not in self._noted:
+            self._noted.add(note)
+            self._new_notes.append(note)
+
+    def drain_notes(self) -> List[str]:
+        """The conversions first met since the last drain (the stream says each once)."""
+        notes, self._new_notes = self._new_notes, []
+        return notes
 
     def _grid(self, name: str) -> List[int]:
         """Patches per axis, as the model's patch adapters cut them."""
@@ -87,14 +100,21 @@ class BatchBuilder:
         return crop_or_pad(data, self.model.text.max_length, self.random_crop, rng)
 
     def _image(self, image: Image.Image, _rng: np.random.Generator) -> np.ndarray:
-        return to_pixels(image, self.model.image.size, self.model.image.channels)
+        cfg = self.model.image
+        self._note("image", f"{len(image.getbands())}-channel {image.height}x{image.width}",
+                   f"{cfg.channels}-channel {cfg.size[0]}x{cfg.size[1]}", "model.image")
+        return to_pixels(image, cfg.size, cfg.channels)
 
     def _audio(self, decoded: tuple, rng: np.random.Generator) -> tuple:
+        self._note("audio", f"{decoded[1]} Hz", f"{self.data.audio_sample_rate} Hz", "data.audio_sample_rate")
         wave = resample(decoded[0], decoded[1], self.data.audio_sample_rate)
         return crop_or_pad(wave, self.model.audio.num_samples, self.random_crop, rng)
 
     def _video(self, video: np.ndarray, _rng: np.random.Generator) -> np.ndarray:
         cfg = self.model.video
+        frames, height, width, channels = video.shape
+        self._note("video", f"{frames} frames, {channels}-channel {height}x{width}",
+                   f"{cfg.frames} frames, {cfg.channels}-channel {cfg.size[0]}x{cfg.size[1]}", "model.video")
         return video_frames(video, cfg.frames, cfg.size, cfg.channels)
 
     def _label(self, label: int) -> int:

@@ -15,7 +15,9 @@ Reading is cheap (no decoding), so a resumed worker can replay it to fast-forwar
   shard left from there on (samples before the stall are kept) -- one per shard read.
 * ``duplicate_file``: a sample holding the same extension twice.
 * ``missing_key:<ext>``: a sample without a key listed in ``data.require``.
-* ``no_usable_modality``: a sample with none of the keys the model reads.
+* ``no_usable_modality``: a sample with none of the keys the model reads, nor any other medium or label.
+* ``unused`` (counted, never logged: not a fault of the data): a sample whose media or label are all of modalities
+  the run does not read (video-only samples for a model without ``model.video``), passed over by design.
 * ``undecodable:<ext>`` (counted by the batch builder): media that failed to decode.
 """
 
@@ -28,12 +30,15 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from webdataset.tariterators import base_plus_ext
 
+from ..config import DATA_KEYS, LABEL_KEY
 from .pipes import open_shard
 from .specs import DataError, Shard
 from .tar import tar_members
 
 log = logging.getLogger(__name__)
 Sample = Dict[str, object]
+UNUSED = "unused"
+MEDIA_KEYS = frozenset(key for keys in DATA_KEYS.values() for key in keys) | {LABEL_KEY}
 
 
 class SkipCounter:
@@ -48,7 +53,7 @@ class SkipCounter:
     def skip(self, reason: str, where: str, error: object = "") -> None:
         self.total[reason] += 1
         self._pending[reason] += 1
-        if self.total[reason] <= self.log_limit:
+        if self.total[reason] <= self.log_limit and reason != UNUSED:
             log.warning("data: skipped %s at %s%s", reason, where, f": {error}" if error else "")
 
     def drain(self) -> Dict[str, int]:
@@ -125,7 +130,8 @@ def sample_selector(
                 counter.skip(f"missing_key:{key}", f"{sample['__url__']}:{sample['__key__']}")
                 return None
         if not any(key in sample for key in usable):
-            counter.skip("no_usable_modality", f"{sample['__url__']}:{sample['__key__']}", f"keys {sorted(sample)}")
+            reason = UNUSED if MEDIA_KEYS & set(sample) else "no_usable_modality"
+            counter.skip(reason, f"{sample['__url__']}:{sample['__key__']}", f"keys {sorted(sample)}")
             return None
         return {key: value for key, value in sample.items() if key in wanted}
 

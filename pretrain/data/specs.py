@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import braceexpand
 
@@ -66,6 +66,24 @@ def listed_classes(shards: List[Shard]) -> List[str]:
     directories = {os.path.dirname(s.url) for s in shards if not s.url.startswith(PIPE_PREFIX)}
     infos = [(_index_json(d) or {}).get("info") for d in sorted(directories)]
     return max((info.get("classes") or [] for info in infos if isinstance(info, dict)), key=len, default=[])
+
+
+def unread_layouts(shards: List[Shard], readable: Sequence[str]) -> Dict[str, int]:
+    """Samples per layout (``"json.npy"``: the fields a sample holds) that hold none of the ``readable`` keys, from
+    the ``index.json`` of the shards' directories (which ``data_prep`` writes with the layouts); empty without one."""
+    by_directory: Dict[str, set] = {}
+    for s in shards:
+        if not s.url.startswith(PIPE_PREFIX):
+            by_directory.setdefault(os.path.dirname(s.url), set()).add(os.path.basename(s.url))
+    found: Dict[str, int] = {}
+    for directory, listed in sorted(by_directory.items()):
+        for entry in (_index_json(directory) or {}).get("shards", []):
+            if entry.get("name") not in listed:
+                continue
+            for layout, count in (entry.get("layouts") or {}).items():
+                if not set(layout.split(".")) & set(readable):
+                    found[layout] = found.get(layout, 0) + int(count)
+    return found
 
 
 def _unfinished(directory: str, key: str) -> DataError:

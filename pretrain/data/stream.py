@@ -23,6 +23,7 @@ import hashlib
 import faulthandler
 import functools
 import itertools
+import logging
 import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
@@ -33,7 +34,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -46,7 +47,9 @@ from .plan import (
     load_datasets, python_rng, worker_shards,
 )
 from .reader import Sample, SkipCounter, sample_selector, shard_samples
-from .specs import DataError, Shard
+from .specs import DataError, Shard, unread_layouts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,12 +90,32 @@ def mix(sources: Sequence[Iterator[Sample]], weights: Sequence[float], rng) -> I
         yield next(sources[bisect.bisect_right(cumulative, rng.random() * cumulative[-1])])
 
 
+def read_keys(data: DataConfig, model: ModelConfig) -> Tuple[List[str], List[str]]:
+    """The sample keys a run reads: those of its input modalities, and the label's when it is a target."""
+    roles = data_roles(data, model)
+    return [key for name in roles if name in DATA_KEYS for key in DATA_KEYS[name]], [LABEL_KEY] * ("label" in roles)
+
+
+def announce_unread(datasets: List[Dataset], data: DataConfig, model: ModelConfig, split: str) -> None:
+    """Say once what the data holds that this run does not read by design (video-only samples for a model without
+    video): the stream passes such samples over quietly and counts them as ``unused``, not as skips."""
+    inputs, _ = read_keys(data, model)
+    modality = {key: name for name, keys in DATA_KEYS.items() for key in keys} | {LABEL_KEY: "label"}
+    unread = {layout: n for layout, n in unread_layouts([s for d in datasets for s in d.shards], inputs).items()
+              if set(layout.split(".")) & set(modality)}  # a sample of no medium at all is a skip, reported as such
+    if unread:
+        kinds = [f"{n} with {'+'.join(sorted({modality[k] for k in layout.split('.') if k in modality}))} only "
+                 f"({layout})" for layout, n in sorted(unread.items(), key=lambda item: -item[1])]
+        log.info("data (%s): %d samples hold nothing this run reads (it reads %s): %s; passed over and counted as "
+                 "unused_samples, not as skipped", split, sum(unread.values()), list(data_roles(data, model)),
+                 "; ".join(kinds))
+
+
 def raw_samples(plan: StreamPlan, epoch: int, worker: int, counter: SkipCounter) -> Iterator[Sample]:
     """One worker's endless, undecoded sample stream for this epoch: a pure function of its arguments."""
     ids = (plan.data.seed, SPLITS[plan.split], plan.rng_epoch(epoch), plan.rank, worker)
-    roles = data_roles(plan.data, plan.model)
-    usable = [key for name in roles if name in DATA_KEYS for key in DATA_KEYS[name]]
-    select = sample_selector(plan.data.require, usable, [LABEL_KEY] if "label" in roles else [])
+    usable, label = read_keys(plan.data, plan.model)
+    select = sample_selector(plan.data.require, usable, label)
     sources = [
         shard_samples(
             plan.shards(epoch, worker, i), python_rng(*ids, SOURCE, i), plan.data.resample, select, counter,
@@ -122,6 +145,7 @@ def worker_batches(plan: StreamPlan, epoch: int, worker: int, start: int) -> Ite
         batch = builder(list(itertools.islice(samples, batch_size)), batch_rng(*ids, index), counter)
         batch["_index"] = index
         batch["_skipped"] = counter.drain()
+        batch["_notes"] = builder.drain_notes()
         yield batch
 
 
@@ -237,10 +261,13 @@ class DataStream:
         samples, samples_key = (data.epoch_samples, "data.epoch_samples") if split == "train" else (
             data.val_samples, "data.val_samples")
         batches = epoch_batches(datasets, samples, samples_key, world_size, data.batch_size)
+        if rank == 0:
+            announce_unread(datasets, data, model, split)
         self.plan = StreamPlan(model, data, split, datasets, rank, world_size, workers, batches)
         self.epoch = 0
         self.batches = 0
         self._skipped: Counter = Counter()
+        self._noted: set = set()
 
     def __len__(self) -> int:
         return self.plan.batches_per_epoch
@@ -253,6 +280,10 @@ class DataStream:
             if index != self.batches:
                 raise RuntimeError(f"data stream out of order: got batch {index}, expected {self.batches}")
             self._skipped.update(batch.pop("_skipped"))
+            for note in batch.pop("_notes"):
+                if note not in self._noted and self.plan.rank == 0:
+                    log.info("data (%s): %s", self.plan.split, note)
+                self._noted.add(note)
             self.batches += 1
             yield batch
         if self.batches != len(self):

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from launch.env import DistEnv
 from ..config import Config
 from ..preemption import EXIT_PREEMPTED, Preemption
@@ -26,7 +28,8 @@ def train(cfg: Config, env: DistEnv, resume_from: Optional[Path], init: InitPlan
         run = build_run(cfg, env, device, resume_from, init)
         exit_code = 1
         try:
-            exit_code = train_loop(run, preemption)
+            with logging_redirect_tqdm():  # log lines pass rank 0's progress bar
+                exit_code = train_loop(run, preemption)
             return exit_code
         finally:
             run.tracker.finish(exit_code=exit_code)

@@ -19,8 +19,8 @@ from ..model.attention import tunes
 from ..preemption import EXIT_PREEMPTED, Preemption
 from ..tracking import format_metrics
 from .distributed import DeferredAgreement, all_gather, mean_over_ranks, sum_over_ranks
-from .metrics import Window, compute_metrics, count_flops, input_tokens, skipped_totals
-from .objective import accuracy_metrics, label_counts, modality_losses, predict, weighted_total
+from .metrics import SkipSummary, Window, compute_metrics, count_flops, input_tokens, skipped_totals
+from .objective import accuracy_metrics, label_counts, modality_losses, over_present, predict, present, weighted_total
 from .profiling import StepProfiler
 from .run import Run
 from .schedule import lr_factor
@@ -68,12 +68,14 @@ def evaluate(run: Run) -> Dict[str, float]:
         losses["total"] = weighted_total(losses, run.cfg.train.loss_weights)
         for name, loss in losses.items():
             sums[name] += float(loss) / batches
+        for name, share in present(batch).items():
+            sums[f"present/{name}"] += float(share) / batches
         if "label" in out:
             found = label_counts(out["label"], batch["targets"]["label"])
             counts = found if counts is None else counts + found
     run.engine.train()
     metrics = {("val/loss" if k == "total" else f"val/loss/{k}"): v
-               for k, v in mean_over_ranks(sums, run.device).items()}
+               for k, v in over_present(mean_over_ranks(sums, run.device), "").items()}
     if counts is not None:  # every rank has a label target or none
         metrics.update({f"val/{k}": v for k, v in accuracy_metrics(sum_over_ranks(counts), run.class_names).items()})
     return metrics
@@ -102,7 +104,7 @@ def train_loop(run: Run, preemption: Preemption) -> int:
         return EXIT_PREEMPTED
     gas = gradient_accumulation_steps(cfg, world)
     step_samples = cfg.data.batch_size * gas * world
-    batches, window = forever(run.stream), Window()
+    batches, window, skip_summary = forever(run.stream), Window(), SkipSummary()
     agreement = DeferredAgreement(2, run.device)  # [stop for a signal, checkpoint minutes due], one step late
     last_save, flops, checkpoint_time = time.monotonic(), None, None
     bar = tqdm(total=cfg.train.max_steps, initial=progress.step, disable=run.env.rank != 0 or not cfg.run.progress_bar)
@@ -127,7 +129,8 @@ def train_loop(run: Run, preemption: Preemption) -> int:
                 loss = weighted_total(losses, cfg.train.loss_weights)
                 engine.backward(loss)
                 engine.step()
-                window.add(loss=loss.detach() / gas, **{f"loss/{k}": v.detach() / gas for k, v in losses.items()})
+                window.add(loss=loss.detach() / gas, **{f"loss/{k}": v.detach() / gas for k, v in losses.items()},
+                           **{f"present/{k}": v / gas for k, v in present(batch).items()})
             progress.step += 1
             progress.samples += step_samples
             window.add(steps=1, samples=step_samples)
@@ -138,9 +141,14 @@ def train_loop(run: Run, preemption: Preemption) -> int:
                 stop or last
             metrics: Dict[str, float] = {}
             if step % cfg.run.log_every_steps == 0 or save:  # a save is checked for divergence first
-                metrics = mean_over_ranks(window.flush(), run.device)
-                metrics.update(samples=progress.samples, lr=cfg.optim.lr * lr_factor(step - 1, cfg.optim, cfg.train.max_steps),
-                               **skipped_totals(run.stream.skipped()), **compute_metrics(run.device, flops, metrics["step_time_s"]))
+                metrics = over_present(mean_over_ranks(window.flush(), run.device), "loss/")
+                skips = skipped_totals(run.stream.skipped())
+                summary = skip_summary.line(skips, step)
+                if summary and run.env.rank == 0:
+                    log.warning("%s", summary)
+                metrics.update(samples=progress.samples,
+                               lr=cfg.optim.lr * lr_factor(step - 1, cfg.optim, cfg.train.max_steps), **skips,
+                               **compute_metrics(run.device, flops, metrics["step_time_s"]))
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)
@@ -151,7 +159,7 @@ def train_loop(run: Run, preemption: Preemption) -> int:
                     metrics["checkpoint_time_s"], checkpoint_time = checkpoint_time, None
                 run.tracker.log(metrics, step)
                 if run.env.rank == 0:
-                    bar.write(format_metrics(metrics, step, cfg.train.max_steps))
+                    log.info("%s", format_metrics(metrics, step, cfg.train.max_steps))
             diverged = divergence(metrics)  # the same on every rank: means over ranks, the one global norm
             if diverged:
                 latest = read_latest(run.checkpointer.directory)

@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..data.reader import UNUSED
 from .distributed import all_gather
 
 # Dense bf16 peak FLOP/s per GPU, by a substring of the device name; MFU is left out for others.
@@ -32,7 +33,7 @@ class Window:
     def flush(self) -> Dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         steps = max(self.sums["steps"], 1)
-        out = {key: float(value) / steps for key, value in self.sums.items() if key.startswith("loss")}
+        out = {key: float(value) / steps for key, value in self.sums.items() if key.startswith(("loss", "present/"))}
         out.update({
             "samples_per_s": float(self.sums["samples"]) / elapsed,
             "tokens_per_s": float(self.sums["tokens"]) / elapsed,
@@ -49,11 +50,32 @@ def input_tokens(inputs: Mapping[str, torch.Tensor]) -> int:
 
 
 def skipped_totals(counts: Dict[str, int]) -> Dict[str, int]:
-    """Skipped samples by reason, summed over ranks (a collective: every rank calls it)."""
+    """Skipped samples by reason (``skipped/<reason>``) and those passed over by design (``unused_samples``), summed
+    over ranks (a collective: every rank calls it)."""
     total: Counter = Counter()
     for rank_counts in all_gather(counts):
         total.update(rank_counts)
-    return {f"skipped/{reason}": n for reason, n in sorted(total.items())}
+    return {"unused_samples" if reason == UNUSED else f"skipped/{reason}": n for reason, n in sorted(total.items())}
+
+
+class SkipSummary:
+    """One line per log window for the samples skipped in it (the first of each reason are logged as they come, a
+    few per worker; this line says how many followed)."""
+
+    def __init__(self) -> None:
+        self.seen: Dict[str, int] = {}
+
+    def line(self, totals: Mapping[str, int], step: int) -> Optional[str]:
+        """``totals``: :func:`skipped_totals`; None when nothing was skipped since the last call."""
+        new = {k[len("skipped/"):]: n - self.seen.get(k, 0) for k, n in totals.items()
+               if k.startswith("skipped/") and n > self.seen.get(k, 0)}
+        self.seen = dict(totals)
+        if not new:
+            return None
+        everything = sum(n for k, n in totals.items() if k.startswith("skipped/"))
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(new.items()))
+        return (f"data: {sum(new.values())} samples skipped by step {step} since the last line ({reasons}); "
+                f"{everything} in all")
 
 
 def compute_metrics(device: torch.device, flops_per_step: Optional[float], step_time_s: float) -> Dict[str, float]:

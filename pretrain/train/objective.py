@@ -51,6 +51,27 @@ def modality_losses(forward: Forward, model: nn.Module, batch: Mapping[str, dict
     return predict(forward, model, batch)[0]
 
 
+def present(batch: Mapping[str, dict]) -> Dict[str, torch.Tensor]:
+    """1.0 for each decoded modality of ``batch`` with at least one target, else 0.0 (on the batch's device: no
+    host sync)."""
+    return {name: mask.any().float() for name, mask in batch["decode_mask"].items()}
+
+
+def over_present(means: Dict[str, float], prefix: str) -> Dict[str, float]:
+    """Per-modality means taken over the steps (or batches) that had targets of the modality: ``means`` holds the
+    mean losses ``<prefix><name>`` over all of them and the shares ``present/<name>`` that had targets (removed here).
+    A modality with no targets at all is left out, not reported as a zero loss."""
+    out = {key: value for key, value in means.items() if not key.startswith("present/")}
+    for key, share in means.items():
+        if key.startswith("present/"):
+            name = prefix + key[len("present/"):]
+            if share > 0:
+                out[name] /= share
+            else:
+                out.pop(name, None)
+    return out
+
+
 def weighted_total(losses: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
     """The optimised loss: the per-modality losses weighed by ``train.loss_weights`` (default 1)."""
     return sum(weights.get(name, 1.0) * loss for name, loss in losses.items())

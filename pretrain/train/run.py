@@ -63,10 +63,9 @@ def checkpoint_dir(cfg: Config) -> Path:
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
-    """Rank 0 logs INFO to stderr and ``run_dir/train.log``; other ranks log warnings only."""
-    handlers = [logging.StreamHandler(sys.stderr)]
-    if rank == 0:
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    """Rank 0 logs INFO (the step lines among it) to stderr and ``run_dir/train.log``; the other ranks log their
+    warnings and errors to both (appending: a line is one write)."""
+    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "train.log")]
     fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     for handler in handlers:
         handler.setFormatter(fmt)

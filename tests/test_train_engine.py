@@ -127,7 +127,8 @@ def run(config: Path, nproc: int = 2, args: Sequence[str] = ()) -> None:
 
 
 def logs(directory: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(directory.glob("rank*.log")))
+    """Every rank's whole log (a run logs a line per step: a tail would lose its start)."""
+    return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(directory.glob("rank*.log")))
 
 
 def metrics(run_dir: Path) -> Dict[int, dict]:

@@ -2,8 +2,8 @@
 
 torchrun and the deepspeed launcher set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT themselves; plain
 ``srun`` (one task per GPU) sets only SLURM_* variables, from which the same five are derived here. DeepSpeed, given
-only SLURM_* variables, falls back to MPI discovery and fails without mpi4py, so :func:`export_env` writes the five
-variables into ``os.environ`` before the process group starts.
+only SLURM_* variables, falls back to MPI discovery and fails without mpi4py, so :func:`exported_env` writes the five
+variables into ``os.environ`` while the process group lives.
 
 Slurm facts this relies on (checked on slurm 22.05): every srun task has SLURM_STEP_ID, SLURM_STEP_NUM_TASKS and
 SLURM_STEP_NODELIST; the batch shell of ``sbatch`` (and an ``salloc`` shell) has SLURM_PROCID=0 and the job's
@@ -16,8 +16,9 @@ import logging
 import os
 import re
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import List, Mapping, Sequence
+from typing import Iterator, List, Mapping, Sequence
 
 import torch
 
@@ -50,11 +51,22 @@ def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
     return _single(environ)
 
 
-def export_env(env: DistEnv) -> None:
-    """Write RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT into ``os.environ`` for ``env://`` initialisation
-    (torch.distributed, deepspeed.init_distributed), whatever launcher started the process."""
+@contextmanager
+def exported_env(env: DistEnv) -> Iterator[None]:
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in ``os.environ`` for ``env://`` initialisation
+    (torch.distributed, deepspeed.init_distributed), whatever launcher started the process; on exit the variables are
+    as they were, so a second run in the same process (a notebook, a test) does not take the first one's port."""
+    before = {name: os.environ.get(name) for name in TORCH_VARS}
     values = (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port)
     os.environ.update({name: str(value) for name, value in zip(TORCH_VARS, values)})
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def device_for(env: DistEnv) -> torch.device:

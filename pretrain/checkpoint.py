@@ -215,7 +215,10 @@ class Checkpointer:
             write_latest(self.directory, tag)
             self._prune()
         dist.barrier()
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if self.rank == 0:
+            log.info("checkpoint %s saved in %.1f s", self.directory / tag, seconds)
+        return seconds
 
     def _check_room(self, tag: str) -> None:
         """Every rank compares its free space with what the last checkpoint took there (on shared storage the whole

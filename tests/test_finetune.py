@@ -133,6 +133,7 @@ def test_frozen_linear_probe_trains_the_head_alone_and_reports_accuracy(source, 
     assert 0.0 <= got[6]["val/accuracy"] <= 1.0
     train_log = (tmp_path / "run" / "train.log").read_text()  # every line the console had
     assert line in train_log and "INFO pretrain: step 6/6 | loss " in train_log and "val top-1 " in train_log
+    assert f"checkpoint {tmp_path / 'run' / 'checkpoints' / 'step_00000006'} saved in " in train_log
     per_class = {k: v for k, v in got[6].items() if k.startswith("val/accuracy/")}
     assert per_class and all(0.0 <= v <= 1.0 for v in per_class.values())
     assert "val top-1 " in logs(tmp_path)

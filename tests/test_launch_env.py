@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launch import DistEnv, backend_for, detect_env, device_for, expand_nodelist, export_env
+from launch import DistEnv, backend_for, detect_env, device_for, expand_nodelist, exported_env
 from launch import env as env_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,22 +123,25 @@ def test_inconsistent_values_name_the_variable(environ, variable):
         detect_env(environ)
 
 
-def test_export_env_drives_torch_distributed(monkeypatch):
-    """One process, exactly as every rank does it: detect, export, ``env://`` initialisation of a gloo group."""
+def test_exported_env_drives_torch_distributed_and_is_undone_after(monkeypatch):
+    """One process, exactly as every rank does it: detect, export, ``env://`` initialisation of a gloo group. Once
+    the group is gone the variables are as they were: a second run in this process must not take the first's port."""
     for name in env_module.TORCH_VARS:
-        monkeypatch.setenv(name, "")  # recorded first, so that what export_env writes is undone after the test
-        monkeypatch.delenv(name)
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     env = detect_env({})
-    export_env(env)
-    assert detect_env(os.environ) == DistEnv(0, 1, 0, "127.0.0.1", env.master_port, "env")
-    device = device_for(env)
-    assert device == torch.device("cpu") and backend_for(device) == "gloo"
-    assert backend_for(torch.device("cuda", 0)) == "nccl"
-    dist.init_process_group(backend_for(device), init_method="env://")
-    try:
-        assert (dist.get_rank(), dist.get_world_size()) == (0, 1)
-    finally:
-        dist.destroy_process_group()
+    with exported_env(env):
+        assert detect_env(os.environ) == DistEnv(0, 1, 0, "127.0.0.1", env.master_port, "env")
+        device = device_for(env)
+        assert device == torch.device("cpu") and backend_for(device) == "gloo"
+        assert backend_for(torch.device("cuda", 0)) == "nccl"
+        dist.init_process_group(backend_for(device), init_method="env://")
+        try:
+            assert (dist.get_rank(), dist.get_world_size()) == (0, 1)
+        finally:
+            dist.destroy_process_group()
+    assert {name: os.environ.get(name) for name in env_module.TORCH_VARS} == {
+        "RANK": None, "WORLD_SIZE": None, "LOCAL_RANK": None, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": None}
 
 
 @pytest.mark.slow
@@ -147,12 +150,13 @@ def test_two_srun_tasks_form_a_gloo_group():
     port = next(p for p in random.sample(range(15000, 35000), 200) if port_is_free(p))
     script = (
         "import torch, torch.distributed as dist\n"
-        "from launch import detect_env, export_env\n"
-        "env = detect_env(); export_env(env)\n"
-        "dist.init_process_group('gloo', init_method='env://')\n"
-        "t = torch.tensor([env.rank + 1.0]); dist.all_reduce(t)\n"
-        "print(env.rank, env.master_port, int(t.item()), flush=True)\n"
-        "dist.destroy_process_group()\n"
+        "from launch import detect_env, exported_env\n"
+        "env = detect_env()\n"
+        "with exported_env(env):\n"
+        "    dist.init_process_group('gloo', init_method='env://')\n"
+        "    t = torch.tensor([env.rank + 1.0]); dist.all_reduce(t)\n"
+        "    print(env.rank, env.master_port, int(t.item()), flush=True)\n"
+        "    dist.destroy_process_group()\n"
     )
     procs = []
     for rank in range(2):

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from launch.env import DistEnv, backend_for, device_for, export_env
+from launch.env import DistEnv, backend_for, device_for, exported_env
 from ..config import TrainConfig
 
 
@@ -43,19 +43,19 @@ def process_group(env: DistEnv, device: torch.device,
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    export_env(env)
     c10d = dist.distributed_c10d
     defaults = c10d.default_pg_timeout, c10d.default_pg_nccl_timeout
     timeout = c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = datetime.timedelta(minutes=timeout_minutes)
     try:
-        deepspeed.init_distributed(
-            dist_backend=backend_for(device),
-            auto_mpi_discovery=False,
-            timeout=timeout,
-            rank=env.rank,
-            world_size=env.world_size,
-        )
-        yield
+        with exported_env(env):
+            deepspeed.init_distributed(
+                dist_backend=backend_for(device),
+                auto_mpi_discovery=False,
+                timeout=timeout,
+                rank=env.rank,
+                world_size=env.world_size,
+            )
+            yield
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

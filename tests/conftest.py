@@ -81,3 +81,9 @@ def multimodal_inputs(batch: int = 2, seq: int = 7, generator: torch.Generator |
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The local Slurm cluster's tests first: they are the longest file, so that under ``--dist loadfile``
+    (scripts/test.sh) the other worker runs the rest meanwhile instead of the suite waiting for them at its end."""
+    items.sort(key=lambda item: item.path.name != "test_slurm.py")

@@ -15,6 +15,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pretrain.model.attention import attend, available_backends
+from pretrain.timing import elapsed_s
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -76,14 +77,7 @@ def accuracy(device) -> bool:
 def time_ms(fn, iters: int = 20) -> float:
     for _ in range(3):
         fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+    times = [elapsed_s(fn, torch.device("cuda")) * 1e3 for _ in range(iters)]
     return sorted(times)[len(times) // 2]
 
 

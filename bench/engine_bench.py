@@ -115,8 +115,8 @@ def main() -> None:
     base = statistics.median(times["plain PyTorch"])
     print(f"\nCPU, 1 process, {torch.get_num_threads()} threads, batch {cfg.data.batch_size}, "
           f"{args.steps} timed steps (median), config {args.config}, precision {cfg.train.precision}\n")
-    print(f"| loop | step (ms) | steps/s | samples/s | vs plain | overhead/step | ops/step |")
-    print(f"| --- | --- | --- | --- | --- | --- | --- |")
+    print("| loop | step (ms) | steps/s | samples/s | vs plain | overhead/step | ops/step |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, values in times.items():
         median = statistics.median(values)
         print(f"| {name} | {median * 1e3:.1f} | {1 / median:.2f} | {cfg.data.batch_size / median:.1f} | "

@@ -47,6 +47,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from pretrain.timing import elapsed_s
+
 # The 201M language Perceiver (Jaegle et al. 2021, transformers' deepmind/language-perceiver).
 GPU_CONFIG = dict(
     d_model=768, num_latents=256, d_latents=1280, num_blocks=1, num_self_attends_per_block=26,
@@ -278,16 +280,7 @@ def _timed(prepared: dict, block: int) -> float:
         for _ in range(block):
             prepared["step"]()
 
-    if prepared["cuda"]:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / block
-    t0 = time.perf_counter()
-    run()
-    return (time.perf_counter() - t0) / block
+    return elapsed_s(run, torch.device("cuda" if prepared["cuda"] else "cpu")) / block
 
 
 def _blocks(spec: dict) -> int:
@@ -451,18 +444,13 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 50) -> 
     """bf16 dense matmul rate measured now (the MFU denominator)."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(10):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        a @ b
-    end.record()
-    end.synchronize()
-    seconds = start.elapsed_time(end) / 1e3
-    del a, b
-    torch.cuda.empty_cache()
-    return 2 * n**3 * iters / seconds / 1e12
+
+    def products() -> None:
+        for _ in range(iters):
+            a @ b
+
+    products()  # warm-up
+    return 2 * n**3 * iters / elapsed_s(products, device) / 1e12
 
 
 # ----------------------------------------------------------------------------------------------------------- output
@@ -575,6 +563,7 @@ def main(argv=None) -> int:
     peak = None
     if args.device == "cuda":
         peak = matmul_peak_tflops(device)
+        torch.cuda.empty_cache()  # its operands' blocks: not the variants' memory
         print(f"bf16 matmul 8192^3: {peak:.1f} TFLOP/s (MFU denominator)", flush=True)
 
     def show(results: dict) -> None:

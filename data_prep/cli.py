@@ -30,11 +30,11 @@ from data_prep.manifest import (
     shard_manifests,
 )
 from data_prep.parallel import worker_pool
-from data_prep.schema import REJECTED_FILE
 from data_prep.sources import FASHION_DIR, INSTALL_SCRIPT, default_npm_cache
 from data_prep.stats import human_bytes, stats
 from data_prep.validate import validate
 from data_prep.writer import OutputError, ShardLimits, prepare_output
+from pretrain.shard_format import REJECTED_FILE
 
 MAX_PROBLEMS_SHOWN = 100
 MAX_REASONS_SHOWN = 3  # fields whose rejections the summary shows, the most frequent first

@@ -7,16 +7,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_prep.schema import (
+from pretrain.shard_format import (
     FIELD_MODALITY,
     INDEX_FILE,
     INDEX_FORMAT,
-    PARTIAL_INDEX_FILE,
     SHARD_GLOB,
     WRITING_FILE,
+    IndexFileError,
     layout,
+    load_index,
     modalities,
 )
+from pretrain.atomic import write_text_atomically
 
 
 @dataclass
@@ -85,33 +87,22 @@ def write_index(directory: Path, index: ShardIndex) -> Path:
     """Write ``directory/index.json`` (sorted keys, so equal inputs give equal bytes) in one step: it is written last,
     so its presence says the directory is complete, and a kill while writing must not leave half of it."""
     path = directory / INDEX_FILE
-    partial = directory / PARTIAL_INDEX_FILE
-    partial.write_text(json.dumps(index.to_json(), indent=1, sort_keys=True) + "\n")
-    partial.replace(path)
+    write_text_atomically(path, json.dumps(index.to_json(), indent=1, sort_keys=True) + "\n")
     return path
-
-
-class IndexFileError(ValueError):
-    """``index.json`` is missing or malformed; the message names the file and what to do."""
 
 
 def read_index(directory: Path) -> ShardIndex:
     """The index of a shard directory; raises :class:`IndexFileError` naming the file and the bad field."""
     path = directory / INDEX_FILE
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
+    data = load_index(directory)
+    if data is None:
         if (directory / WRITING_FILE).exists():
             raise IndexFileError(f"{path}: not found: the shard run that writes this directory was cut off or is "
-                                 f"still going; finish it (the same command with --resume)") from None
-        raise IndexFileError(f"{path}: not found; `python -m data_prep shard` writes shard directories") from None
-    except ValueError as e:
-        raise IndexFileError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
-        raise IndexFileError(f"{path}: 'format' must be {INDEX_FORMAT!r}; rewrite the directory with data_prep shard")
+                                 f"still going; finish it (the same command with --resume)")
+        raise IndexFileError(f"{path}: not found; `python -m data_prep shard` writes shard directories")
     try:
         shards = [ShardRecord(**s) for s in data["shards"]]
-    except (KeyError, TypeError) as e:
+    except TypeError as e:
         raise IndexFileError(f"{path}: bad 'shards' list ({e}); rewrite the directory with data_prep shard") from None
     return ShardIndex(shards, data.get("rejected", 0), data.get("info", {}))
 

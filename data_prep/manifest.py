@@ -22,9 +22,10 @@ from data_prep.media import (
     image_field,
 )
 from data_prep.parallel import worker_pool
-from data_prep.schema import KEY_RE, KEY_RULE, REJECTED_FILE, Rejected
+from data_prep.schema import KEY_RE, KEY_RULE, Rejected
 from data_prep.shuffle import KeyedShuffle
 from data_prep.writer import Job, Rejection, RejectionLog, ShardLimits, prepare_output, write_shards
+from pretrain.shard_format import REJECTED_FILE
 
 MEDIA_FIELDS = ("image", "audio", "video")  # files to read and decode
 CONTENT_FIELDS = ("text", *MEDIA_FIELDS, "label")

@@ -15,7 +15,8 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from data_prep.schema import FIELD_MODALITY, Rejected
+from data_prep.schema import Rejected
+from pretrain.shard_format import FIELD_MODALITY
 
 IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg"}  # stored as they are; anything else PIL reads becomes PNG
 PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}  # other modes are converted to RGB first
@@ -175,7 +176,7 @@ def _check_text(data: bytes) -> None:
 
 def _check_image(data: bytes, ext: str) -> None:
     found = decode_image(data, ext).format
-    if IMAGE_FORMATS.get(found) != ext:
+    if IMAGE_FORMATS.get(found) != ("jpg" if ext == "jpeg" else ext):  # .jpeg: written by other tools, read too
         raise Rejected(ext, f"a .{ext} member holds {found} data")
 
 
@@ -213,6 +214,7 @@ _CHECKS: dict[str, Callable[[bytes], None]] = {
     "txt": _check_text,
     "png": lambda data: _check_image(data, "png"),
     "jpg": lambda data: _check_image(data, "jpg"),
+    "jpeg": lambda data: _check_image(data, "jpeg"),
     "flac": lambda data: _check_audio(data, "flac"),
     "wav": lambda data: _check_audio(data, "wav"),
     "npy": _check_npy,

@@ -1,32 +1,11 @@
-"""The shard format that writing, validation and stats share, so the three cannot drift apart."""
+"""What writing, validation and stats share beyond the shard format itself (``pretrain.shard_format``): sample
+keys, rejections, member names."""
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
 
-# Sample fields (webdataset extensions) and the modality each one carries.
-FIELD_MODALITY = {
-    "txt": "text",
-    "png": "image",
-    "jpg": "image",
-    "flac": "audio",
-    "wav": "audio",
-    "mp4": "video",
-    "npy": "video",
-    "cls": "label",
-    "json": "meta",
-}
-INDEX_FILE = "index.json"
-PARTIAL_INDEX_FILE = ".index.json.partial"  # renamed to INDEX_FILE once complete
-REJECTED_FILE = "rejected.jsonl"
-# In a directory while `shard` writes it (what, where, since when), removed once its index.json is in place: the
-# trainer refuses a directory that holds it (pretrain/data/specs.py names it too).
-WRITING_FILE = ".writing"
-SHARD_PATTERN = "shard-%06d.tar"
-SHARD_GLOB = "shard-*.tar"
-INDEX_FORMAT = "perceiver-shards/1"
 # No dots (webdataset splits a member name at the first one) and short enough for a USTAR member name.
 MAX_KEY = 64
 KEY_RE = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_KEY}}}$")
@@ -61,12 +40,3 @@ def split_member(name: str) -> tuple[str, str]:
     base, _, ext = tail.partition(".")
     return (f"{head}/{base}" if head else base), ext
 
-
-def layout(fields: Iterable[str]) -> str:
-    """A sample's field set as one sorted string (``"cls.json.png.txt"``): the index counts samples per layout."""
-    return ".".join(sorted(fields))
-
-
-def modalities(fields: Iterable[str]) -> set[str]:
-    """The modalities present in a sample with these fields (unknown fields carry none)."""
-    return {FIELD_MODALITY[f] for f in fields if f in FIELD_MODALITY}

@@ -11,7 +11,8 @@ from tqdm import tqdm
 from data_prep.index import IndexFileError, ShardRecord, read_index, shard_dirs
 from data_prep.media import check_field
 from data_prep.parallel import ordered_map, worker_pool
-from data_prep.schema import INDEX_FILE, Rejected, layout, split_member
+from data_prep.schema import Rejected, split_member
+from pretrain.shard_format import INDEX_FILE, layout
 
 END_MARKER = bytes(1024)  # two zero blocks close every tar; without them the file was cut
 

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import socket
 import sys
-import time
 from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
@@ -22,17 +19,17 @@ from tqdm import tqdm
 
 from data_prep.index import ShardIndex, ShardRecord, write_index
 from data_prep.parallel import ordered_map
-from data_prep.schema import (
+from data_prep.schema import Rejected, Sample
+from data_prep.shuffle import SPILL_PREFIX
+from pretrain.atomic import temporary_path
+from pretrain.shard_format import (
     INDEX_FILE,
-    PARTIAL_INDEX_FILE,
     REJECTED_FILE,
     SHARD_GLOB,
     SHARD_PATTERN,
     WRITING_FILE,
-    Rejected,
-    Sample,
+    writing_marker,
 )
-from data_prep.shuffle import SPILL_PREFIX
 
 
 class Encodable(Protocol):
@@ -116,7 +113,7 @@ def prepare_output(directory: Path, overwrite: bool) -> None:
     if entries and not overwrite:
         raise OutputError(f"{directory} is not empty ({len(entries)} entries, e.g. {entries[0].name}); "
                           "pass --overwrite to replace its shards, or pick another --out")
-    for path in [*directory.glob(SHARD_GLOB), directory / INDEX_FILE, directory / PARTIAL_INDEX_FILE,
+    for path in [*directory.glob(SHARD_GLOB), directory / INDEX_FILE, temporary_path(directory / INDEX_FILE),
                  directory / REJECTED_FILE, directory / WRITING_FILE]:
         path.unlink(missing_ok=True)
     for stale in directory.glob(SPILL_PREFIX + "*"):  # a killed run's sort runs
@@ -186,8 +183,7 @@ def write_shards(directory: Path, items: Iterable[Job | Rejection], *, total: in
     """
     directory.mkdir(parents=True, exist_ok=True)
     marker = directory / WRITING_FILE
-    marker.write_text(json.dumps({"command": " ".join(sys.argv), "host": socket.gethostname(), "pid": os.getpid(),
-                                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n")
+    marker.write_text(writing_marker(" ".join(sys.argv)))
     writer = _IndexedShardWriter(directory, limits)
     with contextlib.ExitStack() as stack:
         log = rejections or stack.enter_context(RejectionLog(directory / REJECTED_FILE))

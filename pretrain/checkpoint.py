@@ -16,7 +16,6 @@ a different order).
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 import shutil
@@ -29,6 +28,8 @@ from typing import Any, Dict, List, Optional, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .atomic import replaced_atomically, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,7 @@ def read_latest(directory: Path) -> Optional[Path]:
 
 def write_latest(directory: Path, tag: str) -> None:
     """Atomically: a reader sees the old tag or the new one, never a torn file."""
-    tmp = directory / f".{LATEST}.tmp"
-    tmp.write_text(tag)
-    os.replace(tmp, directory / LATEST)
+    write_text_atomically(directory / LATEST, tag)
 
 
 def model_states(tag_dir: Path) -> Optional[Path]:
@@ -171,14 +170,13 @@ def to_universal(tag_dir: Path) -> Path:
     """``tag_dir`` as a DeepSpeed universal checkpoint next to it (converted once, by rank 0; the others wait)."""
     target = tag_dir.with_name(tag_dir.name + UNIVERSAL)
     if dist.get_rank() == 0 and not target.is_dir():
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-                   "--output_folder", str(tmp), "--inject_missing_state"]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise CheckpointError(f"ds_to_universal failed on {tag_dir} (exit {done.returncode}):\n{done.stderr[-3000:]}")
-        os.replace(tmp, target)
+        with replaced_atomically(target) as tmp:
+            command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+                       "--output_folder", str(tmp), "--inject_missing_state"]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise CheckpointError(f"ds_to_universal failed on {tag_dir} (exit {done.returncode}):\n"
+                                      f"{done.stderr[-3000:]}")
     dist.barrier()
     return target
 

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
+from .shard_format import FIELD_MODALITY, MODALITY_FIELDS
 from .vocab import VOCAB_SIZE
 
 ATTENTION_BACKENDS = ("auto", "autotune", "flash_attn", "varlen", "sdpa", "sdpa_unpadded", "math")
@@ -238,13 +239,10 @@ def model_config_to_dict(cfg: ModelConfig) -> dict:
 
 # --- Data ------------------------------------------------------------------------------------------------------------
 
-# webdataset keys the stream understands, per model modality (the first present one is used).
-DATA_KEYS = {"text": ("txt",), "image": ("png", "jpg", "jpeg"), "audio": ("flac", "wav"), "video": ("npy", "mp4")}
-LABEL_KEY = "cls"
 PIXEL_CHANNELS = (1, 3, 4)
 # What a modality of the data is to a run (``data.objective``): hidden in part and predicted, seen whole, or predicted.
 MASKED, INPUT, TARGET = "masked", "input", "target"
-ROLES = {**{name: (MASKED, INPUT) for name in DATA_KEYS}, "label": (TARGET,)}
+ROLES = {**{name: (MASKED, INPUT) for name in MODALITY_FIELDS}, "label": (TARGET,)}
 
 
 @dataclass
@@ -302,7 +300,7 @@ class DataConfig:
 
 def streamed_modalities(model: ModelConfig) -> List[str]:
     """The modalities of the data this model can take, the label included when it classifies, in stream order."""
-    return [name for name in DATA_KEYS if getattr(model, name) is not None] + (["label"] if model.num_classes else [])
+    return [name for name in MODALITY_FIELDS if getattr(model, name) is not None] + (["label"] if model.num_classes else [])
 
 
 def data_roles(data: DataConfig, model: ModelConfig) -> Dict[str, str]:
@@ -330,9 +328,9 @@ def validate_data_config(cfg: DataConfig, model: ModelConfig, prefix: str = "dat
         ratio = getattr(cfg.masking, name)
         _require(0.0 <= ratio <= 1.0, f"{prefix}.masking.{name}", f"must be in [0, 1], got {ratio}")
     _require(cfg.masking.text_mean_span >= 1.0, f"{prefix}.masking.text_mean_span", "must be >= 1 (bytes)")
-    known = {key for keys in DATA_KEYS.values() for key in keys} | {LABEL_KEY, "json"}
     for key in cfg.require:
-        _require(key in known, f"{prefix}.require", f"unknown sample key {key!r}; known keys: {sorted(known)}")
+        _require(key in FIELD_MODALITY, f"{prefix}.require",
+                 f"unknown sample key {key!r}; known keys: {sorted(FIELD_MODALITY)}")
     if model.text is not None:
         _require(model.text.vocab_size >= VOCAB_SIZE, "model.text.vocab_size",
                  f"the stream feeds UTF-8 byte ids, which need vocab_size >= {VOCAB_SIZE}, got {model.text.vocab_size}")

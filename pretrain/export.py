@@ -18,14 +18,13 @@ any work, never overwritten.
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .atomic import replaced_atomically
 from .checkpoint import NOT_A_CHECKPOINT, UNIVERSAL, find_tag, model_states, peek_client_state
 from .config import ConfigError, model_config_from_dict
 from .model import PerceiverIO, hf
@@ -138,15 +137,6 @@ def _refuse_occupied(destinations: Dict[str, Path]) -> None:
                               f"remove it first")
 
 
-def _write_into_place(destination: Path, write: Callable[[Path], Path]) -> None:
-    tmp = destination.with_name(f".{destination.name}.export-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export
-    write(tmp)
-    if destination.is_dir():
-        destination.rmdir()  # empty: checked before the export began
-    os.replace(tmp, destination)
-
-
 def export_checkpoint(checkpoint: Path, out: Path, hf_out: Optional[Path] = None,
                       hf_encoder_out: Optional[Path] = None) -> Exported:
     """Write the model of ``checkpoint`` (a run directory, a checkpoint directory or a tag directory; see
@@ -170,7 +160,9 @@ def export_checkpoint(checkpoint: Path, out: Path, hf_out: Optional[Path] = None
     model = checkpoint_model(tag_dir, saved)
     step = int(saved["shared"]["progress"]["step"])
     metadata = {"checkpoint": str(tag_dir.resolve()), "step": str(step)}
-    _write_into_place(Path(out), lambda tmp: save_pretrained(model, tmp, metadata))
+    with replaced_atomically(Path(out)) as tmp:  # an empty directory there was checked above
+        save_pretrained(model, tmp, metadata)
     for path, encoder_only in transformers.values():
-        _write_into_place(path, lambda tmp: save_hf_pretrained(model, tmp, metadata, encoder_only))
+        with replaced_atomically(path) as tmp:
+            save_hf_pretrained(model, tmp, metadata, encoder_only)
     return Exported(tag_dir, step, [Path(out), *(path for path, _ in transformers.values())])

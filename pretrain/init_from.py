@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 import torch
-from omegaconf import OmegaConf
 
 from .checkpoint import find_tag, peek_client_state
 from .config import Config, ConfigError, ModelConfig, model_config_to_dict

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any, Mapping, Optional
 from urllib.parse import urlsplit
 
+from .atomic import write_text_atomically
 from .config import WANDB_MODES, ConfigError, WandbConfig
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ class Tracker:
             settings=wandb.Settings(console="off", init_timeout=self.init_timeout,
                                     finish_timeout=self.cfg.finish_timeout_s, finish_timeout_raises=True),
         )
-        _write_atomic(self.run_dir / RUN_ID_FILE, run.id + "\n")
+        write_text_atomically(self.run_dir / RUN_ID_FILE, run.id + "\n")
         return run
 
 
@@ -274,11 +275,6 @@ def _keep_complete_lines(path: Path, resume_step: int) -> None:
         if line.endswith("\n") and step <= resume_step:
             kept.append(line)
     if "".join(kept) != text:
-        _write_atomic(path, "".join(kept))
+        write_text_atomically(path, "".join(kept))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a whole file or nothing (a kill during the write leaves the old one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

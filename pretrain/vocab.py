@@ -5,8 +5,6 @@ Shared by the data pipeline (encoding) and the model (its size); identical to tr
 
 from __future__ import annotations
 
-from typing import Sequence
-
 PAD_ID, BOS_ID, EOS_ID, MASK_ID, CLS_ID, SEP_ID = range(6)
 NUM_SPECIAL = 6
 VOCAB_SIZE = NUM_SPECIAL + 256
@@ -15,8 +13,3 @@ VOCAB_SIZE = NUM_SPECIAL + 256
 def encode_utf8(text: str) -> list[int]:
     """UTF-8 bytes of ``text`` as vocabulary ids (no special ids added)."""
     return [b + NUM_SPECIAL for b in text.encode("utf-8")]
-
-
-def decode_utf8(ids: Sequence[int]) -> str:
-    """Inverse of :func:`encode_utf8`; special ids are dropped, invalid byte runs replaced."""
-    return bytes(i - NUM_SPECIAL for i in ids if NUM_SPECIAL <= i < VOCAB_SIZE).decode("utf-8", errors="replace")

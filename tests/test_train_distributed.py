@@ -12,8 +12,9 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from test_train_engine import ROOT, final_weights, free_port, launch, logs, metrics, run, tiny_config, wait
+from test_train_engine import ROOT, final_weights, launch, logs, metrics, run, tiny_config, wait
 
+from launch import free_port
 from pretrain.checkpoint import read_latest
 from pretrain.train.distributed import DeferredAgreement
 from pretrain.train.loop import EXIT_DIVERGED, divergence

@@ -10,7 +10,6 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 import yaml
 from test_data_shards import multimodal_model, multimodal_sample, write_shards
 
+from launch import free_port
 from pretrain.checkpoint import MODEL_STATES, read_latest
 from pretrain.config import model_config_to_dict
 
@@ -52,12 +52,6 @@ def tiny_config(tmp_path: Path, **sections) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(config: Path, nproc: int = 2, args: Sequence[str] = (), log_dir: Optional[Path] = None,

@@ -34,7 +34,7 @@ def test_count_flops_of_a_compiled_model_counts_eagerly_and_leaves_it_compiling(
 
 def test_count_flops_of_the_perceiver_equals_three_forwards():
     """The loop counts the model's FLOPs once per run, on every device. Under no_grad, the latents expanded over the
-    batch made the counter's module tracker raise (first seen on an H100, 2026-11-26, when only GPU runs counted)."""
+    batch made the counter's module tracker raise."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = PerceiverIO(tiny_config())

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from .. import vocab
-from ..config import DATA_KEYS, LABEL_KEY, MASKED, DataConfig, ModelConfig, data_roles
+from ..config import MASKED, DataConfig, ModelConfig, data_roles
+from ..shard_format import LABEL_FIELD, MODALITY_FIELDS
 from .decode import decode
 from .masking import hide, num_predicted, patch_positions, text_positions
 from .reader import Sample, SkipCounter
@@ -32,7 +33,7 @@ class BatchBuilder:
         self.model, self.data = model, data
         self.random_crop = data.random_crop if random_crop is None else random_crop
         roles = data_roles(data, model)
-        self.modalities = [m for m in roles if m in DATA_KEYS]
+        self.modalities = [m for m in roles if m in MODALITY_FIELDS]
         self.labels = "label" in roles
         self.grid = {m: self._grid(m) for m in self.modalities if m != "text"}
         self.slots = {m: num_predicted(getattr(data.masking, m), self._size(m)) if roles[m] == MASKED else 0
@@ -85,10 +86,10 @@ class BatchBuilder:
         key = ""
         try:
             for name in self.modalities:
-                key = next((k for k in DATA_KEYS[name] if k in sample), "")
+                key = next((k for k in MODALITY_FIELDS[name] if k in sample), "")
                 if key:
                     row[name] = getattr(self, f"_{name}")(decode(key, sample[key]), rng)
-            key = LABEL_KEY
+            key = LABEL_FIELD
             if self.labels and key in sample:
                 row["label"] = self._label(decode(key, sample[key]))
         except Exception as exc:  # noqa: BLE001 -- odd media content makes PIL/numpy/torch raise anything

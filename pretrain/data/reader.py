@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from webdataset.tariterators import base_plus_ext
 
-from ..config import DATA_KEYS, LABEL_KEY
+from ..shard_format import FIELD_MODALITY, META_FIELD
 from .pipes import open_shard
 from .specs import DataError, Shard
 from .tar import tar_members
@@ -38,7 +38,7 @@ from .tar import tar_members
 log = logging.getLogger(__name__)
 Sample = Dict[str, object]
 UNUSED = "unused"
-MEDIA_KEYS = frozenset(key for keys in DATA_KEYS.values() for key in keys) | {LABEL_KEY}
+MEDIA_KEYS = frozenset(FIELD_MODALITY) - {META_FIELD}
 
 
 class SkipCounter:

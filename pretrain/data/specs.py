@@ -3,21 +3,19 @@
 A spec is a brace pattern or file path (``/d/shard-{000000..000099}.tar``), a directory holding ``index.json`` (or
 tars, or subdirectories that hold ``index.json``), a ``pipe:`` command (brace-expanded too), or several of these
 joined by ``::``. Counts are needed to size an epoch and to balance shards across ranks; they come from the
-``index.json`` written by ``data_prep`` next to the shards (``{"shards": [{"name": "shard-000000.tar", "samples": N,
-...}, ...]}``).
+``index.json`` written by ``data_prep`` next to the shards (``pretrain.shard_format``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import braceexpand
 
-INDEX_NAME = "index.json"
-WRITING_NAME = ".writing"  # data_prep shard's marker while it writes a directory, removed once its index is there
+from ..shard_format import INDEX_FILE, WRITING_FILE, IndexFileError, layout_fields, load_index, who_writes
+
 PIPE_PREFIX = "pipe:"
 
 
@@ -34,30 +32,16 @@ class Shard:
 
 
 def _index_json(directory: str) -> Optional[dict]:
-    path = os.path.join(directory, INDEX_NAME)
-    if not os.path.isfile(path):
-        return None
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as exc:
-        raise _bad_index(path, exc) from exc
-
-
-def _bad_index(path: str, exc: Exception) -> DataError:
-    return DataError(f"{path}: not a valid shard index ({exc}); expected {{\"shards\": [{{\"name\": ..., \"samples\": "
-                     f"N}}]}}, rewrite it with `python -m data_prep shard` or delete it")
+        return load_index(directory)
+    except IndexFileError as exc:
+        raise DataError(str(exc)) from None
 
 
 def read_index(directory: str) -> Dict[str, int]:
     """Shard file name -> sample count from ``directory/index.json``; empty when there is none."""
     index = _index_json(directory)
-    if index is None:
-        return {}
-    try:
-        return {entry["name"]: int(entry["samples"]) for entry in index["shards"]}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise _bad_index(os.path.join(directory, INDEX_NAME), exc) from exc
+    return {} if index is None else {entry["name"]: entry["samples"] for entry in index["shards"]}
 
 
 def listed_classes(shards: List[Shard]) -> List[str]:
@@ -81,7 +65,7 @@ def unread_layouts(shards: List[Shard], readable: Sequence[str]) -> Dict[str, in
             if entry.get("name") not in listed:
                 continue
             for layout, count in (entry.get("layouts") or {}).items():
-                if not set(layout.split(".")) & set(readable):
+                if not set(layout_fields(layout)) & set(readable):
                     found[layout] = found.get(layout, 0) + int(count)
     return found
 
@@ -89,13 +73,9 @@ def unread_layouts(shards: List[Shard], readable: Sequence[str]) -> Dict[str, in
 def _unfinished(directory: str, key: str) -> DataError:
     """A ``data_prep shard`` output without its index: a run cut off there (or still writing it), whose shards are a
     part of the data (the last one perhaps cut), which training would take for the whole."""
-    try:
-        with open(os.path.join(directory, WRITING_NAME)) as f:
-            marker = json.load(f)
-        started = f"; started {marker['started']} on {marker['host']} (pid {marker['pid']}): {marker['command']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        started = ""
-    return DataError(f"{key}: {directory!r} is a data_prep shard output without its {INDEX_NAME}: the run that "
+    writer = who_writes(directory)
+    started = f"; {writer}" if writer else ""
+    return DataError(f"{key}: {directory!r} is a data_prep shard output without its {INDEX_FILE}: the run that "
                      f"writes it was cut off or is still going{started}. Finish it (the same command with "
                      f"--resume), or remove the directory")
 
@@ -106,21 +86,21 @@ def _directory_shards(directory: str, key: str) -> List[Shard]:
     counts = read_index(directory)
     if counts:
         return [Shard(os.path.join(directory, name), n) for name, n in counts.items()]
-    if os.path.exists(os.path.join(directory, WRITING_NAME)):
+    if os.path.exists(os.path.join(directory, WRITING_FILE)):
         raise _unfinished(directory, key)
     names = sorted(name for name in os.listdir(directory) if name.endswith(".tar"))
     if names:
         return [Shard(os.path.join(directory, name)) for name in names]
     subdirectories = sorted(entry.path for entry in os.scandir(directory) if entry.is_dir())
-    indexed = [sub for sub in subdirectories if os.path.isfile(os.path.join(sub, INDEX_NAME))]
+    indexed = [sub for sub in subdirectories if os.path.isfile(os.path.join(sub, INDEX_FILE))]
     unfinished = [sub for sub in subdirectories if sub not in indexed and any(
-        name.endswith(".tar") or name == WRITING_NAME for name in os.listdir(sub))]
+        name.endswith(".tar") or name == WRITING_FILE for name in os.listdir(sub))]
     if not indexed and not unfinished:
-        raise DataError(f"{key}: directory {directory!r} has neither {INDEX_NAME} nor *.tar files, nor subdirectories "
-                        f"with an {INDEX_NAME}")
+        raise DataError(f"{key}: directory {directory!r} has neither {INDEX_FILE} nor *.tar files, nor subdirectories "
+                        f"with an {INDEX_FILE}")
     if unfinished:  # data_prep writes index.json last: a run was cut off, and this dataset would lack it silently
         raise DataError(f"{key}: {len(unfinished)} of the shard directories in {directory!r} hold shards but no "
-                        f"{INDEX_NAME} (first: {os.path.basename(unfinished[0])}): a data_prep shard run cut off "
+                        f"{INDEX_FILE} (first: {os.path.basename(unfinished[0])}): a data_prep shard run cut off "
                         "there; finish it (the same command with --resume) or remove them")
     return [shard for sub in indexed for shard in _directory_shards(sub, key)]
 

@@ -40,7 +40,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 
-from ..config import DATA_KEYS, LABEL_KEY, DataConfig, ModelConfig, data_roles, validate_data_config
+from ..config import DataConfig, ModelConfig, data_roles, validate_data_config
+from ..shard_format import LABEL_FIELD, MODALITY_FIELDS
 from .collate import BatchBuilder
 from .plan import (
     MIX, SHUFFLE, SOURCE, SPLITS, Dataset, batch_rng, batches_before, check_readers, epoch_batches, first_batch,
@@ -93,14 +94,14 @@ def mix(sources: Sequence[Iterator[Sample]], weights: Sequence[float], rng) -> I
 def read_keys(data: DataConfig, model: ModelConfig) -> Tuple[List[str], List[str]]:
     """The sample keys a run reads: those of its input modalities, and the label's when it is a target."""
     roles = data_roles(data, model)
-    return [key for name in roles if name in DATA_KEYS for key in DATA_KEYS[name]], [LABEL_KEY] * ("label" in roles)
+    return [key for name in roles if name in MODALITY_FIELDS for key in MODALITY_FIELDS[name]], [LABEL_FIELD] * ("label" in roles)
 
 
 def announce_unread(datasets: List[Dataset], data: DataConfig, model: ModelConfig, split: str) -> None:
     """Say once what the data holds that this run does not read by design (video-only samples for a model without
     video): the stream passes such samples over quietly and counts them as ``unused``, not as skips."""
     inputs, _ = read_keys(data, model)
-    modality = {key: name for name, keys in DATA_KEYS.items() for key in keys} | {LABEL_KEY: "label"}
+    modality = {key: name for name, keys in MODALITY_FIELDS.items() for key in keys} | {LABEL_FIELD: "label"}
     unread = {layout: n for layout, n in unread_layouts([s for d in datasets for s in d.shards], inputs).items()
               if set(layout.split(".")) & set(modality)}  # a sample of no medium at all is a skip, reported as such
     if unread:

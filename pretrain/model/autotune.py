@@ -18,11 +18,12 @@ passes) is shielded off.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable, Hashable, Sequence
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from ..timing import elapsed_s
 
 log = logging.getLogger(__name__)
 
@@ -45,25 +46,6 @@ def can_time(device: torch.device) -> bool:
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
     return not torch.are_deterministic_algorithms_enabled()
-
-
-class _Clock:
-    """Wall time of a callable on one device: CUDA events there, ``perf_counter`` elsewhere."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn: Callable[[], None]) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        begin = time.perf_counter()
-        fn()
-        return time.perf_counter() - begin
 
 
 def _trial(run: Callable[..., torch.Tensor], name: str, inputs: Sequence[torch.Tensor]) -> Callable[[], None]:
@@ -102,14 +84,14 @@ class KernelTuner:
         device = inputs[0].device
         if len(candidates) == 1 or not can_time(device):
             return candidates[0]
-        clock, seconds, errors = _Clock(device), {}, {}
+        seconds, errors = {}, {}
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             for name in candidates:
                 try:
                     once = _trial(run, name, inputs)
                     once()  # warm-up: kernel selection, lazy initialisation, allocator growth
-                    seconds[name] = min(clock(once) for _ in range(TIMED_RUNS))
+                    seconds[name] = min(elapsed_s(once, device) for _ in range(TIMED_RUNS))
                 except (RuntimeError, ValueError) as exc:  # a kernel that refuses this shape or runs out of memory
                     errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                     if device.type == "cuda":

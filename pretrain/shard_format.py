@@ -1,0 +1,107 @@
+"""The shard format, defined once: what ``data_prep`` writes and ``pretrain.data`` reads. It imports nothing of the
+project, so both sides can depend on it and on nothing else of each other.
+
+A shard directory holds ``shard-NNNNNN.tar`` files of samples (webdataset: the members of one sample share a key,
+their suffix names the field) and, once complete, ``index.json``: ``{"format": INDEX_FORMAT, "shards": [{"name":
+"shard-000000.tar", "samples": N, "layouts": {"png.txt": N}, ...}, ...], "info": {...}}``. While ``data_prep shard``
+writes a directory it holds ``.writing`` (what, where, since when) instead, so a reader can tell a run cut off from
+a finished one. An index without ``format`` (written by hand for one's own tars) is read too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Set, Union
+
+# Sample fields (webdataset suffixes) and the modality each carries; within a modality, the field read first.
+FIELD_MODALITY = {
+    "txt": "text",
+    "png": "image",
+    "jpg": "image",
+    "jpeg": "image",
+    "flac": "audio",
+    "wav": "audio",
+    "npy": "video",
+    "mp4": "video",
+    "cls": "label",
+    "json": "meta",
+}
+LABEL_FIELD = "cls"
+META_FIELD = "json"
+# The input modalities (text, image, audio, video), each with its fields in the order above.
+MODALITY_FIELDS: Dict[str, tuple] = {
+    modality: tuple(f for f, m in FIELD_MODALITY.items() if m == modality)
+    for modality in dict.fromkeys(FIELD_MODALITY.values()) if modality not in ("label", "meta")
+}
+
+INDEX_FILE = "index.json"
+REJECTED_FILE = "rejected.jsonl"
+WRITING_FILE = ".writing"
+SHARD_PATTERN = "shard-%06d.tar"
+SHARD_GLOB = "shard-*.tar"
+INDEX_FORMAT = "perceiver-shards/1"
+
+
+class IndexFileError(ValueError):
+    """An ``index.json`` that cannot be read; the message names the file, what is wrong and what to do."""
+
+
+def layout(fields: Iterable[str]) -> str:
+    """A sample's field set as one sorted string (``"cls.json.png.txt"``): the index counts samples per layout."""
+    return ".".join(sorted(fields))
+
+
+def layout_fields(name: str) -> List[str]:
+    return name.split(".")
+
+
+def modalities(fields: Iterable[str]) -> Set[str]:
+    """The modalities present in a sample with these fields (unknown fields carry none)."""
+    return {FIELD_MODALITY[f] for f in fields if f in FIELD_MODALITY}
+
+
+def load_index(directory: Union[str, Path]) -> Optional[Dict[str, Any]]:
+    """``directory/index.json`` parsed and checked (a ``shards`` list of ``name`` and ``samples``, ``format`` ours
+    when given), or None when there is none. Raises :class:`IndexFileError`."""
+    path = Path(directory) / INDEX_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise _bad(path, str(exc)) from None
+    if not isinstance(data, dict):
+        raise _bad(path, "not a JSON object")
+    if data.get("format", INDEX_FORMAT) != INDEX_FORMAT:
+        raise _bad(path, f"'format' is {data['format']!r}, not {INDEX_FORMAT!r}")
+    shards = data.get("shards")
+    if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) and type(s.get("samples")) is int
+            and s["samples"] >= 0 for s in shards):
+        raise _bad(path, "'shards' must be a list of {\"name\": ..., \"samples\": N}")
+    return data
+
+
+def writing_marker(command: str) -> str:
+    """The text of ``.writing``: the command that writes the directory, where and since when."""
+    return json.dumps({"command": command, "host": socket.gethostname(), "pid": os.getpid(),
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n"
+
+
+def who_writes(directory: Union[str, Path]) -> Optional[str]:
+    """What ``directory/.writing`` says ("started ... on HOST (pid N): COMMAND"); None without a readable one."""
+    try:
+        marker = json.loads((Path(directory) / WRITING_FILE).read_text(encoding="utf-8"))
+        return f"started {marker['started']} on {marker['host']} (pid {marker['pid']}): {marker['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _bad(path: Path, detail: str) -> IndexFileError:
+    return IndexFileError(f"{path}: not a valid shard index ({detail}); expected {{\"shards\": [{{\"name\": ..., "
+                          f"\"samples\": N}}, ...]}}: rewrite the directory with `python -m data_prep shard`, or "
+                          f"delete the file")

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pretrain.atomic import write_text_atomically
 from pretrain.shard_format import (
     FIELD_MODALITY,
     INDEX_FILE,
@@ -18,7 +19,6 @@ from pretrain.shard_format import (
     load_index,
     modalities,
 )
-from pretrain.atomic import write_text_atomically
 
 
 @dataclass

@@ -300,7 +300,8 @@ class DataConfig:
 
 def streamed_modalities(model: ModelConfig) -> List[str]:
     """The modalities of the data this model can take, the label included when it classifies, in stream order."""
-    return [name for name in MODALITY_FIELDS if getattr(model, name) is not None] + (["label"] if model.num_classes else [])
+    inputs = [name for name in MODALITY_FIELDS if getattr(model, name) is not None]
+    return inputs + (["label"] if model.num_classes else [])
 
 
 def data_roles(data: DataConfig, model: ModelConfig) -> Dict[str, str]:

@@ -156,7 +156,8 @@ def test_every_schema_field_has_a_decode_check():
         check_field("bmp", image_bytes(fmt="BMP"))
     with pytest.raises(Rejected, match="holds JPEG"):
         check_field("png", image_bytes(fmt="JPEG"))
-    for ext, data in (("png", image_bytes()), ("jpeg", image_bytes(fmt="JPEG")), ("flac", audio_bytes()), ("wav", audio_bytes(fmt="WAV")),
+    for ext, data in (("png", image_bytes()), ("jpeg", image_bytes(fmt="JPEG")), ("flac", audio_bytes()),
+                      ("wav", audio_bytes(fmt="WAV")),
                       ("npy", npy_bytes(video_array())), ("cls", b"12"), ("json", b'{"a": 1}'), ("txt", b"ok")):
         check_field(ext, data)
 

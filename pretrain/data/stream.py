@@ -41,13 +41,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 
 from ..config import DataConfig, ModelConfig, data_roles, validate_data_config
-from ..shard_format import LABEL_FIELD, MODALITY_FIELDS
+from ..shard_format import LABEL_FIELD, MODALITY_FIELDS, layout_fields, modalities
 from .collate import BatchBuilder
 from .plan import (
     MIX, SHUFFLE, SOURCE, SPLITS, Dataset, batch_rng, batches_before, check_readers, epoch_batches, first_batch,
     load_datasets, python_rng, worker_shards,
 )
-from .reader import Sample, SkipCounter, sample_selector, shard_samples
+from .reader import MEDIA_KEYS, Sample, SkipCounter, sample_selector, shard_samples
 from .specs import DataError, Shard, unread_layouts
 
 log = logging.getLogger(__name__)
@@ -94,22 +94,24 @@ def mix(sources: Sequence[Iterator[Sample]], weights: Sequence[float], rng) -> I
 def read_keys(data: DataConfig, model: ModelConfig) -> Tuple[List[str], List[str]]:
     """The sample keys a run reads: those of its input modalities, and the label's when it is a target."""
     roles = data_roles(data, model)
-    return [key for name in roles if name in MODALITY_FIELDS for key in MODALITY_FIELDS[name]], [LABEL_FIELD] * ("label" in roles)
+    inputs = [key for name in roles if name in MODALITY_FIELDS for key in MODALITY_FIELDS[name]]
+    return inputs, [LABEL_FIELD] * ("label" in roles)
 
 
 def announce_unread(datasets: List[Dataset], data: DataConfig, model: ModelConfig, split: str) -> None:
     """Say once what the data holds that this run does not read by design (video-only samples for a model without
     video): the stream passes such samples over quietly and counts them as ``unused``, not as skips."""
     inputs, _ = read_keys(data, model)
-    modality = {key: name for name, keys in MODALITY_FIELDS.items() for key in keys} | {LABEL_FIELD: "label"}
-    unread = {layout: n for layout, n in unread_layouts([s for d in datasets for s in d.shards], inputs).items()
-              if set(layout.split(".")) & set(modality)}  # a sample of no medium at all is a skip, reported as such
+    found = {layout: (n, sorted(modalities(MEDIA_KEYS.intersection(layout_fields(layout)))))
+             for layout, n in unread_layouts([s for d in datasets for s in d.shards], inputs).items()}
+    # a sample of no medium at all is a skip, reported as such
+    unread = {layout: (n, media) for layout, (n, media) in found.items() if media}
     if unread:
-        kinds = [f"{n} with {'+'.join(sorted({modality[k] for k in layout.split('.') if k in modality}))} only "
-                 f"({layout})" for layout, n in sorted(unread.items(), key=lambda item: -item[1])]
+        kinds = [f"{n} with {'+'.join(media)} only ({layout})"
+                 for layout, (n, media) in sorted(unread.items(), key=lambda item: -item[1][0])]
         log.info("data (%s): %d samples hold nothing this run reads (it reads %s): %s; passed over and counted as "
-                 "unused_samples, not as skipped", split, sum(unread.values()), list(data_roles(data, model)),
-                 "; ".join(kinds))
+                 "unused_samples, not as skipped", split, sum(n for n, _ in unread.values()),
+                 list(data_roles(data, model)), "; ".join(kinds))
 
 
 def raw_samples(plan: StreamPlan, epoch: int, worker: int, counter: SkipCounter) -> Iterator[Sample]:

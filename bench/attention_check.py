@@ -14,7 +14,7 @@ import sys
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pretrain.model.attention import attend, available_backends
+from pretrain.perf.attention import attend, available_backends
 from pretrain.timing import elapsed_s
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -139,7 +139,7 @@ def main() -> int:
         return 2
     device = torch.device("cuda")
     logging.basicConfig(level=logging.WARNING, format="  %(name)s: %(message)s")
-    logging.getLogger("pretrain.model.autotune").setLevel(logging.INFO)  # the "auto (tuned)" rows' decisions
+    logging.getLogger("pretrain.perf.autotune").setLevel(logging.INFO)  # the "auto (tuned)" rows' decisions
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     ok = accuracy(device)

@@ -33,8 +33,10 @@ from pretrain.config import load_config
 from pretrain.data import DataStream
 from pretrain.model import PerceiverIO
 from pretrain.train.distributed import process_group
+from pretrain.perf import optimize
+from pretrain.train.batches import to_device
 from pretrain.train.engine import build_engine, resolve_precision
-from pretrain.train.loop import reseed, to_device
+from pretrain.train.loop import reseed
 from pretrain.train.metrics import OperatorCount
 from pretrain.train.objective import modality_losses, weighted_total
 from pretrain.train.schedule import build_optimizer, build_scheduler
@@ -42,7 +44,7 @@ from pretrain.train.schedule import build_optimizer, build_scheduler
 
 def plain_step(cfg) -> Callable[[dict, int], None]:
     torch.manual_seed(cfg.train.seed)
-    model = PerceiverIO(cfg.model)
+    model = optimize(PerceiverIO(cfg.model), cfg.model.attention_backend)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
 
@@ -52,7 +54,7 @@ def plain_step(cfg) -> Callable[[dict, int], None]:
     def step(batch: dict, index: int) -> None:
         reseed(cfg.train.seed, 0, index, 0)
         with autocast:
-            loss = weighted_total(modality_losses(model, model, batch), cfg.train.loss_weights)
+            loss = weighted_total(modality_losses(model, batch), cfg.train.loss_weights)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
@@ -70,7 +72,7 @@ def engine_step(cfg, stage: int, run_dir) -> Callable[[dict, int], None]:
     def step(batch: dict, index: int) -> None:
         batch = to_device(batch, engine.device, next(engine.module.parameters()).dtype)
         reseed(cfg.train.seed, 0, index, 0)
-        engine.backward(weighted_total(modality_losses(engine, engine.module, batch), cfg.train.loss_weights))
+        engine.backward(weighted_total(modality_losses(engine, batch), cfg.train.loss_weights))
         engine.step()
 
     return step

@@ -3,7 +3,7 @@
 # and its resume on the GPU (the shipped engine: ZeRO-1 accumulating gradients in fp32), ZeRO-2 (bf16 gradients in
 # per-tensor buckets), ZeRO-2 with the optimizer offloaded to (pinned) CPU memory, train.compile with CUDA graphs
 # (the samples/s of its last 10 steps against the eager run's), and train.precision=autocast under ZeRO-1 and ZeRO-2
-# (DeepSpeed's torch_autocast: 0.81x a plain PyTorch step on an H200 where its bf16 mode made 0.53x, design notes).
+# (DeepSpeed's torch_autocast, fp32 weights under bf16 autocast).
 # Model: the paper's 201M language Perceiver (configs/mlm_bytes_201m.yaml) on a synthetic byte corpus written here.
 # Every run takes the same 40 steps (the same seed, batches and schedule), so each must end near the bf16 run's loss,
 # not only below its own first: a 20-step run's second window (peak learning rate) can sit above its first while
@@ -14,7 +14,7 @@
 #   bash bench/engine_gpu_check.sh run.profile_steps=3 run.profile_after_steps=10   # + each run's profile tables
 #
 # On the GPU machine (device tool): collect the wheels the image lacks first, here, and carry .whl:
-#   bash ../shared/tools/gpu-wheels.sh pillow soundfile cffi pycparser
+#   the development environment's GPU wheel script, for pillow soundfile cffi pycparser too, into .whl/
 # CPU dry run of the script itself (a small model, gloo):
 #   NPROC=2 bash bench/engine_gpu_check.sh model.num_self_attends_per_block=1 model.d_latents=128 \
 #     model.qk_channels=64 model.v_channels=128 model.num_latents=32 model.d_model=64 model.text.max_length=256 \

@@ -4,7 +4,7 @@
 # (default 540) from the start, so the call ends inside the device tool's limit and what was measured comes back.
 # Each step writes $OUT/<step>.txt (default OUT bench/out/gpu; the default steps write 8 files, as many as the
 # device tool returns) and a failing step does not stop the others.
-# Collect the wheels first, here:  bash ../shared/tools/gpu-wheels.sh pillow soundfile cffi pycparser
+# Collect the wheels the GPU image lacks into .whl/ first, here (with pillow soundfile cffi pycparser too)
 # then, through the device tool, with .whl carried:  bash bench/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ bench=(python3 bench/model_bench.py --device cuda)
 eager=("${bench[@]}" --interleave --steps 30 --no-masked)
 declare -A steps=(
   [model_eager]="${eager[*]} --no-sweep --profile --out $out/model_eager.json"  # headline: tuned attention
-  [model_eager_each]="${eager[*]} --no-sweep --block 1"  # each step timed alone, as before the sixth session
+  [model_eager_each]="${eager[*]} --no-sweep --block 1"  # each step timed alone
   [model_sweep]="${eager[*]} --steps 10"  # + M = 2k, 8k, 32k at B=16
   # Both models with CUDA graphs: the launch-bound host out of both, so the ratio is the GPU work's.
   [model_graphs_both]="${bench[*]} --interleave --no-sweep --no-masked --compile --compile-mode reduce-overhead --compile-hf"

@@ -155,6 +155,7 @@ def build_models(cfg: dict, length: int, device: torch.device, want: str, attent
 
     from pretrain.model.hf import config_from_hf, hf_to_state_dict
     from pretrain.model.perceiver import PerceiverIO
+    from pretrain.perf import optimize, use_attention_backend
 
     hf_cfg = PerceiverConfig(**cfg, max_position_embeddings=length, attention_probs_dropout_prob=0.1)
     torch.manual_seed(0)
@@ -162,13 +163,12 @@ def build_models(cfg: dict, length: int, device: torch.device, want: str, attent
         hf = PerceiverForMaskedLM(hf_cfg)
     if want == HF:
         return hf, None
-    ours_cfg = config_from_hf(hf_cfg.to_dict())
-    ours_cfg.attention_backend = attention_backend
     with device:
-        ours = PerceiverIO(ours_cfg)
+        ours = PerceiverIO(config_from_hf(hf_cfg.to_dict()))
     ours.load_state_dict(hf_to_state_dict(hf.state_dict()))
-    for layer in ours.encoder.self_attends if latent_attention_backend else ():
-        layer.backend = latent_attention_backend
+    optimize(ours, attention_backend)
+    if latent_attention_backend:
+        use_attention_backend(ours.encoder.self_attends, latent_attention_backend)
     return ours, hf
 
 
@@ -220,7 +220,7 @@ def prepare(spec: dict) -> dict:
             with autocast:
                 forward()
         forward = torch.compile(forward, mode=spec.get("compile_mode"))
-    return dict(step=training_step(forward, targets, optimizer, autocast), cuda=cuda, parity=check,
+    return dict(step=training_step(forward, targets, optimizer, autocast), device=device, parity=check,
                 params=sum(p.numel() for p in model.parameters()),
                 graphed=compiled and spec.get("compile_mode") == "reduce-overhead")
 
@@ -280,7 +280,7 @@ def _timed(prepared: dict, block: int) -> float:
         for _ in range(block):
             prepared["step"]()
 
-    return elapsed_s(run, torch.device("cuda" if prepared["cuda"] else "cpu")) / block
+    return elapsed_s(run, prepared["device"]) / block
 
 
 def _blocks(spec: dict) -> int:
@@ -300,7 +300,8 @@ def measure(spec: dict) -> dict:
     prepared = prepare(spec)
     step = prepared["step"]
     memory = None
-    if not prepared["cuda"]:
+    cuda = prepared["device"].type == "cuda"
+    if not cuda:
         memory = CpuPeakMemory()
         memory.start()
     compile_s = None
@@ -310,13 +311,13 @@ def measure(spec: dict) -> dict:
         compile_s = time.perf_counter() - t0
     for _ in range(max(1, spec["warmup"])):
         step()
-    if prepared["cuda"]:  # steady state: not the first step's attention tuning or compilation
+    if cuda:  # steady state: not the first step's attention tuning or compilation
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = [_timed(prepared, spec["block"]) for _ in range(_blocks(spec))]
-    if prepared["cuda"] and not times:  # timed interleaved elsewhere: one step here for the steady-state peak
+    if cuda and not times:  # timed interleaved elsewhere: one step here for the steady-state peak
         step()
-    if prepared["cuda"]:
+    if cuda:
         torch.cuda.synchronize()
         peak, peak_method = torch.cuda.max_memory_allocated(), "cuda.max_memory_allocated"
         if prepared["graphed"]:
@@ -347,7 +348,7 @@ def profile_steps(prepared: dict, steps: int = 3) -> tuple[str, float | None]:
     and the GPU's busy ms per step (None on CPU)."""
     from pretrain.train.profiling import start_profiler, stop_and_summarize
 
-    device = torch.device("cuda" if prepared["cuda"] else "cpu")
+    device = prepared["device"]
     prof, started = start_profiler(device), time.perf_counter()
     for _ in range(steps):
         prepared["step"]()
@@ -538,7 +539,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="  %(name)s: %(message)s")
-    logging.getLogger("pretrain.model.autotune").setLevel(logging.INFO)  # which attention kernel won, per shape
+    logging.getLogger("pretrain.perf.autotune").setLevel(logging.INFO)  # which attention kernel won, per shape
     device = torch.device(args.device)
     cfg = GPU_CONFIG if args.device == "cuda" else CPU_CONFIG
     base = dict(device=args.device, config=cfg, steps=args.steps, warmup=args.warmup, block=args.block,

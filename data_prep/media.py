@@ -69,7 +69,7 @@ def resample(samples: np.ndarray, rate: int, new_rate: int) -> np.ndarray:
     """Band-limited resampling along axis 0 by truncating or zero-padding the spectrum (no scipy needed).
 
     The input is zero-padded to ``rate / gcd * 2**k`` frames, so both FFT lengths have small factors (a length with a
-    large prime factor is ~20x slower) and the output length is exact; the padding is cut off again.
+    large prime factor is many times slower) and the output length is exact; the padding is cut off again.
     """
     if rate == new_rate:
         return samples

@@ -18,7 +18,7 @@ WINDOW = 1024  # items submitted at once: bounds memory for huge inputs while ke
 
 @contextmanager
 def worker_pool(workers: int) -> Iterator[Executor | None]:
-    """``workers`` processes for every :func:`ordered_map` in the block (starting them costs ~0.25 s, paid once for
+    """``workers`` processes for every :func:`ordered_map` in the block (starting them is paid once for
     many manifests); ``None``, work in this process at no start-up cost, for ``workers <= 1``.
 
     Processes are spawned, not forked: a fork copies the parent's threads' locks (tqdm's monitor, BLAS pools) and can

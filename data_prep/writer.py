@@ -145,7 +145,7 @@ class _IndexedShardWriter:
 
     def write(self, sample: Sample) -> None:
         if self._writer is None:  # opened on the first sample: ShardWriter would otherwise leave an empty shard
-            # Imported here, not at the top: webdataset imports torch (~2 s), and every spawned worker imports this
+            # Imported here, not at the top: webdataset imports torch (seconds), and every spawned worker imports this
             # module to run _encode.
             import webdataset as wds
 

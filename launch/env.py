@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import socket
+import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, List, Mapping, Sequence
@@ -96,9 +97,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm host list, as ``scontrol show hostnames`` gives it; where scontrol is missing or
+    cannot run (no Slurm configuration on this machine), as :func:`expand_nodelist` reads the list."""
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               timeout=60, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        hosts = []
+    return hosts[0] if hosts else expand_nodelist(nodelist)[0]
+
+
 def expand_nodelist(spec: str) -> List[str]:
     """Slurm's compressed host list (``n[1-2,5]``, ``gpu-[01-04]``, ``a1,b[3-4]``, ``r[1-2]-n[1-2]``) as host names,
-    in Slurm's order, zero padding kept. Pure Python, so it works where ``scontrol`` is not installed."""
+    in Slurm's order, zero padding kept: :func:`first_host`'s fallback where ``scontrol`` cannot run."""
     hosts: List[str] = []
     for item in _split_outside_brackets(spec.strip()):
         hosts.extend(_expand_host(item))
@@ -140,7 +152,7 @@ def _from_slurm(environ: Mapping[str, str]) -> DistEnv:
         list_var = _first_set(environ, ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"))
         nodelist = _str(environ, list_var)
         try:
-            master_addr = expand_nodelist(nodelist)[0]
+            master_addr = first_host(nodelist)
         except ValueError as exc:
             raise ValueError(f"{list_var}={nodelist!r} is not a Slurm host list: {exc}") from None
     port_var = "MASTER_PORT" if "MASTER_PORT" in environ else "SLURM_JOB_ID"

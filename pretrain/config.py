@@ -7,6 +7,7 @@ between them is a rename, not arithmetic.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,26 @@ class TextConfig:
     max_length: int = 2048
 
 
+class PatchGrid:
+    """What a patch modality's config says about its patches: the raw array's sizes along the axes it is cut on
+    (``patch_sizes``), one patch's extent along them (``patch_block``), its channels, and the grid of patches. The
+    model's adapters and the data stream both read them here."""
+
+    patch_sizes: List[int]
+    patch_block: List[int]
+    patch_channels: int
+
+    @property
+    def grid(self) -> List[int]:
+        return [n // b for n, b in zip(self.patch_sizes, self.patch_block)]
+
+    @property
+    def num_patches(self) -> int:
+        return math.prod(self.grid)
+
+
 @dataclass
-class ImageConfig:
+class ImageConfig(PatchGrid):
     """Images as non-overlapping patches with 2-D Fourier position features of the patch grid."""
 
     size: List[int] = field(default_factory=lambda: [28, 28])
@@ -41,18 +60,26 @@ class ImageConfig:
     patch_size: int = 4
     fourier_bands: int = 16
 
+    patch_sizes = property(lambda self: list(self.size))
+    patch_block = property(lambda self: [self.patch_size] * 2)
+    patch_channels = property(lambda self: self.channels)
+
 
 @dataclass
-class AudioConfig:
+class AudioConfig(PatchGrid):
     """Mono waveforms of a fixed number of samples, cut into patches with 1-D Fourier features."""
 
     num_samples: int = 16000
     patch_size: int = 160
     fourier_bands: int = 32
 
+    patch_sizes = property(lambda self: [self.num_samples])
+    patch_block = property(lambda self: [self.patch_size])
+    patch_channels = property(lambda self: 1)
+
 
 @dataclass
-class VideoConfig:
+class VideoConfig(PatchGrid):
     """Clips of ``frames`` frames cut into space-time tubelets (t, h, w) with 3-D Fourier features."""
 
     frames: int = 8
@@ -61,14 +88,22 @@ class VideoConfig:
     tubelet: List[int] = field(default_factory=lambda: [2, 8, 8])
     fourier_bands: int = 8
 
+    patch_sizes = property(lambda self: [self.frames, *self.size])
+    patch_block = property(lambda self: list(self.tubelet))
+    patch_channels = property(lambda self: self.channels)
+
 
 @dataclass
-class ArrayConfig:
+class ArrayConfig(PatchGrid):
     """Generic arrays of up to ``length`` elements with ``channels`` features each, 1-D Fourier positions."""
 
     length: int = 64
     channels: int = 16
     fourier_bands: int = 16
+
+    patch_sizes = property(lambda self: [self.length])
+    patch_block = property(lambda self: [1])
+    patch_channels = property(lambda self: self.channels)
 
 
 @dataclass
@@ -78,7 +113,7 @@ class ModelConfig:
     ``d_model`` is the channel count of the input array (every adapter projects to it) and of the decoder queries.
     ``qk_channels``/``v_channels`` default to the query's channels (transformers' rules).
     ``attention_backend``: ``auto`` times the candidate kernels once per attention shape on CUDA and keeps the fastest
-    (the measured static order on CPU); ``autotune`` does so on any device; a backend's name pins it.
+    (a fixed order on CPU); ``autotune`` does so on any device; a backend's name pins it.
     ``init_from``: start a training run from pretrained weights (``pretrain.init_from``): one of our export
     directories, a transformers ``PerceiverForMaskedLM`` directory, or a run, checkpoint or tag directory (its fp32
     master weights). Tensors of the same name and shape are loaded; this model's others (a new head, a new modality)
@@ -210,15 +245,15 @@ def _validate_modalities(cfg: ModelConfig, prefix: str) -> None:
         _require(cfg.text.max_length > 0, f"{prefix}.text.max_length", "must be positive")
     if cfg.image is not None:
         _require(len(cfg.image.size) == 2, f"{prefix}.image.size", f"must be [height, width], got {cfg.image.size}")
-        _validate_grid(cfg.image.size, [cfg.image.patch_size] * 2, f"{prefix}.image.size", "patch_size")
+        _validate_grid(cfg.image.patch_sizes, cfg.image.patch_block, f"{prefix}.image.size", "patch_size")
         _require(cfg.image.channels > 0, f"{prefix}.image.channels", "must be positive")
     if cfg.audio is not None:
-        _validate_grid([cfg.audio.num_samples], [cfg.audio.patch_size], f"{prefix}.audio.num_samples", "patch_size")
+        _validate_grid(cfg.audio.patch_sizes, cfg.audio.patch_block, f"{prefix}.audio.num_samples", "patch_size")
     if cfg.video is not None:
         v = cfg.video
         _require(len(v.size) == 2, f"{prefix}.video.size", f"must be [height, width], got {v.size}")
         _require(len(v.tubelet) == 3, f"{prefix}.video.tubelet", f"must be [t, h, w], got {v.tubelet}")
-        _validate_grid([v.frames, *v.size], list(v.tubelet), f"{prefix}.video.frames/size", "tubelet")
+        _validate_grid(v.patch_sizes, v.patch_block, f"{prefix}.video.frames/size", "tubelet")
     if cfg.array is not None:
         _require(cfg.array.length > 0 and cfg.array.channels > 0, f"{prefix}.array", "length and channels > 0")
 
@@ -436,8 +471,7 @@ class DeepSpeedConfig:
 
     ``fp32_grad_accumulation`` accumulates and reduces gradients in fp32 in a bf16 run. With ZeRO-1 DeepSpeed then
     keeps one flat fp32 gradient buffer (its ``BF16_Optimizer``) instead of copying each gradient into buckets: the
-    fastest engine on an H100 (337 against ZeRO-2's 256-274 samples/s for the 201M config, bench/README.md), at
-    twice the bytes per gradient reduction."""
+    fastest engine for the 201M config on an H100 (``bench/README.md``), at twice the bytes per gradient reduction."""
 
     zero_stage: int = 2
     offload_optimizer: bool = False

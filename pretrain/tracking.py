@@ -15,7 +15,7 @@ W&B never stops training once its run has started: a failing W&B call (above all
 signals every process of a job it requeues, preempts or cancels, and the service exits on SIGTERM, wandb/wandb#9963)
 is logged once and W&B is off for the rest of the process, so the ranks still checkpoint after the signal;
 ``metrics.jsonl`` keeps every step, and the requeued job continues the W&B run from its checkpoint's step. W&B's
-own record loses what its service had not written yet (measured offline: the last few seconds).
+own record loses what its service had not written yet.
 
 Metric names the console line knows (:func:`format_metrics`); W&B groups names by their ``/`` prefix:
 ``loss``, ``loss/<modality>``, ``val/loss``, ``val/loss/<modality>``, ``val/accuracy`` (top-1; per class

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pretrain.model.attention import attend, available_backends
+from pretrain.perf.attention import attend, available_backends
 
 CPU = torch.device("cpu")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -148,7 +148,7 @@ def test_bad_backend_raises(backend, match):
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5])
 def test_math_dropout_keeps_one_minus_p_and_is_unbiased(dropout_p):
     """The mask drops a p fraction, and the 1/(1-p) rescale keeps the expected output unchanged."""
-    from pretrain.model.attention import _drop_mask
+    from pretrain.perf.attention import _drop_mask
 
     drop = _drop_mask(torch.Size([1001, 999]), dropout_p, CPU)
     assert abs(drop.float().mean().item() - dropout_p) < 3e-3
@@ -166,7 +166,7 @@ def test_math_dropout_keeps_one_minus_p_and_is_unbiased(dropout_p):
 def test_cpu_dropout_forward_and_gradients_match_float64_with_the_same_mask(dtype, nq, nk, masked):
     """The CPU dropout path (in-place softmax and softmax gradient) against autograd through the written-out formula
     in float64, drawing the same mask from the same seed."""
-    from pretrain.model.attention import _drop_mask
+    from pretrain.perf.attention import _drop_mask
 
     batch, heads, dqk, dv, p = 3, 2, 16, 24, 0.3
     q, k, v = qkv(batch, nq, nk, heads, dqk, dv, dtype=dtype, requires_grad=True)

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import multimodal_config, multimodal_inputs
-from pretrain.model import PerceiverIO, attention, autotune
-from pretrain.model.attention import attend
-from pretrain.model.autotune import KernelTuner, shape_bucket
+from pretrain.model import PerceiverIO
+from pretrain.perf import attention, autotune, optimize
+from pretrain.perf.attention import attend
+from pretrain.perf.autotune import KernelTuner, shape_bucket
 from test_attention import TOLERANCE, padding_mask, qkv, reference, rel_err
 
 
@@ -33,7 +34,7 @@ def test_shape_bucket_rounds_up_to_a_power_of_two():
 @pytest.mark.parametrize("dqk,dv", [(32, 32), (32, 160)])
 def test_autotune_matches_float64_and_keeps_the_fastest_measured(tuner, caplog, dtype, dqk, dv):
     q, k, v = qkv(dqk=dqk, dv=dv, dtype=dtype, requires_grad=True)
-    with caplog.at_level(logging.INFO, logger="pretrain.model.autotune"):
+    with caplog.at_level(logging.INFO, logger="pretrain.perf.autotune"):
         out = attend(q, k, v, padding_mask(), backend="autotune")
     assert rel_err(out, reference(q, k, v, padding_mask())) < TOLERANCE[dtype]
     (key, choice), = tuner.choices.items()
@@ -65,7 +66,7 @@ def test_a_failing_candidate_is_skipped_and_reported(tuner, caplog):
             raise RuntimeError("No available kernel.\nlong details")
         return x + 1
 
-    with caplog.at_level(logging.INFO, logger="pretrain.model.autotune"):
+    with caplog.at_level(logging.INFO, logger="pretrain.perf.autotune"):
         assert tuner.choose("key", ["broken", "works"], run, (torch.ones(2),), lambda: "op") == "works"
     assert "failed: {'broken': 'RuntimeError: No available kernel.'}" in caplog.text
     assert tuner.choose("all", ["broken"] * 2, run, (torch.ones(2),), lambda: "op") == "broken"
@@ -119,9 +120,9 @@ def test_nothing_is_timed_under_flop_counting_or_in_compiled_code_which_takes_ea
 def test_a_model_tuned_inside_activation_checkpointing_trains_like_one_without(tuner, dropout):
     """The first forward tunes inside a checkpointed layer (whose saved-tensor hooks must not reach the trial
     passes); the plain model then reuses the decisions: same losses and gradients, dropout masks included."""
-    config = dict(num_self_attends_per_block=2, attention_dropout=dropout, attention_backend="autotune")
-    ckpt = PerceiverIO(multimodal_config(activation_checkpointing=True, **config)).train()
-    plain = PerceiverIO(multimodal_config(**config)).train()
+    config = dict(num_self_attends_per_block=2, attention_dropout=dropout)
+    ckpt = optimize(PerceiverIO(multimodal_config(activation_checkpointing=True, **config)), "autotune").train()
+    plain = optimize(PerceiverIO(multimodal_config(**config)), "autotune").train()
     plain.load_state_dict(ckpt.state_dict())
     inputs = multimodal_inputs(2, 7)
     losses = []

@@ -10,7 +10,7 @@ import pytest
 from test_train_engine import launch, logs, run, tiny_config, wait
 
 from pretrain.checkpoint import read_latest
-from pretrain.train.loop import EXIT_NO_ROOM
+from pretrain.train.stopping import EXIT_NO_ROOM
 
 
 @pytest.fixture

@@ -131,7 +131,7 @@ def test_a_missing_index(shards: Path, capsys):
 
 def test_a_shard_directory_cut_off_in_a_folder_of_them_is_reported(good_dir: Path, tmp_path: Path, capsys):
     """A run over many files killed midway leaves one output with shards and no index: validating the folder says
-    so, where it used to pass over it."""
+    so."""
     shutil.copytree(good_dir, tmp_path / "corpus" / "a")
     shutil.copytree(good_dir, tmp_path / "corpus" / "b")
     (tmp_path / "corpus" / "b" / "index.json").unlink()

@@ -41,7 +41,7 @@ def val_loss(model: torch.nn.Module, run_dir: Path, world_size: int = 2) -> floa
     for rank in range(world_size):
         stream = DataStream(cfg.data, cfg.model, rank, world_size, "val")
         batches = cfg.train.eval_batches or len(stream)
-        total = sum(float(weighted_total(modality_losses(model, model, batch), cfg.train.loss_weights))
+        total = sum(float(weighted_total(modality_losses(model, batch), cfg.train.loss_weights))
                     for batch in itertools.islice(stream, batches))
         per_rank.append(total / batches)
     return sum(per_rank) / world_size

@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launch import DistEnv, backend_for, detect_env, device_for, expand_nodelist, exported_env
+from launch import DistEnv, backend_for, detect_env, device_for, expand_nodelist, exported_env, first_host
 from launch import env as env_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,17 +76,44 @@ def test_srun_task():
     assert detect_env(one_node_step) == DistEnv(0, 1, 0, "n2", 18456, "slurm")
 
 
-@pytest.mark.parametrize("nodelist, hosts", [
+NODELISTS = [
     ("n[1-2,5]", ["n1", "n2", "n5"]),
     ("gpu-[01-04]", ["gpu-01", "gpu-02", "gpu-03", "gpu-04"]),
     ("a1,b[3-4]", ["a1", "b3", "b4"]),
     ("node[8-11]", ["node8", "node9", "node10", "node11"]),
-    ("r[1-2]-n[01-02],x7", ["r1-n01", "r1-n02", "r2-n01", "r2-n02", "x7"]),  # as `scontrol show hostnames` lists it
-])
-def test_compressed_nodelists(nodelist, hosts):
+    ("r[1-2]-n[01-02],x7", ["r1-n01", "r1-n02", "r2-n01", "r2-n02", "x7"]),
+]
+
+
+@pytest.fixture
+def without_scontrol(monkeypatch):
+    """No ``scontrol`` on PATH: the host list is read by the fallback parser."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+
+
+@pytest.fixture
+def scontrol(tmp_path, monkeypatch):
+    """``scontrol`` with the smallest configuration it reads (``show hostnames`` needs no running cluster)."""
+    if shutil.which("scontrol") is None:
+        pytest.skip("scontrol is not installed (scripts/test.sh installs slurm-client)")
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=test\nSlurmctldHost=localhost\nNodeName=localhost CPUs=1 State=UNKNOWN\n"
+                    "PartitionName=p Nodes=localhost Default=YES\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+
+
+@pytest.mark.parametrize("nodelist, hosts", NODELISTS)
+def test_compressed_nodelists_by_the_fallback_parser(nodelist, hosts, without_scontrol):
     assert expand_nodelist(nodelist) == hosts
     job = {key: value for key, value in SRUN_TASK.items() if not key.endswith("NODELIST")}
     assert detect_env({**job, "SLURM_JOB_NODELIST": nodelist}).master_addr == hosts[0]
+
+
+@pytest.mark.parametrize("nodelist, hosts", NODELISTS)
+def test_compressed_nodelists_by_scontrol_as_the_parser_reads_them(nodelist, hosts, scontrol):
+    listed = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    assert listed.stdout.split() == hosts
+    assert first_host(nodelist) == hosts[0]
 
 
 def test_nothing_set_is_one_process_on_a_free_port():
@@ -118,7 +146,7 @@ def test_batch_shell_is_one_process(caplog):
     ({**SRUN_TASK, "SLURM_STEP_NODELIST": "n[3-1]"}, "SLURM_STEP_NODELIST"),
     ({key: v for key, v in SRUN_TASK.items() if "NODELIST" not in key}, "SLURM_STEP_NODELIST"),
 ])
-def test_inconsistent_values_name_the_variable(environ, variable):
+def test_inconsistent_values_name_the_variable(environ, variable, without_scontrol):
     with pytest.raises(ValueError, match=variable):
         detect_env(environ)
 

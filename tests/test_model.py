@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from conftest import ARRAY, AUDIO, IMAGE, NUM_CLASSES, TEXT_VOCAB, VIDEO, multimodal_config, multimodal_inputs, tiny_config
 from pretrain.model import PerceiverIO
-from pretrain.model.adapters import blocks_to_patches
+from pretrain.patches import blocks_to_patches
+from pretrain.perf import optimize
 from pretrain.train.metrics import OperatorCount
 
 B, S = 2, 7
@@ -266,9 +267,10 @@ def test_bf16_forward_on_cpu(inputs):
 
 @pytest.mark.parametrize("training", [False, True])
 def test_compiles_to_one_graph(inputs, training):
-    """torch.compile sees the whole forward, attention dropout included (the CPU dropout kernel's ``random_`` would
-    split the graph at every layer: compiled code takes the plain dropout path instead)."""
-    model = PerceiverIO(multimodal_config(attention_dropout=0.1)).train(training)
+    """torch.compile sees the whole optimized forward, attention dropout and the weight-cast hooks included (the CPU
+    dropout kernel's ``random_`` would split the graph at every layer: compiled code takes the plain dropout path
+    instead)."""
+    model = optimize(PerceiverIO(multimodal_config(attention_dropout=0.1))).train(training)
     torch._dynamo.reset()
     try:
         explained = torch._dynamo.explain(model)(inputs, {name: None for name in OUTPUTS})
@@ -314,7 +316,7 @@ def test_autocast_casts_linear_weights_together_with_the_same_results(inputs, ch
     back in one more) instead of one cast kernel each way per tensor: outputs and gradients stay bit-identical to
     autocast's own casts (``encode``/``decode`` called directly take those), and the parameters are back after."""
     torch.manual_seed(0)
-    model = PerceiverIO(multimodal_config(activation_checkpointing=checkpointing)).train()
+    model = optimize(PerceiverIO(multimodal_config(activation_checkpointing=checkpointing))).train()
     params = dict(model.named_parameters())
     outputs = {"text": None, "image": None, "label": None}
 
@@ -336,14 +338,15 @@ def test_autocast_casts_linear_weights_together_with_the_same_results(inputs, ch
     for name in ref_grads:
         assert torch.equal(grads[name], ref_grads[name]), name
     assert count.counts["_foreach_copy_"] == 2 and ref_count.counts["_foreach_copy_"] == 0
-    assert count.counts["_to_copy"] + 2 * len(model._linears) <= ref_count.counts["_to_copy"]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert count.counts["_to_copy"] + 2 * len(linears) <= ref_count.counts["_to_copy"]
     assert dict(model.named_parameters()) == params  # the very same Parameter objects
 
 
 def test_weights_cast_together_only_where_autocast_would_cast_them(inputs):
     """No autocast, or weights already in the autocast dtype: nothing is cast. A forward that fails midway leaves the
     parameters in place."""
-    model = PerceiverIO(multimodal_config()).train()
+    model = optimize(PerceiverIO(multimodal_config())).train()
     params = dict(model.named_parameters())
     with OperatorCount() as plain:
         model(inputs, {"text": None})
@@ -354,3 +357,27 @@ def test_weights_cast_together_only_where_autocast_would_cast_them(inputs):
     with OperatorCount() as bf16, torch.autocast("cpu", dtype=torch.bfloat16):
         model(inputs, {"text": None})
     assert plain.counts["_foreach_copy_"] == bf16.counts["_foreach_copy_"] == 0
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_optimize_keeps_the_function(inputs, training):
+    """The performance layer changes kernels, not results: an optimized model gives the plain model's outputs and
+    gradients (without dropout; with it the two draw their masks differently), and its parameters keep their names."""
+    torch.manual_seed(0)
+    plain = PerceiverIO(multimodal_config(attention_dropout=0.0)).train(training)
+    fast = PerceiverIO(multimodal_config(attention_dropout=0.0)).train(training)
+    fast.load_state_dict(plain.state_dict())
+    optimize(fast, "math")
+    assert [name for name, _ in fast.named_parameters()] == [name for name, _ in plain.named_parameters()]
+    outputs = {name: None for name in [*OUTPUTS, "label"]}
+    results = []
+    for model in (plain, fast):
+        out = model(inputs, outputs)
+        sum(value.square().mean() for value in out.values()).backward()
+        results.append((out, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}))
+    (out, grads), (fast_out, fast_grads) = results
+    for name in out:
+        torch.testing.assert_close(fast_out[name], out[name], atol=1e-5, rtol=1e-5, msg=name)
+    assert grads.keys() == fast_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(fast_grads[name], grads[name], atol=1e-5, rtol=1e-4, msg=name)

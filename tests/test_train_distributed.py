@@ -17,7 +17,7 @@ from test_train_engine import ROOT, final_weights, launch, logs, metrics, run, t
 from launch import free_port
 from pretrain.checkpoint import read_latest
 from pretrain.train.distributed import DeferredAgreement
-from pretrain.train.loop import EXIT_DIVERGED, divergence
+from pretrain.train.stopping import EXIT_DIVERGED, divergence
 
 TWO_RANKS = """
 import torch, torch.distributed as dist

@@ -15,7 +15,7 @@ from pretrain.data import DataStream
 from pretrain.model import PerceiverIO
 from pretrain.train.distributed import process_group
 from pretrain.train.engine import build_engine
-from pretrain.train.loop import to_device
+from pretrain.train.batches import to_device
 from pretrain.train.metrics import OperatorCount
 from pretrain.train.objective import modality_losses, weighted_total
 
@@ -37,7 +37,7 @@ def test_bf16_zero_1_and_2_steps_scan_no_gradient_tensor_for_overflow(tmp_path, 
                                     for batch in itertools.islice(DataStream(cfg.data, cfg.model), 3)]
 
             def step(batch: dict) -> None:
-                engine.backward(weighted_total(modality_losses(engine, engine.module, batch), cfg.train.loss_weights))
+                engine.backward(weighted_total(modality_losses(engine, batch), cfg.train.loss_weights))
                 engine.step()
 
             step(first)

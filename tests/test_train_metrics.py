@@ -8,7 +8,8 @@ from torch._dynamo.testing import CompileCounter
 
 from conftest import tiny_config
 from pretrain.model import PerceiverIO
-from pretrain.train.metrics import SkipSummary, count_flops
+from pretrain.perf import count_flops
+from pretrain.train.metrics import SkipSummary
 
 
 class TwoLayers(torch.nn.Module):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import NUM_CLASSES, TEXT_VOCAB, multimodal_config, multimodal_inputs
 from pretrain.data import IGNORE_INDEX
 from pretrain.model import PerceiverIO
+from pretrain.patches import patches_at
 from pretrain.train.metrics import OperatorCount
 from pretrain.train.objective import modality_losses, over_present, present
 
@@ -18,18 +19,20 @@ SYNCS = {"_local_scalar_dense", "is_nonzero", "item", "nonzero"}  # a value read
 
 def batch(text_targets: torch.Tensor) -> dict:
     """Text decoded at 3 positions, image at 2 patches (the second slot of row 1 padding), the label of row 0."""
+    inputs, image_positions = multimodal_inputs(B, 7), torch.tensor([[0, 3], [1, 0]])
     return {
-        "inputs": multimodal_inputs(B, 7),
-        "decode": {"text": torch.tensor([[0, 2, 4], [1, 3, 5]]), "image": torch.tensor([[0, 3], [1, 0]]),
+        "inputs": inputs,
+        "decode": {"text": torch.tensor([[0, 2, 4], [1, 3, 5]]), "image": image_positions,
                    "label": torch.zeros(B, 1, dtype=torch.long)},
         "decode_mask": {"text": text_targets != IGNORE_INDEX, "image": torch.tensor([[True, True], [True, False]]),
                         "label": torch.tensor([[True], [False]])},
-        "targets": {"text": text_targets, "label": torch.tensor([3, IGNORE_INDEX])},
+        "targets": {"text": text_targets, "label": torch.tensor([3, IGNORE_INDEX]),
+                    "image": patches_at("image", multimodal_config().image, inputs["image"], image_positions)},
     }
 
 
 def losses_of(model: PerceiverIO, data: dict) -> dict:
-    return modality_losses(model, model, data)
+    return modality_losses(model, data)
 
 
 def test_text_and_label_losses_are_the_mean_over_kept_targets():

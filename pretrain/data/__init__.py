@@ -1,7 +1,8 @@
 """The WebDataset stream: shard specs -> per-rank, per-worker readers -> decode, transform, mask -> batches.
 
 ``DataStream(data_cfg, model_cfg, rank, world_size, split)`` is the one entry point; ``for batch in stream`` yields
-one epoch. This package imports ``pretrain.config`` and ``pretrain.vocab``, never ``pretrain.model``.
+one epoch. This package imports ``pretrain.config``, ``pretrain.vocab``, ``pretrain.shard_format`` and
+``pretrain.patches``, never ``pretrain.model``.
 
 Sample schema (webdataset keys, any subset per sample): ``txt`` UTF-8 text, ``png``/``jpg`` image, ``flac``/``wav``
 audio, ``npy`` (T, H, W, C uint8) or ``mp4`` video, ``cls`` integer label, ``json`` metadata (not read).
@@ -18,13 +19,14 @@ reads it: the model enables it and ``data.objective`` names it, or is empty; ``a
     ``audio`` float [B, num_samples] mono at ``data.audio_sample_rate``, zero-padded; ``audio_mask`` [B, patches],
     also False on patches wholly in the padding.
     ``video`` float [B, T, C, H, W] normalised like images; ``video_mask`` [B, tubelets].
-    Hidden patches keep their values in the input tensors: the trainer patchifies them for the reconstruction targets.
+    Hidden patches keep their values in the input tensors (the key mask hides them).
 ``batch["decode"]`` -- positions to predict, long [B, P_mod] with a fixed P_mod = round(ratio x positions) per
     modality (``data.masking``; a ratio of 0, or the role ``input``, leaves the modality out), and ``label`` [B, 1]
     zeros when the label is a target. Padding slots hold 0.
 ``batch["decode_mask"]`` -- bool [B, P_mod], False on padding slots and for rows lacking the modality.
 ``batch["targets"]`` -- ``text`` long [B, P_text], the original ids at the decoded positions, -100 on padding slots;
-    ``label`` long [B], -100 when absent (only when the label is a target).
+    ``label`` long [B], -100 when absent (only when the label is a target); ``image``, ``audio``, ``video`` float
+    [B, P_mod, values], the original values of the patches at the decoded positions (``pretrain.patches``).
 ``batch["keys"]`` -- list of the B samples' ``__key__``.
 ``batch["valid"]`` -- bool [B]; False for a row whose sample failed to decode (skipped and counted: the row stays,
     empty, so that a batch is always exactly B raw samples -- see ``stream.py`` for why).

@@ -7,7 +7,6 @@ a resumed worker fast-forward by counting raw samples without decoding them.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -16,6 +15,7 @@ from PIL import Image
 
 from .. import vocab
 from ..config import MASKED, DataConfig, ModelConfig, data_roles
+from ..patches import patches_at
 from ..shard_format import LABEL_FIELD, MODALITY_FIELDS
 from .decode import decode
 from .masking import hide, num_predicted, patch_positions, text_positions
@@ -35,7 +35,9 @@ class BatchBuilder:
         roles = data_roles(data, model)
         self.modalities = [m for m in roles if m in MODALITY_FIELDS]
         self.labels = "label" in roles
-        self.grid = {m: self._grid(m) for m in self.modalities if m != "text"}
+        self.decoders = {"text": self._text, "image": self._image, "audio": self._audio, "video": self._video}
+        self.stackers = {"text": self._stack_text, "image": self._stack_image, "audio": self._stack_audio,
+                         "video": self._stack_video}
         self.slots = {m: num_predicted(getattr(data.masking, m), self._size(m)) if roles[m] == MASKED else 0
                       for m in self.modalities}
         self._noted: set = set()  # what the transforms did to data of another shape, each said once
@@ -52,23 +54,14 @@ class BatchBuilder:
         notes, self._new_notes = self._new_notes, []
         return notes
 
-    def _grid(self, name: str) -> List[int]:
-        """Patches per axis, as the model's patch adapters cut them."""
-        cfg = getattr(self.model, name)
-        if name == "image":
-            return [n // cfg.patch_size for n in cfg.size]
-        if name == "audio":
-            return [cfg.num_samples // cfg.patch_size]
-        return [n // b for n, b in zip([cfg.frames, *cfg.size], cfg.tubelet)]
-
     def _size(self, name: str) -> int:
-        return self.model.text.max_length if name == "text" else math.prod(self.grid[name])
+        return self.model.text.max_length if name == "text" else getattr(self.model, name).num_patches
 
     def __call__(self, samples: List[Sample], rng: np.random.Generator, counter: SkipCounter) -> Dict[str, object]:
         rows = [self._decode_row(sample, rng, counter) for sample in samples]
         batch: Dict[str, object] = {"inputs": {}, "decode": {}, "decode_mask": {}, "targets": {}}
         for name in self.modalities:
-            getattr(self, f"_stack_{name}")(rows, rng, batch)
+            self.stackers[name](rows, rng, batch)
         if self.labels:
             labels = torch.tensor([IGNORE_INDEX if row is None else row.get("label", IGNORE_INDEX) for row in rows])
             batch["targets"]["label"] = labels
@@ -88,7 +81,7 @@ class BatchBuilder:
             for name in self.modalities:
                 key = next((k for k in MODALITY_FIELDS[name] if k in sample), "")
                 if key:
-                    row[name] = getattr(self, f"_{name}")(decode(key, sample[key]), rng)
+                    row[name] = self.decoders[name](decode(key, sample[key]), rng)
             key = LABEL_FIELD
             if self.labels and key in sample:
                 row["label"] = self._label(decode(key, sample[key]))
@@ -160,7 +153,7 @@ class BatchBuilder:
         cfg = self.model.audio
         wave, lengths = self._sequences(rows, "audio", cfg.num_samples, np.float32)
         batch["inputs"]["audio"] = torch.from_numpy(wave)
-        valid = np.arange(self.grid["audio"][0]) * cfg.patch_size < lengths[:, None]
+        valid = np.arange(cfg.num_patches) * cfg.patch_size < lengths[:, None]
         self._mask_patches(batch, "audio", valid, rng)
 
     def _stack_video(self, rows: List[Optional[dict]], rng: np.random.Generator, batch: dict) -> None:
@@ -183,15 +176,18 @@ class BatchBuilder:
 
     def _whole(self, rows: List[Optional[dict]], name: str) -> np.ndarray:
         """Patch validity [B, patches] of a modality that is either wholly present in a row or absent."""
-        return np.repeat(self._present(rows, name)[:, None], math.prod(self.grid[name]), axis=1)
+        return np.repeat(self._present(rows, name)[:, None], getattr(self.model, name).num_patches, axis=1)
 
     def _mask_patches(self, batch: dict, name: str, valid: np.ndarray, rng: np.random.Generator) -> None:
+        """The key mask of modality ``name``; with patches to predict, their positions and original values."""
         slots = self.slots[name]
         visible = valid
         if slots:
             where, used = patch_positions(valid, getattr(self.data.masking, name), slots, rng)
             visible = hide(valid, where, used)
             self._add_decode(batch, name, where, used)
+            inputs = batch["inputs"][name]
+            batch["targets"][name] = patches_at(name, getattr(self.model, name), inputs, batch["decode"][name])
         batch["inputs"][f"{name}_mask"] = torch.from_numpy(visible)
 
     @staticmethod

@@ -1,7 +1,7 @@
-"""A streaming reader of tar members, about 8x faster than ``tarfile`` on webdataset shards.
+"""A streaming reader of tar members, faster than ``tarfile`` on webdataset shards.
 
-``tarfile`` spends ~100 us per member on header objects (webdataset's TarWriter adds a pax header to every file
-unless its ``mtime`` is an int, as data_prep's is), which alone would cap a worker near 10k members/s. Shards need
+``tarfile`` builds header objects for every member (webdataset's TarWriter adds a pax header to every file unless its
+``mtime`` is an int, as data_prep's is), which alone caps a data worker's members per second. Shards need
 only (name, bytes) of regular files in order, so this parses the 512-byte headers directly: ustar names with prefix,
 pax ``path``/``size`` records, GNU long names, base-256 sizes, checksums. Damage raises :class:`TarError`; an
 archive ending at a member boundary ends quietly, like tarfile. Gzipped shards (``.tar.gz``/``.tgz``) are

@@ -1,6 +1,7 @@
-"""The Perceiver IO model: attention backends, layers, position features, modality adapters."""
+"""The Perceiver IO model: attention, layers, position features, modality adapters. Plain torch throughout; the
+faster kernels are installed onto a built model by ``pretrain.perf.optimize``."""
 
-from .attention import attend, available_backends
+from .attention import attend
 from .perceiver import PerceiverDecoder, PerceiverEncoder, PerceiverIO
 
-__all__ = ["attend", "available_backends", "PerceiverIO", "PerceiverEncoder", "PerceiverDecoder"]
+__all__ = ["attend", "PerceiverIO", "PerceiverEncoder", "PerceiverDecoder"]

@@ -38,7 +38,6 @@ class PerceiverLayer(nn.Module):
         widening_factor: int,
         use_query_residual: bool = True,
         dropout: float = 0.0,
-        backend: str = "auto",
     ):
         super().__init__()
         for name, channels in (("qk_channels", qk_channels), ("v_channels", v_channels)):
@@ -48,9 +47,9 @@ class PerceiverLayer(nn.Module):
         self.num_heads = num_heads
         self.use_query_residual = use_query_residual
         self.dropout = dropout
-        self.backend = backend
+        self.attend = attend  # what pretrain.perf.optimize replaces with its kernels
         self.q_norm = nn.LayerNorm(q_dim)
-        # Projections that read the same input are one matmul: fewer kernels and casts, one gradient for the input.
+        # Projections that read the same input are one Linear (transformers' checkpoints convert by concatenation).
         if self.is_cross:
             self.kv_norm = nn.LayerNorm(kv_dim)
             self.query = nn.Linear(q_dim, qk_channels)
@@ -84,13 +83,9 @@ class PerceiverLayer(nn.Module):
             key, value = self.key_value(self.kv_norm(kv)).split(self.widths, dim=-1)
         else:
             query, key, value = self.query_key_value(h).split(self.widths, dim=-1)
-        attended = attend(
-            self._heads(query),
-            self._heads(key),
-            self._heads(value),
-            key_mask,
+        attended = self.attend(
+            self._heads(query), self._heads(key), self._heads(value), key_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            backend=self.backend,
         )
         y = self.out(attended.flatten(-2))
         if self.use_query_residual:

@@ -11,7 +11,6 @@ that sample. Outputs to decode: ``{"text": positions [B, P] or None (every posit
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import List, Mapping, Optional
 
 import torch
@@ -20,13 +19,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig, validate_model_config
 from .adapters import build_adapters
-from .casting import linear_weights_cast_together
 from .layers import PerceiverLayer
 
 
 def _join(parts: List[torch.Tensor]) -> torch.Tensor:
-    """Concatenation along the sequence; a single part as it is. A cat of one array is a copy, and its gradient (a
-    split's is a cat too) another: at B=32 and M=2048 an input array of 201 MB each way, for nothing."""
+    """Concatenation along the sequence; a single part as it is (a cat of one array would copy it, and its gradient)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
@@ -47,7 +44,6 @@ class PerceiverEncoder(nn.Module):
             widening_factor=cfg.cross_attention_widening_factor,
             use_query_residual=cfg.use_query_residual,
             dropout=cfg.attention_dropout,
-            backend=cfg.attention_backend,
         )
         self.self_attends = nn.ModuleList(
             PerceiverLayer(
@@ -58,8 +54,7 @@ class PerceiverEncoder(nn.Module):
                 num_heads=cfg.num_self_attention_heads,
                 widening_factor=cfg.self_attention_widening_factor,
                 dropout=cfg.attention_dropout,
-                backend=cfg.attention_backend,
-            )
+                )
             for _ in range(cfg.num_self_attends_per_block)
         )
 
@@ -86,7 +81,6 @@ class PerceiverDecoder(nn.Module):
             widening_factor=cfg.decoder_widening_factor,
             use_query_residual=cfg.decoder_use_query_residual,
             dropout=cfg.attention_dropout,
-            backend=cfg.attention_backend,
         )
 
     def forward(self, queries: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
@@ -105,7 +99,6 @@ class PerceiverIO(nn.Module):
         )
         self.encoder = PerceiverEncoder(cfg)
         self.decoder = PerceiverDecoder(cfg)
-        self._linears = [m for m in self.modules() if isinstance(m, nn.Linear)]  # their casts go together (autocast)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -186,9 +179,7 @@ class PerceiverIO(nn.Module):
     def forward(
         self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, Optional[torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
-        compiling = torch.compiler.is_compiling()
-        with nullcontext() if compiling else linear_weights_cast_together(self._linears):
-            return self.decode(self.encode(inputs), outputs, inputs)
+        return self.decode(self.encode(inputs), outputs, inputs)
 
     def text_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, S] ids (and an optional [B, S] 1/0 or bool mask) -> [B, S, vocab] logits for every input position."""

@@ -1,6 +1,6 @@
 """The process group: one context that starts it (gloo on CPU, nccl on GPU) and destroys it on every exit path.
 
-Without ``destroy_process_group`` about 5% of 2-rank gloo runs abort at exit (design.md, measured).
+Without ``destroy_process_group`` some 2-rank gloo runs abort at exit.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..config import TrainConfig
 def device_of(env: DistEnv, data_workers: int) -> torch.device:
     """This process's device (``launch.env.device_for``), made the current CUDA device on GPU. On CPU, unless
     OMP_NUM_THREADS says otherwise, the process takes its share of the cores less one per DataLoader worker: more
-    threads than cores makes OpenMP's spinning threads and the workers starve each other (10x slower steps here)."""
+    threads than cores makes OpenMP's spinning threads and the workers starve each other (``bench/README.md``)."""
     device = device_for(env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -34,7 +34,7 @@ def device_of(env: DistEnv, data_workers: int) -> torch.device:
 def process_group(env: DistEnv, device: torch.device,
                   timeout_minutes: float = TrainConfig.collective_timeout_minutes) -> Iterator[None]:
     """``deepspeed.init_distributed`` from ``env`` (exported as RANK/WORLD_SIZE/... first, so DeepSpeed never tries
-    MPI discovery), without the shm_comm op it would otherwise JIT-build for ~25 s.
+    MPI discovery), without the shm_comm op it would otherwise JIT-build at every start.
 
     ``timeout_minutes`` bounds every collective, those of the groups DeepSpeed makes too: it makes them with
     ``new_group(ranks)``, which takes torch's default timeout (30 minutes on gloo, 10 on NCCL), not the world's. So the

@@ -14,6 +14,7 @@ from typing import Any, Collection, Dict
 import torch
 
 from ..config import Config, gradient_accumulation_steps
+from ..perf import optimize
 from .schedule import build_optimizer, build_scheduler
 
 
@@ -44,9 +45,8 @@ def deepspeed_config(cfg: Config, world_size: int, device: torch.device, univers
         "train_batch_size": micro * gas * world_size,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        # No per-tensor overflow scan: 13 operators per gradient tensor and a host sync every step, 4,800 of the
-        # 15,800 operators of a bf16 ZeRO-1/2 step of the demo model 26 layers deep (bench/engine_bench.py), each a
-        # kernel launch on a GPU. The loop stops on a non-finite loss or gradient norm instead, before any save.
+        # No per-tensor overflow scan: operators per gradient tensor and a host sync every step (bench/README.md).
+        # The loop stops on a non-finite loss or gradient norm instead, before any save.
         "bf16": {"enabled": precision == "bf16", "check_grad_overflow": False},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -63,7 +63,8 @@ def deepspeed_config(cfg: Config, world_size: int, device: torch.device, univers
 
 def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, device: torch.device, run_dir: Path,
                  universal: bool = False, pretrained: Collection[str] = ()):
-    """``deepspeed.initialize`` on ``model`` with the generated config, also saved as ``run_dir/deepspeed.json``;
+    """``deepspeed.initialize`` on ``model``, first given the performance layer (``pretrain.perf.optimize``), with the
+    generated config, also saved as ``run_dir/deepspeed.json``;
     ``pretrained``: the parameters ``model.init_from`` loaded (their own optimizer groups)."""
     import deepspeed
 
@@ -71,12 +72,11 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, device: t
     if cfg.deepspeed.zero_stage == 0 and ds_config["bf16"]["enabled"]:
         logging.getLogger("pretrain").warning(
             "deepspeed.zero_stage=0 with bf16 runs DeepSpeed's unfused bf16 optimizer, which reads an overflow flag "
-            "of every gradient tensor back to the host at each step (a GPU sync per tensor: 349 per step for the "
-            "201M config); zero_stage 1 keeps the weights whole and has none of them")
+            "of every gradient tensor back to the host at each step (a GPU sync per tensor); zero_stage 1 keeps the "
+            "weights whole and has none of them")
     if int(torch.distributed.get_rank()) == 0:
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-    if cfg.train.compile != "none":  # in place: parameter names, checkpoints and exports stay as they are
-        model.compile(mode=cfg.train.compile)
+    optimize(model, cfg.model.attention_backend, cfg.train.compile)
     optimizer = build_optimizer(model, cfg.optim, pretrained)
     engine, _, _, _ = deepspeed.initialize(
         model=model.to(device), optimizer=optimizer, config=ds_config,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -80,7 +80,7 @@ class SkipSummary:
 
 def compute_metrics(device: torch.device, flops_per_step: Optional[float], step_time_s: float) -> Dict[str, float]:
     """Achieved TFLOP/s (all ranks together) on every device; peak memory and model FLOP utilisation on GPU. Counting
-    on every device keeps the counting path in the CPU tests: it once failed on GPUs only."""
+    on every device keeps the counting path in the CPU tests."""
     achieved = flops_per_step / step_time_s if flops_per_step and step_time_s > 0 else None
     out = {"tflops": achieved / 1e12} if achieved else {}
     if device.type != "cuda":
@@ -91,21 +91,6 @@ def compute_metrics(device: torch.device, flops_per_step: Optional[float], step_
     if peak and achieved:
         out["mfu"] = achieved / peak
     return out
-
-
-def count_flops(model: torch.nn.Module, args: Iterable) -> float:
-    """FLOPs of one training micro-step: 3 x a counted forward (backward ~ 2 x forward)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    # The model runs eagerly, past a ``train.compile`` wrapper (``_call_impl``: hooks as usual, no dynamo): a compiled
-    # call under a dispatch mode is not compiled, and dynamo then marks the forward's code never to compile, so
-    # training would silently run eagerly. Grad mode stays on: the counter's module tracker hooks the gradients of
-    # module inputs, and a view of a parameter made under no_grad (the latents given a batch dimension) requires grad
-    # without a gradient function, which it rejects.
-    with counter:
-        model._call_impl(*args)
-    return 3.0 * counter.get_total_flops()
 
 
 # Operators that are neither views nor kernels: allocations without a fill, a view by another name, profiler marks.

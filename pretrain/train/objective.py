@@ -1,9 +1,9 @@
 """Masked multimodal modelling: predict what the data stream hid, one loss per modality, a weighted sum optimised.
 
 Text and labels: cross-entropy on the decoded positions (targets -100 on padding slots and absent rows). Image, audio
-and video: MSE between the decoded patches and the model adapter's ``patchify`` of the unmasked input, gathered at
-the decoded positions and averaged over the slots ``decode_mask`` keeps. Classification is the same objective with
-the label as the only target (``data.objective``); its metric is top-1 accuracy, overall and per class.
+and video: MSE between the decoded patches and their original values, which come with the batch
+(``pretrain.patches.patches_at``), averaged over the slots ``decode_mask`` keeps. Classification is the same
+objective with the label as the only target (``data.objective``); its metric is top-1 accuracy, overall and per class.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Callable, Dict, Mapping, Sequence, Tuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import IGNORE_INDEX
@@ -20,14 +19,13 @@ Forward = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], Dic
 Losses = Dict[str, torch.Tensor]
 
 
-def _patch_mse(pred: torch.Tensor, patches: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    target = torch.gather(patches, 1, positions[..., None].expand(-1, -1, patches.shape[-1]))
+def _patch_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     per_slot = (pred.float() - target.float()).pow(2).mean(-1)
     keep = mask.to(per_slot.dtype)
     return (per_slot * keep).sum() / keep.sum().clamp(min=1)
 
 
-def predict(forward: Forward, model: nn.Module, batch: Mapping[str, dict]) -> Tuple[Losses, Dict[str, torch.Tensor]]:
+def predict(forward: Forward, batch: Mapping[str, dict]) -> Tuple[Losses, Dict[str, torch.Tensor]]:
     """One scalar loss per decoded modality of ``batch`` (the contract of ``pretrain.data``), and the outputs."""
     inputs, decode, mask, targets = batch["inputs"], batch["decode"], batch["decode_mask"], batch["targets"]
     out = forward(inputs, decode)
@@ -41,14 +39,13 @@ def predict(forward: Forward, model: nn.Module, batch: Mapping[str, dict]) -> Tu
                                     reduction="sum")
             losses[name] = total / (target != IGNORE_INDEX).sum().clamp(min=1)
         else:
-            patches = model.adapters[name].patchify(inputs[name])
-            losses[name] = _patch_mse(pred, patches, decode[name], mask[name])
+            losses[name] = _patch_mse(pred, targets[name], mask[name])
     return losses, out
 
 
-def modality_losses(forward: Forward, model: nn.Module, batch: Mapping[str, dict]) -> Losses:
+def modality_losses(forward: Forward, batch: Mapping[str, dict]) -> Losses:
     """The losses of :func:`predict`, for the training step."""
-    return predict(forward, model, batch)[0]
+    return predict(forward, batch)[0]
 
 
 def present(batch: Mapping[str, dict]) -> Dict[str, torch.Tensor]:

@@ -59,7 +59,7 @@ def parameter_groups(model: torch.nn.Module, pretrained: Collection[str] = ()) -
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, pretrained: Collection[str] = ()) -> torch.optim.AdamW:
-    """A client ``torch.optim.AdamW`` (DeepSpeed's FusedAdam/CPUAdam JIT-compile for ~30 s) over the groups of
+    """A client ``torch.optim.AdamW`` (DeepSpeed's FusedAdam/CPUAdam JIT-compile at start-up) over the groups of
     :func:`parameter_groups`, each with its kind's settings."""
     groups = [dict(kind.settings(optim), params=[p for _, p in named])
               for kind, named in parameter_groups(model, pretrained)]

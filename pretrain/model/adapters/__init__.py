@@ -6,27 +6,22 @@ import torch.nn as nn
 
 from ...config import ModelConfig
 from .label import LabelAdapter
-from .patches import ArrayAdapter, AudioAdapter, ImageAdapter, VideoAdapter, blocks_to_patches
+from .patches import PatchAdapter
 from .text import TextAdapter
-
-_INPUT_ADAPTERS = {
-    "text": TextAdapter,
-    "image": ImageAdapter,
-    "audio": AudioAdapter,
-    "video": VideoAdapter,
-    "array": ArrayAdapter,
-}
 
 
 def build_adapters(cfg: ModelConfig) -> nn.ModuleDict:
     """One adapter per enabled modality, plus the label adapter when ``num_classes > 0``."""
-    adapters = nn.ModuleDict(
-        {name: _INPUT_ADAPTERS[name](getattr(cfg, name), cfg.d_model) for name in cfg.input_modalities}
-    )
+    adapters = nn.ModuleDict()
+    for name in cfg.input_modalities:
+        modality = getattr(cfg, name)
+        if name == "text":
+            adapters[name] = TextAdapter(modality, cfg.d_model)
+        else:
+            adapters[name] = PatchAdapter(name, modality, cfg.d_model)
     if cfg.num_classes > 0:
         adapters["label"] = LabelAdapter(cfg.num_classes, cfg.d_model)
     return adapters
 
 
-__all__ = ["build_adapters", "blocks_to_patches", "TextAdapter", "ImageAdapter", "AudioAdapter", "VideoAdapter",
-           "ArrayAdapter", "LabelAdapter"]
+__all__ = ["build_adapters", "TextAdapter", "PatchAdapter", "LabelAdapter"]

@@ -1,8 +1,8 @@
 """Pick the fastest of several interchangeable kernels by timing them once on the real inputs, then remember the pick.
 
-Used by ``attend``: which attention kernel wins depends on the card, the torch build and the shape (on an H100,
-cuDNN's kernel was the fastest for 256 latents x 2048 inputs, while the flash kernel SDPA picks for the padded
-256 x 256 latent self-attention was latency-bound), so a fixed preference order leaves time on the table somewhere.
+Used by ``attend``: which attention kernel wins depends on the card, the torch build and the shape (the encoder's
+cross-attention and the latent self-attention pick different kernels on an H100, ``bench/README.md``), so a fixed
+preference order leaves time on the table somewhere.
 Timing happens on the first call for each key (shapes rounded up to powers of two), costs a few forward and
 backward passes per candidate, and is logged. Each process decides for itself: ranks may pick differently, which
 changes rounding, not results; so may two runs, so pin a backend where runs must repeat exactly.
@@ -28,8 +28,7 @@ from ..timing import elapsed_s
 log = logging.getLogger(__name__)
 
 # Each candidate's time is its fastest of these runs: a run only ever gets slower by chance (the host stalls before
-# a launch, another process takes the GPU), so the minimum is the stable estimate (H100: the median of three picked
-# the slower latent self-attention kernel in one of two runs).
+# a launch, another process takes the GPU), so the minimum is the stable estimate (the median was not).
 TIMED_RUNS = 5
 
 

@@ -1,10 +1,9 @@
 """Under autocast, the weights and biases of every ``nn.Linear`` cast to the autocast dtype together, once a forward.
 
 Autocast casts each fp32 weight and bias as its matmul runs, and the backward casts each of their gradients back:
-two kernel launches per tensor and step. The 201M language model has 115 Linear layers, so about 460 of its ~2,000
-kernels per step under CUDA autocast were these casts, and its eager step is bound by how fast the host launches
-kernels. Here one multi-tensor copy casts them all and one more casts their gradients back: the same roundings, so the
-same outputs and gradients as autocast's own casts, bit for bit.
+two kernel launches per tensor and step, a large share of an eager GPU step's launches (``bench/README.md``). Here one
+multi-tensor copy casts them all and one more casts their gradients back: the same roundings, so the same outputs and
+gradients as autocast's own casts, bit for bit.
 
 Nothing changes where nothing would be cast (no autocast, weights already in the autocast dtype, as under DeepSpeed's
 bf16 mode) or with DeepSpeed ZeRO-3's partitioned weights (gathered by hooks only when each layer runs). Compiled code
@@ -13,6 +12,7 @@ should not enter it: inductor fuses the casts itself.
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -76,3 +76,23 @@ def linear_weights_cast_together(linears: Sequence[nn.Linear]) -> Iterator[None]
     finally:
         for (module, name), param in zip(slots, params):
             module._parameters[name] = param
+
+
+def cast_linear_weights_together(model: nn.Module) -> None:
+    """Every forward of ``model`` outside compiled code runs in ``linear_weights_cast_together`` of its Linears
+    (entered by a forward pre-hook, left by a forward hook that also runs when the forward fails)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    active: List[contextlib.AbstractContextManager] = []
+
+    def enter(module: nn.Module, args) -> None:
+        if not torch.compiler.is_compiling():
+            context = linear_weights_cast_together(linears)
+            context.__enter__()
+            active.append(context)
+
+    def leave(module: nn.Module, args, output) -> None:
+        if active:
+            active.pop().__exit__(None, None, None)
+
+    model.register_forward_pre_hook(enter)
+    model.register_forward_hook(leave, always_call=True)

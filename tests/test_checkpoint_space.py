@@ -28,6 +28,7 @@ def small_disk(tmp_path: Path):
     subprocess.run(["umount", str(disk)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_every_rank_before_the_checkpoint_and_the_run_resumes(tmp_path: Path, small_disk):
     disk, resize = small_disk  # 1800 KB: room for two checkpoints of the tiny model (~740 KB each), not three
     run_dir = disk / "run"
@@ -47,6 +48,7 @@ def test_a_full_disk_stops_every_rank_before_the_checkpoint_and_the_run_resumes(
     assert read_latest(checkpoints).name == "step_00000008"
 
 
+@pytest.mark.slow
 def test_no_room_for_the_first_checkpoint_is_found_from_an_estimate(tmp_path: Path, small_disk):
     disk, resize = small_disk
     resize(300)

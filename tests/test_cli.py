@@ -94,6 +94,7 @@ def test_print_config_shows_the_resolved_config_with_overrides(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_list_key_takes_one_value_as_a_one_element_list(tmp_path):
     """``data.train_shards=shards/train``, the form every user types first, is ``[shards/train]`` (a brace pattern
     stays whole); ``key=`` is the empty list; a value the list's elements cannot hold names the key and the forms."""
@@ -115,6 +116,7 @@ def test_a_list_key_takes_one_value_as_a_one_element_list(tmp_path):
     assert "Setting accelerator to CPU" not in done.stderr and "all_gather_into_tensor" not in done.stderr
 
 
+@pytest.mark.slow
 def test_a_run_already_at_its_last_step_says_so_and_trains_nothing(tmp_path):
     config = str(tiny_config(tmp_path, train={"max_steps": 1}))
     assert cli("train", "--config", config).returncode == 0
@@ -125,6 +127,7 @@ def test_a_run_already_at_its_last_step_says_so_and_trains_nothing(tmp_path):
                                    f"train.max_steps to continue)")
 
 
+@pytest.mark.slow
 def test_a_text_model_that_will_not_export_to_transformers_says_so_at_its_start(tmp_path):
     """Its decoder is fixed in PerceiverForMaskedLM: --print-config and the run's start name every setting that blocks
     the export (the check export makes), before days of training, not after."""
@@ -159,6 +162,7 @@ def test_shipped_configs_are_valid(name):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
 def test_shards_with_more_classes_than_the_model_are_refused_before_training(tmp_path):
     """Shards from ``data_prep shard --label-from-folder`` list their classes: a model with fewer would skip every
     sample whose label it cannot take, so the run is refused at once, naming the key and the value that fits."""

@@ -100,6 +100,7 @@ def _process_gone(pid_file, within: float = 10.0) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_a_pipe_that_stalls_is_killed_and_its_shard_skipped(tmp_path):
     """A ``pipe:`` command that stops sending (a download over a dead connection) is killed with what it started
     after ``data.pipe_stall_timeout_s``; the samples before the stall are kept and the epoch completes."""

@@ -133,6 +133,7 @@ def test_every_missing_source_is_reported_with_its_install_command(tmp_path: Pat
         assert "nothing was built" in err
 
 
+@pytest.mark.slow
 def test_demo_is_deterministic_and_refuses_a_non_empty_output(fakes, tmp_path: Path, capsys):
     args = ["build-demo", *fakes, "--espeak", NO_ESPEAK, "--seed", "3"]
     assert main([*args, "--out", str(tmp_path / "a"), "--workers", "1"]) == 0

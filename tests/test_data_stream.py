@@ -281,6 +281,7 @@ def descendants(pid: int) -> List[int]:
     return [d for child in children(pid) for d in [child] + descendants(child)]
 
 
+@pytest.mark.slow
 def test_workers_started_while_slurm_signals_survive(tmp_path):
     """Each epoch starts new workers, and Slurm may signal the job step while they start: a worker takes SIGTERM and
     SIGUSR1 without effect from its first instruction (before torch's worker loop and our init replace or block its

@@ -29,6 +29,7 @@ def test_profile_steps_write_each_ranks_tables_and_trace(tmp_path, max_steps, pr
     assert sorted(losses(tmp_path / "run")) == list(range(1, max_steps + 1))
 
 
+@pytest.mark.slow
 def test_profile_off_writes_nothing(tmp_path):
     run(tiny_config(tmp_path, train={"max_steps": 2}), nproc=1)
     assert not (tmp_path / "run" / "profile").exists()

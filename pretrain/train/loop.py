@@ -24,7 +24,8 @@ def train_loop(run: Run, preemption: Preemption) -> int:
     """Steps until ``train.max_steps`` (0 returned) or until ``Stopping`` ends the run with its exit code."""
     cfg, engine, progress = run.cfg, run.engine, run.progress
     logbook = Logbook(run)
-    stopping = Stopping(run, preemption, on_save=lambda seconds: logbook.note(checkpoint_time_s=seconds))
+    stopping = Stopping(cfg, run.device, preemption, checkpoint_dir=run.checkpointer.directory,
+                        save=lambda step: logbook.note(checkpoint_time_s=run.checkpointer.save(step)))
     if stopping.signalled_at_start():
         return EXIT_PREEMPTED
     bar = tqdm(total=cfg.train.max_steps, initial=progress.step, disable=run.env.rank != 0 or not cfg.run.progress_bar)

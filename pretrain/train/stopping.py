@@ -7,12 +7,15 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, Optional
 
+import torch
+
 from ..checkpoint import NoRoomError, read_latest
+from ..config import Config
 from ..preemption import EXIT_PREEMPTED, Preemption
 from .distributed import DeferredAgreement, all_gather
-from .run import Run
 
 log = logging.getLogger("pretrain")
 AFTER_EXIT = "a requeued job resumes from the latest checkpoint; a cancelled one ends here"
@@ -41,11 +44,13 @@ class StepEnd:
 class Stopping:
     """The stop and save decisions. A signal and the checkpoint minutes are flags of one rank, ORed over all ranks one
     step late (``DeferredAgreement``: no wait for the GPU); a save follows ``checkpoint.every_steps``, the minutes, a
-    signal and the last step. ``on_save`` gets each save's seconds."""
+    signal and the last step. ``save(step)`` checkpoints (``Checkpointer.save``, raising ``NoRoomError``);
+    ``checkpoint_dir`` is where the checkpoints go. Every rank makes the same calls (collectives)."""
 
-    def __init__(self, run: Run, preemption: Preemption, on_save: Callable[[float], None]):
-        self.run, self.preemption, self.on_save = run, preemption, on_save
-        self.agreement = DeferredAgreement(2, run.device)  # [stop for a signal, checkpoint minutes due]
+    def __init__(self, cfg: Config, device: torch.device, preemption: Preemption, save: Callable[[int], None],
+                 checkpoint_dir: Path):
+        self.cfg, self.preemption, self.save, self.checkpoint_dir = cfg, preemption, save, checkpoint_dir
+        self.agreement = DeferredAgreement(2, device)  # [stop for a signal, checkpoint minutes due]
         self.last_save = time.monotonic()
 
     def signalled_at_start(self) -> bool:
@@ -58,8 +63,8 @@ class Stopping:
 
     def decide(self, step: int) -> StepEnd:
         stop, minutes_due = self.agreement.result()
-        every = self.run.cfg.checkpoint.every_steps
-        last = step == self.run.cfg.train.max_steps
+        every = self.cfg.checkpoint.every_steps
+        last = step == self.cfg.train.max_steps
         return StepEnd(save=bool(every and step % every == 0) or minutes_due or stop or last, stop=stop, last=last)
 
     def end_step(self, step: int, end: StepEnd, metrics: Dict[str, float]) -> Optional[int]:
@@ -72,7 +77,7 @@ class Stopping:
             return EXIT_DIVERGED
         if end.save:
             try:
-                self.on_save(self.run.checkpointer.save(step))
+                self.save(step)
             except NoRoomError as exc:
                 log.error("step %d: %s", step, exc)
                 return EXIT_NO_ROOM
@@ -82,12 +87,12 @@ class Stopping:
                      EXIT_PREEMPTED, AFTER_EXIT)
             return EXIT_PREEMPTED
         if not end.last:  # posted after the save, so a save made for the minutes is not asked for again
-            minutes_due = 0 < self.run.cfg.checkpoint.every_minutes * 60 <= time.monotonic() - self.last_save
+            minutes_due = 0 < self.cfg.checkpoint.every_minutes * 60 <= time.monotonic() - self.last_save
             self.agreement.post([self.preemption.requested, minutes_due])
         return None
 
     def _diverged(self, step: int, diverged: str) -> None:
-        latest = read_latest(self.run.checkpointer.directory)
+        latest = read_latest(self.checkpoint_dir)
         where = (f"the last checkpoint, {latest}, was saved while the loss was finite. Resume from it "
                  f"(--resume auto) or from an earlier one (--resume PATH)" if latest else
                  "no checkpoint was saved. Start again")

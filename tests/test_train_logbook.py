@@ -1,0 +1,58 @@
+"""The log lines on their own (one process, a real gloo group, a real engine and stream): a line every
+run.log_every_steps and at a save, none between; a note (a checkpoint's seconds) in the next line only; evaluation
+every train.eval_every_steps; every line in metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_train_engine import tiny_config
+
+from launch.env import TORCH_VARS, detect_env
+from pretrain.config import load_config
+from pretrain.init_from import plan_start
+from pretrain.model import PerceiverIO
+from pretrain.tracking import METRICS_FILE
+from pretrain.train.distributed import process_group
+from pretrain.train.logbook import Logbook
+from pretrain.train.objective import modality_losses, weighted_total
+from pretrain.train.run import build_run
+
+
+@pytest.mark.slow
+def test_lines_at_log_steps_and_saves_with_notes_and_evaluation(tmp_path, monkeypatch):
+    for name in TORCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    path = tiny_config(tmp_path, data={"num_workers": 0}, run={"log_every_steps": 2},
+                       train={"eval_every_steps": 3, "eval_batches": 1})
+    cfg = load_config(str(path))
+    device = torch.device("cpu")
+    lines = {}
+    with process_group(detect_env({}), device):
+        with torch.device("meta"):
+            init = plan_start(cfg, PerceiverIO(cfg.model), None)
+        run = build_run(cfg, detect_env({}), device, None, init)
+        logbook = Logbook(run)
+        try:
+            for step, save in ((1, False), (2, False), (3, True)):
+                batch = logbook.next_batch()
+                losses = modality_losses(run.engine, batch)
+                loss = weighted_total(losses, cfg.train.loss_weights)
+                run.engine.backward(loss)
+                run.engine.step()
+                logbook.micro_step(batch, loss, losses)
+                run.progress.step, run.progress.samples = step, step * logbook.step_samples
+                if step == 1:
+                    logbook.note(checkpoint_time_s=1.5)
+                lines[step] = logbook.end_step(step, save)
+        finally:
+            run.tracker.finish()
+    assert lines[1] == {}
+    assert lines[2]["checkpoint_time_s"] == 1.5 and lines[2]["samples"] == 2 * logbook.step_samples
+    assert {"loss", "lr", "samples_per_s", "step_time_s", "tflops"} <= set(lines[2]) and "val/loss" not in lines[2]
+    assert "checkpoint_time_s" not in lines[3] and {"loss", "val/loss"} <= set(lines[3])  # a save logs; eval due
+    assert logbook.flops > 0
+    logged = [json.loads(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
+    assert [line["step"] for line in logged] == [2, 3]

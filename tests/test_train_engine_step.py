@@ -21,8 +21,7 @@ from pretrain.train.objective import modality_losses, weighted_total
 
 
 def test_bf16_zero_1_and_2_steps_scan_no_gradient_tensor_for_overflow(tmp_path, monkeypatch):
-    """Both stages in one process group: DeepSpeed keeps its groups in module state, which a second group in the
-    same process would find stale."""
+    """Both stages in one process group, one engine after the other."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     path = tiny_config(tmp_path, train={"precision": "bf16"}, data={"num_workers": 0})

@@ -41,6 +41,7 @@ def process_group(env: DistEnv, device: torch.device,
     defaults are ours while the group lives."""
     import deepspeed
     import deepspeed.ops
+    import deepspeed.utils.groups
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     c10d = dist.distributed_c10d
@@ -59,6 +60,9 @@ def process_group(env: DistEnv, device: torch.device,
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        # DeepSpeed keeps a clone of the world group in module state; a later group in this process (a notebook, a
+        # test) would meet the destroyed one there ("Group ... is not registered").
+        deepspeed.utils.groups._WORLD_GROUP = None
         c10d.default_pg_timeout, c10d.default_pg_nccl_timeout = defaults
 
 

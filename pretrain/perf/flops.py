@@ -6,6 +6,8 @@ from typing import Sequence
 
 import torch
 
+from .attention import tunes
+
 
 def count_flops(model: torch.nn.Module, args: Sequence) -> float:
     """FLOPs of one training micro-step: 3 x a counted forward (backward ~ 2 x forward).
@@ -23,9 +25,11 @@ def count_flops(model: torch.nn.Module, args: Sequence) -> float:
     return 3.0 * counter.get_total_flops()
 
 
-def first_step_flops(model: torch.nn.Module, args: Sequence) -> float:
-    """``count_flops`` after one eager forward outside the counter, which tunes attention for these shapes where the
-    backend tunes: neither compiled code nor a counted forward can time kernels, so a compiled model would otherwise
-    keep the static order."""
-    model._call_impl(*args)
+def first_step_flops(model: torch.nn.Module, args: Sequence, attention_backend: str, compile_mode: str,
+                     device: torch.device) -> float:
+    """``count_flops``; on a compiled model whose attention tunes (``optimize``'s arguments), after one eager forward
+    outside the counter that tunes it for these shapes: neither compiled code nor a counted forward can time kernels,
+    so the compiled graph would otherwise keep the static order."""
+    if compile_mode != "none" and tunes(attention_backend, device):
+        model._call_impl(*args)
     return count_flops(model, args)

@@ -45,8 +45,10 @@ class Logbook:
         self.window.add(data_wait=time.perf_counter() - waited, tokens=input_tokens(batch["inputs"]) * self.world)
         batch = to_device(batch, self.run.device, self.run.dtype)
         if self.flops is None:
-            args = (batch["inputs"], batch["decode"])
-            self.flops = self.gas * self.world * first_step_flops(self.run.engine.module, args)
+            args, cfg = (batch["inputs"], batch["decode"]), self.run.cfg
+            step_flops = first_step_flops(self.run.engine.module, args, cfg.model.attention_backend,
+                                          cfg.train.compile, self.run.device)
+            self.flops = self.gas * self.world * step_flops
         return batch
 
     def micro_step(self, batch: dict, loss: torch.Tensor, losses: Mapping[str, torch.Tensor]) -> None:

@@ -1,7 +1,8 @@
-"""The ``data_prep`` command line: ``shard``, ``build-demo``, ``validate``, ``stats``.
+"""The ``data_prep`` command line: ``shard``, ``index``, ``build-demo``, ``validate``, ``stats``.
 
-Exit codes: 0 done; 1 the data is bad (too many rejects, problems found, nothing to build, a manifest cut off); 2 the
-command cannot run as asked (bad arguments, a non-empty output without ``--overwrite``, a missing manifest or index).
+Exit codes: 0 done; 1 the data is bad (too many rejects, problems found, nothing to build or index, a manifest cut
+off); 2 the command cannot run as asked (bad arguments, a non-empty output without ``--overwrite``, a missing
+manifest or index, shards that cannot be found).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from data_prep.chunking import MIN_CHUNK_BYTES
 from data_prep.demo import SIZES, DemoSources, build_demo
+from data_prep.existing import index_shards
 from data_prep.folder import SUFFIX_FIELD, shard_folder
 from data_prep.index import IndexFileError, ShardIndex, read_index
 from data_prep.manifest import (
@@ -34,7 +36,9 @@ from data_prep.sources import FASHION_DIR, INSTALL_SCRIPT, default_npm_cache
 from data_prep.stats import human_bytes, stats
 from data_prep.validate import validate
 from data_prep.writer import OutputError, ShardLimits, prepare_output
-from pretrain.shard_format import REJECTED_FILE
+from pretrain.shard_format import INDEX_FILE, REJECTED_FILE, is_shard_name
+from pretrain.shards import DataError
+from pretrain.shards.remote import join
 
 MAX_PROBLEMS_SHOWN = 100
 MAX_REASONS_SHOWN = 3  # fields whose rejections the summary shows, the most frequent first
@@ -100,6 +104,12 @@ def _shard_source_error(args: argparse.Namespace) -> str | None:
     if args.resume and args.overwrite:
         return "--resume keeps the outputs an earlier run completed, --overwrite rewrites them: pick one"
     if args.input_dir is not None:
+        shards = sorted(p.name for p in args.input_dir.glob("*") if is_shard_name(p.name)) \
+            if args.input_dir.is_dir() else []
+        if shards:
+            return (f"--input-dir {args.input_dir} holds WebDataset shards ({shards[0]}, ...): they need no "
+                    f"re-sharding; `python -m data_prep index {args.input_dir}` writes their index.json, and "
+                    f"training reads them as they are")
         if args.rename or args.other_fields != "reject":
             return "--rename and --other-fields apply to --manifest lines, not to --input-dir files"
         if args.resume:
@@ -189,20 +199,48 @@ def _build_demo(args: argparse.Namespace) -> int:
     return max(codes)
 
 
-def _validate(args: argparse.Namespace) -> int:
-    report = validate(args.dir, workers=args.workers)
-    for problem in report.problems[:MAX_PROBLEMS_SHOWN]:
+def _print_problems(problems: list) -> None:
+    for problem in problems[:MAX_PROBLEMS_SHOWN]:
         print(problem)
-    if len(report.problems) > MAX_PROBLEMS_SHOWN:
-        print(f"... and {len(report.problems) - MAX_PROBLEMS_SHOWN} more problems")
+    if len(problems) > MAX_PROBLEMS_SHOWN:
+        print(f"... and {len(problems) - MAX_PROBLEMS_SHOWN} more problems")
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def _validate(args: argparse.Namespace) -> int:
+    report = validate(args.spec, workers=args.workers)
+    _print_problems(report.problems)
+    for note in report.notes:
+        print(f"note: {note}")
     count = len(report.problems)
-    verdict = f"{count} problem{'s' * (count != 1)}" if count else "no problems"
-    print(f"{args.dir}: checked {report.shards} shards, {report.samples} samples: {verdict}")
+    verdict = _plural(count, "problem") if count else "no problems"
+    print(f"{args.spec}: checked {_plural(report.shards, 'shard')}, {_plural(report.samples, 'sample')}: {verdict}")
     return 1 if report.problems else 0
 
 
+def _index(args: argparse.Namespace) -> int:
+    code = 0
+    for done in index_shards(args.spec, args.out, args.workers, args.overwrite):
+        _print_problems(done.problems)
+        index, where = done.index, join(done.location, INDEX_FILE)
+        if not index.shards:
+            print(f"error: {done.location}: no shard could be read; nothing was written", file=sys.stderr)
+            code = 1
+            continue
+        left = f"; {_plural(done.unreadable, 'unreadable shard')} left out" if done.unreadable else ""
+        damaged = f"; {_plural(len(done.problems), 'problem')} above (damaged shards are listed with the samples " \
+                  f"they give)" if done.problems else ""
+        fields = ", ".join(f"{name} {count}" for name, count in index.totals("modalities").items()) or "none"
+        print(f"{where}: {_plural(len(index.shards), 'shard')}, {_plural(index.samples, 'sample')} "
+              f"({human_bytes(index.bytes)}; samples per modality: {fields}){left}{damaged}")
+    return code
+
+
 def _stats(args: argparse.Namespace) -> int:
-    print(stats(args.dir))
+    print(stats(args.spec, workers=args.workers))
     return 0
 
 
@@ -265,13 +303,29 @@ def build_parser() -> argparse.ArgumentParser:
     _writing_options(demo)
     demo.set_defaults(run=_build_demo)
 
+    spec_help = ("shards of any writer: a shard directory or a folder of them (build-demo's output), a remote prefix "
+                 "(s3://bucket/c4/, gs://..., http(s)://.../ with index.json), a path, URL or brace pattern of "
+                 "shards (.tar, .tar.gz, .tgz), several joined by ::")
+    index = commands.add_parser("index", help="index.json for existing shards of any writer, local or remote "
+                                              "(read once, in parallel; the shards are not rewritten)")
+    index.add_argument("spec", metavar="SPEC", help=spec_help)
+    index.add_argument("--out", help="where index.json goes: a folder, or an s3:// or gs:// prefix (default: the "
+                                     "shards' own folder or prefix; needed for shards from several places or a web "
+                                     "server); it names shards elsewhere by URL or absolute path")
+    index.add_argument("--overwrite", action="store_true", help="replace an existing index.json")
+    index.add_argument("--workers", type=_positive, default=_default_workers(), help="shards read at once")
+    index.set_defaults(run=_index)
+
     check = commands.add_parser("validate", help="decode every sample, check tars and index; exit 1 on problems")
-    check.add_argument("dir", type=Path, help="a shard directory, or a folder of them (build-demo's output)")
+    check.add_argument("spec", metavar="SPEC", help=spec_help)
     check.add_argument("--workers", type=_positive, default=_default_workers())
     check.set_defaults(run=_validate)
 
-    summary = commands.add_parser("stats", help="samples and bytes per modality, from index.json")
-    summary.add_argument("dir", type=Path, help="a shard directory, or a folder of them (build-demo's output)")
+    summary = commands.add_parser("stats", help="samples and bytes per modality, from index.json (else by reading "
+                                                "the shards)")
+    summary.add_argument("spec", metavar="SPEC", help=spec_help)
+    summary.add_argument("--workers", type=_positive, default=_default_workers(),
+                         help="shards read at once where there is no index")
     summary.set_defaults(run=_stats)
     return parser
 
@@ -281,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (OutputError, IndexFileError) as e:
+    except (OutputError, IndexFileError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head`: stop quietly, and keep Python from complaining at exit

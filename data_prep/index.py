@@ -12,9 +12,9 @@ from pretrain.shard_format import (
     FIELD_MODALITY,
     INDEX_FILE,
     INDEX_FORMAT,
-    SHARD_GLOB,
     WRITING_FILE,
     IndexFileError,
+    is_shard_name,
     layout,
     load_index,
     modalities,
@@ -23,11 +23,12 @@ from pretrain.shard_format import (
 
 @dataclass
 class ShardRecord:
-    """One shard: sample count, file size, samples per modality, payload bytes per modality, samples per layout."""
+    """One shard: sample count, size as stored (None: unknown, in an index written by hand), samples per modality,
+    payload bytes per modality, samples per layout."""
 
     name: str
     samples: int = 0
-    bytes: int = 0
+    bytes: int | None = None
     modalities: dict[str, int] = field(default_factory=dict)
     modality_bytes: dict[str, int] = field(default_factory=dict)
     layouts: dict[str, int] = field(default_factory=dict)
@@ -62,7 +63,8 @@ class ShardIndex:
 
     @property
     def bytes(self) -> int:
-        return sum(s.bytes for s in self.shards)
+        """The shards' size as stored, those of unknown size not counted."""
+        return sum(s.bytes or 0 for s in self.shards)
 
     def totals(self, attribute: str) -> dict[str, int]:
         """Sum of one per-shard count dict (``"modalities"``, ``"modality_bytes"``, ``"layouts"``)."""
@@ -99,11 +101,17 @@ def read_index(directory: Path) -> ShardIndex:
         if (directory / WRITING_FILE).exists():
             raise IndexFileError(f"{path}: not found: the shard run that writes this directory was cut off or is "
                                  f"still going; finish it (the same command with --resume)")
-        raise IndexFileError(f"{path}: not found; `python -m data_prep shard` writes shard directories")
+        raise IndexFileError(f"{path}: not found; `python -m data_prep shard` writes shard directories, "
+                             f"`python -m data_prep index` the index of existing shards")
+    return index_from_json(data, path)
+
+
+def index_from_json(data: dict[str, Any], where: Path | str) -> ShardIndex:
+    """An index parsed by ``pretrain.shard_format`` as a :class:`ShardIndex`."""
     try:
         shards = [ShardRecord(**s) for s in data["shards"]]
     except TypeError as e:
-        raise IndexFileError(f"{path}: bad 'shards' list ({e}); rewrite the directory with data_prep shard") from None
+        raise IndexFileError(f"{where}: bad 'shards' list ({e}); write it anew with data_prep index") from None
     return ShardIndex(shards, data.get("rejected", 0), data.get("info", {}))
 
 
@@ -112,6 +120,6 @@ def shard_dirs(root: Path) -> list[Path]:
     ``train/``, ``val/``; shards without an index are a ``shard`` run cut off, which ``validate`` reports)."""
     if (root / INDEX_FILE).exists() or not root.is_dir():
         return [root]
-    found = sorted(p for p in root.iterdir()
-                   if (p / INDEX_FILE).exists() or (p / WRITING_FILE).exists() or any(p.glob(SHARD_GLOB)))
+    found = sorted(p for p in root.iterdir() if p.is_dir() and (
+        (p / INDEX_FILE).exists() or (p / WRITING_FILE).exists() or any(is_shard_name(q.name) for q in p.iterdir())))
     return found or [root]

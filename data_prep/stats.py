@@ -1,10 +1,12 @@
-"""``stats``: what a shard directory holds, per modality, from its index (no tar is opened, so it is instant)."""
+"""``stats``: what shards hold, per modality: from their index (no tar is opened, so it is instant), or, for shards
+without one (other writers'), by reading them once."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from data_prep.index import ShardIndex, read_index, shard_dirs
+from data_prep.index import ShardIndex
+from data_prep.scan import ScanTask, ShardGroup, scan, shard_groups
 
 
 def human_bytes(size: float) -> str:
@@ -23,11 +25,11 @@ _SHOWN_APART = ("classes", "rejections")  # index.json's info keys with lines of
 def describe(name: str, index: ShardIndex) -> str:
     """A few lines for one shard directory: totals, how it was made (what ``shard --resume`` compares), shard sizes,
     then samples and bytes per modality."""
-    sizes = [s.bytes for s in index.shards] or [0]
+    sizes = [s.bytes or 0 for s in index.shards] or [0]
     made = {key: value for key, value in index.info.items() if key not in _SHOWN_APART and value not in ({}, [], "")}
     lines = [f"{name}: {len(index.shards)} shards, {index.samples} samples, {human_bytes(index.bytes)}, "
              f"{index.rejected} rejected",
-             f"  made with: {', '.join(f'{key} {value}' for key, value in made.items())}",
+             *([f"  made with: {', '.join(f'{key} {value}' for key, value in made.items())}"] if made else []),
              f"  shard size: min {human_bytes(min(sizes))}, mean {human_bytes(sum(sizes) / len(sizes))}, "
              f"max {human_bytes(max(sizes))}",
              f"  {'modality':<10}{'samples':>10}{'share':>9}{'bytes':>12}{'mean':>12}"]
@@ -46,7 +48,21 @@ def describe(name: str, index: ShardIndex) -> str:
     return "\n".join(lines)
 
 
-def stats(root: Path) -> str:
-    """The description of ``root``, or of each shard directory below it (``train/``, ``val/``)."""
-    return "\n".join(describe(str(d.relative_to(root)) if d != root else str(root), read_index(d))
-                     for d in shard_dirs(root))
+def counted(group: ShardGroup, workers: int) -> ShardIndex:
+    """The index of a group's shards, made by reading each of them once (``data_prep index`` writes it)."""
+    tasks = [ScanTask(url, where, check_media=False) for url, where in zip(group.urls, group.wheres)]
+    return ShardIndex([found.record for found in scan(tasks, workers, f"count {group.name}")])
+
+
+def stats(spec: str | Path, workers: int = 1) -> str:
+    """The description of what ``spec`` names: a shard directory, each shard directory below a folder (``train/``,
+    ``val/``), a remote prefix, or a pattern or list of shards."""
+    parts = []
+    for group in shard_groups(spec):
+        if group.index is not None:
+            parts.append(describe(group.name, group.index))
+        else:
+            parts.append(f"{describe(group.name, counted(group, workers))}\n  no index.json: counted by reading "
+                         f"every shard; `python -m data_prep index {group.name}` writes one (then this is instant, "
+                         f"and training knows the epoch length)")
+    return "\n".join(parts)

@@ -32,7 +32,9 @@ SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 20000
 @dataclass(frozen=True)
 class DistEnv:
     """Who this process is in the job. ``launcher`` says where the values came from: torchrun, the deepspeed
-    launcher, ``env`` (RANK/WORLD_SIZE set by hand or by another tool), ``slurm`` (an srun task) or ``single``."""
+    launcher, ``env`` (RANK/WORLD_SIZE set by hand or by another tool), ``slurm`` (an srun task) or ``single``.
+    ``master_port`` 0 (a single process given none): the process group's store binds a free port itself, so no
+    other program can take it between a choice and its use."""
 
     rank: int
     world_size: int
@@ -44,7 +46,8 @@ class DistEnv:
 
 def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
     """The DistEnv of this process. RANK/WORLD_SIZE win over SLURM_* (torchrun started by srun is torchrun);
-    nothing set means one process on a free local port. Inconsistent values raise ValueError naming the variable."""
+    nothing set means one process on a port its store picks. Inconsistent values raise ValueError naming the
+    variable."""
     if "RANK" in environ or "WORLD_SIZE" in environ:
         return _from_torch_vars(environ)
     if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ:
@@ -91,7 +94,8 @@ def backend_for(device: torch.device) -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (a single process needs one for its own process group)."""
+    """A TCP port nobody listens on right now, for a rendezvous of several processes that a helper starts (one
+    process needs none: its store binds a free port itself)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -169,7 +173,7 @@ def _from_slurm(environ: Mapping[str, str]) -> DistEnv:
 
 
 def _single(environ: Mapping[str, str], rank: int = 0, launcher: str = "single") -> DistEnv:
-    """One process: rank 0 of 1, on MASTER_ADDR/MASTER_PORT when given, else a free port of this machine."""
+    """One process: rank 0 of 1, on MASTER_ADDR/MASTER_PORT when given, else on the port its store binds (0)."""
     if rank != 0:
         raise ValueError(f"RANK={rank} must be 0 when WORLD_SIZE=1")
     tasks = environ.get("SLURM_NTASKS", "1")
@@ -177,7 +181,7 @@ def _single(environ: Mapping[str, str], rank: int = 0, launcher: str = "single")
         log.warning("SLURM_NTASKS=%s but this process is not an srun task (no SLURM_STEP_ID): running as one "
                     "process; start the job with srun to use every task", tasks)
     addr = environ.get("MASTER_ADDR", "127.0.0.1")
-    port = _int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else free_port()
+    port = _int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else 0
     return _checked(DistEnv(0, 1, 0, addr, port, launcher), TORCH_VARS)
 
 
@@ -192,7 +196,7 @@ def _checked(env: DistEnv, names: Sequence[str]) -> DistEnv:
     if not 0 <= env.local_rank <= env.rank:
         raise ValueError(f"{local}={env.local_rank} must be in [0, {rank}={env.rank}]: a node's local ranks "
                          "count only processes of lower global rank")
-    if not 0 < env.master_port < 65536:
+    if not 0 < env.master_port < 65536 and not (env.master_port == 0 and env.world_size == 1):
         raise ValueError(f"{port}={env.master_port} is not a TCP port (1-65535)")
     return env
 

@@ -62,11 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_data_paths(cfg) -> None:
-    """Every shard spec names shards (before any process group starts), the model takes every class their indexes
-    list, and evaluation has shards to run on."""
+def check_data_paths(cfg, world_size: int) -> None:
+    """Before any process group starts: every shard spec names shards, the model takes every class their indexes
+    list, evaluation has shards to run on, and the streams can run (``pretrain.data.check_before_start``)."""
     from pretrain.config import ConfigError
-    from pretrain.data import expand_spec, listed_classes
+    from pretrain.data import check_before_start, expand_spec, listed_classes
 
     for key in ("train_shards", "val_shards"):
         for i, spec in enumerate(getattr(cfg.data, key)):
@@ -78,6 +78,7 @@ def check_data_paths(cfg) -> None:
     if cfg.train.eval_every_steps and not cfg.data.val_shards:
         raise ConfigError("data.val_shards: train.eval_every_steps is set but there are no validation shards; give "
                           "data.val_shards or set train.eval_every_steps=0")
+    check_before_start(cfg.data, ["train", "val"] if cfg.train.eval_every_steps else ["train"], world_size)
 
 
 def quiet_deepspeed() -> None:
@@ -115,7 +116,7 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
             refusal = export_refusal(cfg.model)
             print(OmegaConf.to_yaml(config_to_dict(cfg)) + (f"# {refusal}\n" if refusal else ""), end="")
             return 0
-        check_data_paths(cfg)
+        check_data_paths(cfg, env.world_size)
         resume_from: Optional[Path] = resolve_resume(resume, checkpoint_dir(cfg))
         with torch.device("meta"):  # names and shapes only, no memory
             model = PerceiverIO(cfg.model)

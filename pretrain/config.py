@@ -298,17 +298,22 @@ class MaskingConfig:
 class DataConfig:
     """The training/validation stream. Shapes (text length, image size, ...) come from ``ModelConfig``.
 
-    Each entry of ``train_shards``/``val_shards`` is one dataset: a brace pattern (``/d/shard-{000000..000099}.tar``),
-    a directory holding ``index.json`` (or tars, or subdirectories holding ``index.json``), a ``pipe:`` command (brace
-    patterns allowed), or several of these joined by ``::``. Training datasets are mixed by ``weights`` (one per
-    entry; empty = proportional to their sample counts).
-    An epoch is ``epoch_samples`` samples (0 = the sum of the index.json counts) over all ranks. ``require`` lists
+    Each entry of ``train_shards``/``val_shards`` is one dataset: a path, URL or brace pattern of shards
+    (``/d/shard-{000000..000099}.tar``, ``s3://bucket/c4/shard-{0000..0099}.tar.gz``: ``.tar``, ``.tar.gz``,
+    ``.tgz``; ``http(s)://``, ``s3://``, ``gs://``), a directory or remote prefix holding ``index.json`` or shards (a
+    local one also subdirectories holding ``index.json``), a ``pipe:`` command (brace patterns allowed), or several of
+    these joined by ``::``. Training datasets are mixed by ``weights`` (one per entry; empty = proportional to their
+    sample counts).
+    An epoch is ``epoch_samples`` samples over all ranks: 0 = the sum of the index.json counts, which shards without
+    an index lack (``python -m data_prep index SPEC`` writes one; ``val_samples`` likewise). ``require`` lists
     sample keys without which a sample is skipped. ``random_crop`` crops long text and audio at a random offset (else
     from the start). ``pixel_mean``/``pixel_std`` normalise image and video pixels scaled to [0, 1]. ``pin_memory``
     page-locks batches where CUDA is present (a copy from pageable memory makes the host wait for the work queued on
     the GPU, every step); it does nothing elsewhere. ``pipe_stall_timeout_s``: a ``pipe:`` shard's command that sends
     nothing for this long while a worker waits is killed and the rest of its shard skipped (``stalled_shard``), so a
-    download that hangs cannot hang the job (0 = wait forever).
+    download that hangs cannot hang the job (0 = wait forever). ``shard_retries``: a remote or ``pipe:`` shard whose
+    read fails (or stalls) is read again this many times, after 1, 2, 4, ... s, going on after the samples it gave,
+    before the rest of it is skipped and counted.
     """
 
     train_shards: List[str] = field(default_factory=list)
@@ -330,6 +335,7 @@ class DataConfig:
     pixel_mean: List[float] = field(default_factory=lambda: [0.5])
     pixel_std: List[float] = field(default_factory=lambda: [0.5])
     pipe_stall_timeout_s: float = 300.0
+    shard_retries: int = 3
     objective: Dict[str, str] = field(default_factory=dict)
 
 
@@ -350,7 +356,8 @@ def validate_data_config(cfg: DataConfig, model: ModelConfig, prefix: str = "dat
     """Fail early, naming the key, for any value the stream could not run with for this model."""
     for key in ("batch_size", "audio_sample_rate", "prefetch_factor"):
         _require(getattr(cfg, key) > 0, f"{prefix}.{key}", f"must be a positive integer, got {getattr(cfg, key)}")
-    for key in ("num_workers", "shuffle_buffer", "epoch_samples", "val_samples", "seed", "pipe_stall_timeout_s"):
+    for key in ("num_workers", "shuffle_buffer", "epoch_samples", "val_samples", "seed", "pipe_stall_timeout_s",
+                "shard_retries"):
         _require(getattr(cfg, key) >= 0, f"{prefix}.{key}", f"must be >= 0, got {getattr(cfg, key)}")
     if cfg.weights:
         _require(

@@ -43,11 +43,19 @@ REJECTED_FILE = "rejected.jsonl"
 WRITING_FILE = ".writing"
 SHARD_PATTERN = "shard-%06d.tar"
 SHARD_GLOB = "shard-*.tar"
+# What a shard of any writer is called: a tar, gzipped or not (read alike: the reader tells them by their bytes).
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 INDEX_FORMAT = "perceiver-shards/1"
 
 
 class IndexFileError(ValueError):
     """An ``index.json`` that cannot be read; the message names the file, what is wrong and what to do."""
+
+
+def is_shard_name(name: str) -> bool:
+    """Whether a file or object name is a shard's (``a.tar``, ``a.tar.gz``, ``a.tgz``; not a hidden file)."""
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    return base.endswith(SHARD_SUFFIXES) and not base.startswith(".")
 
 
 def layout(fields: Iterable[str]) -> str:
@@ -65,8 +73,8 @@ def modalities(fields: Iterable[str]) -> Set[str]:
 
 
 def load_index(directory: Union[str, Path]) -> Optional[Dict[str, Any]]:
-    """``directory/index.json`` parsed and checked (a ``shards`` list of ``name`` and ``samples``, ``format`` ours
-    when given), or None when there is none. Raises :class:`IndexFileError`."""
+    """``directory/index.json`` parsed and checked (:func:`check_index`), or None when there is none. Raises
+    :class:`IndexFileError`."""
     path = Path(directory) / INDEX_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -74,15 +82,21 @@ def load_index(directory: Union[str, Path]) -> Optional[Dict[str, Any]]:
         return None
     except (OSError, ValueError) as exc:
         raise _bad(path, str(exc)) from None
+    return check_index(data, path)
+
+
+def check_index(data: Any, where: Union[str, Path]) -> Dict[str, Any]:
+    """A parsed index checked: a ``shards`` list of ``name`` and ``samples``, ``format`` ours when given. Raises
+    :class:`IndexFileError` naming ``where``."""
     if not isinstance(data, dict):
-        raise _bad(path, "not a JSON object")
+        raise _bad(where, "not a JSON object")
     if data.get("format", INDEX_FORMAT) != INDEX_FORMAT:
-        raise _bad(path, f"'format' is {data['format']!r}, not {INDEX_FORMAT!r}")
+        raise _bad(where, f"'format' is {data['format']!r}, not {INDEX_FORMAT!r}")
     shards = data.get("shards")
     if not isinstance(shards, list) or not all(
             isinstance(s, dict) and isinstance(s.get("name"), str) and type(s.get("samples")) is int
             and s["samples"] >= 0 for s in shards):
-        raise _bad(path, "'shards' must be a list of {\"name\": ..., \"samples\": N}")
+        raise _bad(where, "'shards' must be a list of {\"name\": ..., \"samples\": N}")
     return data
 
 
@@ -101,7 +115,7 @@ def who_writes(directory: Union[str, Path]) -> Optional[str]:
         return None
 
 
-def _bad(path: Path, detail: str) -> IndexFileError:
+def _bad(path: Union[str, Path], detail: str) -> IndexFileError:
     return IndexFileError(f"{path}: not a valid shard index ({detail}); expected {{\"shards\": [{{\"name\": ..., "
-                          f"\"samples\": N}}, ...]}}: rewrite the directory with `python -m data_prep shard`, or "
-                          f"delete the file")
+                          f"\"samples\": N}}, ...]}}: write it anew with `python -m data_prep index` (or `shard`), "
+                          f"or delete the file")

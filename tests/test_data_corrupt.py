@@ -18,7 +18,7 @@ from test_data_shards import (
 )
 
 from pretrain.data import DataError, DataStream
-from pretrain.data.reader import SkipCounter, read_shard
+from pretrain.shards import SkipCounter, read_shard
 
 
 def _damaged_media(shard: int, i: int) -> dict:

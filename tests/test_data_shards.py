@@ -169,11 +169,11 @@ def test_missing_shard_and_directory_without_shards_are_clear_errors(tmp_path):
     write_shards(tmp_path, [2])
     with pytest.raises(DataError, match=r"data.train_shards\[1\]: shard .*shard-000001.tar.* does not exist"):
         expand_spec(str(tmp_path / "shard-{000000..000001}.tar"), "data.train_shards[1]")
-    with pytest.raises(DataError, match=r"k: 'https://h/shard-000000.tar': a URL is read through a command, which "
-                                        r"the stall guard watches: pipe:curl -sfL https://h/shard-000000.tar"):
-        expand_spec("https://h/shard-{000000..000001}.tar", "k")
+    with pytest.raises(DataError, match=r"k: 'ftp://h/shard-000000.tar': unknown scheme; shards are paths, "
+                                        r"http\(s\)://, s3:// or gs:// URLs, or pipe:COMMAND"):
+        expand_spec("ftp://h/shard-{000000..000001}.tar", "k")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="neither index.json nor"):
+    with pytest.raises(DataError, match=r"neither index.json nor shards \(\*.tar, \*.tar.gz, \*.tgz\)"):
         expand_spec(str(tmp_path / "empty"), "k")
     (tmp_path / "index.json").write_text("{not json")
     with pytest.raises(DataError, match="not a valid shard index"):

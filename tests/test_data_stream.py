@@ -27,7 +27,8 @@ from test_train_engine import ROOT, children, ended, rank_and_workers
 from pretrain import vocab
 from pretrain.config import ConfigError, MaskingConfig
 from pretrain.data import IGNORE_INDEX, DataError, DataStream
-from pretrain.data.reader import SkipCounter, sample_selector
+from pretrain.data.reader import sample_selector
+from pretrain.shards import SkipCounter
 from pretrain.model.perceiver import PerceiverIO
 
 
@@ -244,11 +245,11 @@ def test_text_only_stream_passes_over_samples_without_text(tmp_path, caplog):
 
     counter = SkipCounter()  # the workers' counting, in this process: the unused sample logs nothing
     select = sample_selector([], ["txt"])
-    with caplog.at_level(logging.WARNING, logger="pretrain.data.reader"):
+    with caplog.at_level(logging.WARNING, logger="pretrain.shards.read"):
         assert select({"__key__": "a", "__url__": "u", "png": b""}, counter) is None
         assert select({"__key__": "b", "__url__": "u", "json": b""}, counter) is None
     assert counter.total == {"unused": 1, "no_usable_modality": 1}
-    assert [r.getMessage() for r in caplog.records if r.name == "pretrain.data.reader"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "pretrain.shards.read"] == [
         "data: skipped no_usable_modality at u:b: keys ['__key__', '__url__', 'json']"]
 
 

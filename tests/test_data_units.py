@@ -14,7 +14,7 @@ from pretrain.config import ConfigError, DataConfig, ImageConfig, ModelConfig, T
 from pretrain.data.decode import DecodeError, decode
 from pretrain.data.masking import num_predicted, patch_positions, span_positions, text_positions
 from pretrain.data.plan import balanced_split, batches_before, first_batch
-from pretrain.data.specs import Shard
+from pretrain.shards import Shard
 from pretrain.data.transforms import crop_or_pad, resample, to_pixels
 
 

@@ -59,8 +59,9 @@ def saved_module(run_dir: Path) -> dict:
 
 
 def export_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m pretrain export`` under umask 022, as a login shell has it."""
     return subprocess.run([sys.executable, "-m", "pretrain", "export", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, umask=0o022)
 
 
 @pytest.mark.slow
@@ -78,6 +79,10 @@ def test_export_of_a_zero2_run_is_the_trained_model(zero2_run, tmp_path):
     assert val_loss(model, zero2_run) == pytest.approx(metrics(zero2_run)[STEPS]["val/loss"], rel=1e-5)
     with safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as weights:
         assert weights.metadata() == {"checkpoint": str(tag_dir.resolve()), "step": str(STEPS)}
+    # readable by the group and others, as the umask allows (safetensors alone writes 0600)
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "model").iterdir()} == {
+        "model.safetensors": 0o644, "config.yaml": 0o644}
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
 
 
 @pytest.mark.slow

@@ -116,10 +116,14 @@ def test_compressed_nodelists_by_scontrol_as_the_parser_reads_them(nodelist, hos
     assert first_host(nodelist) == hosts[0]
 
 
-def test_nothing_set_is_one_process_on_a_free_port():
+def test_nothing_set_is_one_process_on_the_port_its_store_binds():
+    """No port is picked and released before the process group binds it (another job could take it between):
+    port 0, and the store binds a free one itself."""
     env = detect_env({})
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (0, 1, 0, "127.0.0.1", "single")
-    assert port_is_free(env.master_port)
+    assert env.master_port == 0
+    with pytest.raises(ValueError, match="MASTER_PORT=0 is not a TCP port"):  # only a single process may leave it open
+        detect_env({**TORCH_VARS, "MASTER_PORT": "0"})
 
 
 def test_batch_shell_is_one_process(caplog):

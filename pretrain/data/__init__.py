@@ -1,8 +1,9 @@
 """The WebDataset stream: shard specs -> per-rank, per-worker readers -> decode, transform, mask -> batches.
 
 ``DataStream(data_cfg, model_cfg, rank, world_size, split)`` is the one entry point; ``for batch in stream`` yields
-one epoch. This package imports ``pretrain.config``, ``pretrain.vocab``, ``pretrain.shard_format`` and
-``pretrain.patches``, never ``pretrain.model``.
+one epoch. This package imports ``pretrain.config``, ``pretrain.vocab``, ``pretrain.shard_format``,
+``pretrain.shards`` (shard specs and reading, shared with ``data_prep``) and ``pretrain.patches``, never
+``pretrain.model``.
 
 Sample schema (webdataset keys, any subset per sample): ``txt`` UTF-8 text, ``png``/``jpg`` image, ``flac``/``wav``
 audio, ``npy`` (T, H, W, C uint8) or ``mp4`` video, ``cls`` integer label, ``json`` metadata (not read).
@@ -33,7 +34,9 @@ reads it: the model enables it and ``data.objective`` names it, or is empty; ``a
 """
 
 from .collate import IGNORE_INDEX, BatchBuilder
-from .specs import DataError, Shard, expand_spec, listed_classes
+from ..shards import DataError, Shard, expand_spec, listed_classes
+from .plan import check_before_start
 from .stream import DataStream
 
-__all__ = ["DataStream", "DataError", "BatchBuilder", "IGNORE_INDEX", "Shard", "expand_spec", "listed_classes"]
+__all__ = ["DataStream", "DataError", "BatchBuilder", "IGNORE_INDEX", "Shard", "check_before_start", "expand_spec",
+           "listed_classes"]

@@ -86,7 +86,7 @@ class BatchBuilder:
             if self.labels and key in sample:
                 row["label"] = self._label(decode(key, sample[key]))
         except Exception as exc:  # noqa: BLE001 -- odd media content makes PIL/numpy/torch raise anything
-            counter.skip(f"undecodable:{key}", f"{sample['__url__']}:{sample['__key__']}", exc)
+            counter.skip(f"undecodable:{key}", sample["__url__"], exc, sample["__key__"])
             return None
         return row
 

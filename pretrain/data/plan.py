@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import heapq
 import random
+import shlex
 from dataclasses import dataclass
-from typing import List
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
 from ..config import DataConfig
-from .specs import DataError, Shard, expand_spec, total_samples
+from ..shards import PIPE_PREFIX, DataError, Shard, expand_spec, is_remote, total_samples
+from ..shards.read import first_sample_error
 
 SPLITS = {"train": 0, "val": 1}
 # Purposes of the per-worker random streams, so no two choices share one.
@@ -25,6 +27,7 @@ class Dataset:
     """One entry of ``data.train_shards``/``val_shards``: its shards and mixing weight."""
 
     key: str
+    spec: str
     shards: List[Shard]
     weight: float
 
@@ -57,24 +60,50 @@ def load_datasets(cfg: DataConfig, split: str) -> List[Dataset]:
         weights = [float(c) for c in counts]
     else:
         weights = [1.0] * len(specs)
-    return [Dataset(f"data.{name}[{i}]", s, w) for i, (s, w) in enumerate(zip(shards, weights)) if w > 0]
+    return [Dataset(f"data.{name}[{i}]", spec, s, w)
+            for i, (spec, s, w) in enumerate(zip(specs, shards, weights)) if w > 0]
+
+
+def epoch_size(cfg: DataConfig, split: str) -> Tuple[int, str]:
+    """The configured samples per epoch of ``split`` (0: the index counts) and the key that sets it."""
+    return (cfg.epoch_samples, "data.epoch_samples") if split == "train" else (cfg.val_samples, "data.val_samples")
 
 
 def epoch_batches(datasets: List[Dataset], samples: int, samples_key: str, world_size: int, batch_size: int) -> int:
     """Batches every rank yields per epoch: the epoch's samples (configured, or the index counts) split evenly."""
     if samples == 0:
         counts = [total_samples(d.shards) for d in datasets]
-        unknown = [d.key for d, c in zip(datasets, counts) if c is None]
+        unknown = [d for d, c in zip(datasets, counts) if c is None]
         if unknown:
-            raise DataError(f"{', '.join(unknown)}: sample counts unknown (no index.json lists these shards); set "
-                            f"{samples_key} to the samples per epoch, or write the shards with `python -m data_prep "
-                            f"shard`, which adds index.json")
+            first = unknown[0]
+            raise DataError(
+                f"{', '.join(d.key for d in unknown)}: the samples per epoch are unknown, no index.json lists "
+                f"these shards' counts; `python -m data_prep index {shlex.quote(first.spec)}` writes one (reading "
+                f"every shard once, in parallel; into the shards' folder, or --out DIR for remote shards: then "
+                f"train on DIR), or set {samples_key} to the samples per epoch")
         samples = sum(counts)
     batches = samples // (world_size * batch_size)
     if batches == 0:
-        raise DataError(f"an epoch of {samples} samples is less than one batch per rank (world size {world_size} x "
-                        f"data.batch_size {batch_size}); lower data.batch_size or raise {samples_key}")
+        shards_key = samples_key.replace("epoch_samples", "train_shards").replace("val_samples", "val_shards")
+        raise DataError(f"{shards_key}: an epoch of {samples} samples is less than one batch per rank (world size "
+                        f"{world_size} x data.batch_size {batch_size}); lower data.batch_size or raise {samples_key}")
     return batches
+
+
+def check_before_start(cfg: DataConfig, splits: Sequence[str], world_size: int) -> None:
+    """What would stop the stream once the job runs, found before it starts (each raises :class:`DataError` naming
+    the key): specs that name no shards, epochs of unknown length or under one batch per rank, too few shards for the
+    readers, and remote datasets whose first shard cannot be read (address, bucket, credentials)."""
+    for split in splits:
+        datasets = load_datasets(cfg, split)
+        check_readers(datasets, world_size, max(1, cfg.num_workers), cfg.resample)
+        epoch_batches(datasets, *epoch_size(cfg, split), world_size, cfg.batch_size)
+        for dataset in datasets:
+            first = dataset.shards[0].url
+            if first.startswith(PIPE_PREFIX) or is_remote(first):
+                error = first_sample_error(first, cfg.pipe_stall_timeout_s)
+                if error is not None:
+                    raise DataError(f"{dataset.key}: its first shard cannot be read: {error}")
 
 
 def check_readers(datasets: List[Dataset], world_size: int, workers: int, resample: bool) -> None:

@@ -44,11 +44,12 @@ from ..config import DataConfig, ModelConfig, data_roles, validate_data_config
 from ..shard_format import LABEL_FIELD, MODALITY_FIELDS, layout_fields, modalities
 from .collate import BatchBuilder
 from .plan import (
-    MIX, SHUFFLE, SOURCE, SPLITS, Dataset, batch_rng, batches_before, check_readers, epoch_batches, first_batch,
-    load_datasets, python_rng, worker_shards,
+    MIX, SHUFFLE, SOURCE, SPLITS, Dataset, batch_rng, batches_before, check_readers, epoch_batches, epoch_size,
+    first_batch, load_datasets, python_rng, worker_shards,
 )
-from .reader import MEDIA_KEYS, Sample, SkipCounter, sample_selector, shard_samples
-from .specs import DataError, Shard, unread_layouts
+from ..shards import DataError, Shard, SkipCounter
+from ..shards.specs import unread_layouts
+from .reader import MEDIA_KEYS, Sample, sample_selector, shard_samples
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def raw_samples(plan: StreamPlan, epoch: int, worker: int, counter: SkipCounter)
         shard_samples(
             plan.shards(epoch, worker, i), python_rng(*ids, SOURCE, i), plan.data.resample, select, counter,
             where=f"{dataset.key} (rank {plan.rank}, worker {worker}, epoch {epoch})",
-            stall_timeout_s=plan.data.pipe_stall_timeout_s,
+            stall_timeout_s=plan.data.pipe_stall_timeout_s, retries=plan.data.shard_retries,
         )
         for i, dataset in enumerate(plan.datasets)
     ]
@@ -261,9 +262,7 @@ class DataStream:
         datasets = load_datasets(data, split)
         workers = max(1, data.num_workers)
         check_readers(datasets, world_size, workers, data.resample)
-        samples, samples_key = (data.epoch_samples, "data.epoch_samples") if split == "train" else (
-            data.val_samples, "data.val_samples")
-        batches = epoch_batches(datasets, samples, samples_key, world_size, data.batch_size)
+        batches = epoch_batches(datasets, *epoch_size(data, split), world_size, data.batch_size)
         if rank == 0:
             announce_unread(datasets, data, model, split)
         self.plan = StreamPlan(model, data, split, datasets, rank, world_size, workers, batches)
@@ -308,7 +307,7 @@ class DataStream:
         )
 
     def skipped(self) -> Dict[str, int]:
-        """Skipped data by reason (see ``pretrain.data.reader``) since the run began, this rank only."""
+        """Skipped data by reason (see ``pretrain.shards.read`` and ``pretrain.data.reader``) since the run began, this rank only."""
         return dict(self._skipped)
 
     def shards(self, epoch: int, worker: int) -> List[str]:

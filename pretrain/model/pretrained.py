@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +31,7 @@ def save_pretrained(model: PerceiverIO, path: Union[str, Path], metadata: Option
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path / WEIGHTS), metadata=metadata)
+    _save_weights(state, path / WEIGHTS, metadata)
     # A model directory is self-contained: the weights a run started from are in these, not to be loaded again.
     config = model_config_to_dict(replace(model.config, init_from=""))
     OmegaConf.save(OmegaConf.create({"model": config}), path / CONFIG)
@@ -48,8 +49,16 @@ def save_hf_pretrained(model: PerceiverIO, path: Union[str, Path], metadata: Opt
                                 encoder_only)
     path.mkdir(parents=True, exist_ok=True)
     (path / HF_CONFIG).write_text(json.dumps(hf_config, indent=2))
-    save_file(state, str(path / WEIGHTS), metadata={**(metadata or {}), "format": "pt"})
+    _save_weights(state, path / WEIGHTS, {**(metadata or {}), "format": "pt"})
     return path
+
+
+def _save_weights(state: Dict[str, torch.Tensor], path: Path, metadata: Optional[Dict[str, str]]) -> None:
+    """``save_file``, with the permissions of any file this process makes: safetensors writes its files 0600."""
+    save_file(state, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def state_mismatch(have: Mapping[str, Sequence[int]], want: Mapping[str, Sequence[int]]) -> str:

@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ..data.reader import UNUSED
+from ..shards.read import UNUSED
 from .distributed import all_gather
 
 # Dense bf16 peak FLOP/s per GPU, by a substring of the device name; MFU is left out for others.

@@ -77,8 +77,8 @@ def build_run(cfg: Config, env: DistEnv, device: torch.device, resume_from: Opti
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, env.rank)
-    log.info("rank %d of %d (%s launcher), master %s:%d, %s", env.rank, env.world_size, env.launcher,
-             env.master_addr, env.master_port, device)
+    log.info("rank %d of %d (%s launcher), master %s:%s, %s", env.rank, env.world_size, env.launcher,
+             env.master_addr, env.master_port or "(a free port)", device)
     resolved = config_to_dict(cfg)
     if env.rank == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))

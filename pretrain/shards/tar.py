@@ -3,14 +3,14 @@
 ``tarfile`` builds header objects for every member (webdataset's TarWriter adds a pax header to every file unless its
 ``mtime`` is an int, as data_prep's is), which alone caps a data worker's members per second. Shards need
 only (name, bytes) of regular files in order, so this parses the 512-byte headers directly: ustar names with prefix,
-pax ``path``/``size`` records, GNU long names, base-256 sizes, checksums. Damage raises :class:`TarError`; an
-archive ending at a member boundary ends quietly, like tarfile. Gzipped shards (``.tar.gz``/``.tgz``) are
-decompressed on the fly.
+pax ``path``/``size`` records, GNU long names, base-256 sizes, checksums. Damage raises :class:`TarError`, and so
+does an archive that ends without its end-of-archive block (a file cut at a member boundary, which tarfile passes
+quietly: its last sample may lack files). Reading stops at that block: what follows (the writer's padding) is the
+caller's to consume (``pretrain.shards.read``). Decompression happens before (``pretrain.shards.opener``).
 """
 
 from __future__ import annotations
 
-import gzip
 import re
 import struct
 import tarfile
@@ -23,17 +23,18 @@ _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata files, skipped as
 
 
 class TarError(ValueError):
-    """The archive is damaged at this point; ``member`` names the file being read, when its header was intact."""
+    """The archive is damaged at this point; ``member`` names the file being read, when its header was intact;
+    ``at_end``: the data stopped there (a cut file, or a command that ended early)."""
 
-    def __init__(self, message: str, member: str = ""):
+    def __init__(self, message: str, member: str = "", at_end: bool = False):
         super().__init__(f"{message} in {member!r}" if member else message)
-        self.member = member
+        self.member, self.at_end = member, at_end
 
 
 def _read(stream: BinaryIO, size: int) -> bytes:
     data = stream.read(size)
     if len(data) != size:
-        raise TarError(f"unexpected end of data (wanted {size} bytes, got {len(data)})")
+        raise TarError(f"unexpected end of data (wanted {size} bytes, got {len(data)})", at_end=True)
     return data
 
 
@@ -75,17 +76,20 @@ def _name(header: bytes) -> str:
     return name.decode("utf-8", "surrogateescape")
 
 
-def tar_members(stream: BinaryIO, url: str = "") -> Iterator[Tuple[str, bytes]]:
-    """(name, content) of every regular file of the tar in ``stream``, in archive order."""
-    if url.endswith((".gz", ".tgz")):
-        stream = gzip.GzipFile(fileobj=stream)
+def tar_members(stream: BinaryIO) -> Iterator[Tuple[str, bytes]]:
+    """(name, content) of every regular file of the tar in ``stream``, in archive order, up to the end-of-archive
+    block."""
     override: Dict[str, str] = {}
+    last = ""
     while True:
         header = stream.read(BLOCK)
-        if not header or header == _ZERO:
+        if header == _ZERO:
             return
+        if not header:
+            raise TarError(f"the archive ends without its end-of-archive block: the file was cut after {last!r}"
+                           if last else "no data", at_end=True)
         if len(header) < BLOCK:
-            raise TarError("unexpected end of data (partial header)")
+            raise TarError("unexpected end of data (partial header)", at_end=True)
         _check(header)
         kind = header[156:157]
         size = int(override["size"]) if "size" in override and kind in _REGULAR else _number(header[124:136])
@@ -93,7 +97,7 @@ def tar_members(stream: BinaryIO, url: str = "") -> Iterator[Tuple[str, bytes]]:
             data = _read(stream, size)
             _read(stream, -size % BLOCK)
         except TarError as exc:
-            raise TarError(str(exc), override.get("path") or _name(header)) from None
+            raise TarError(str(exc), override.get("path") or _name(header), exc.at_end) from None
         if kind == b"x":
             override = _pax_records(data)
         elif kind == b"L":
@@ -101,7 +105,7 @@ def tar_members(stream: BinaryIO, url: str = "") -> Iterator[Tuple[str, bytes]]:
         elif kind in (b"g", b"K"):
             continue
         else:
-            name = override.get("path") or _name(header)
+            name = last = override.get("path") or _name(header)
             override = {}
             if kind in _REGULAR and not _META.match(name):
                 yield name, data

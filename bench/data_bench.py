@@ -104,10 +104,9 @@ def model_config(kind: str) -> ModelConfig:
     )
 
 
-def plain_rate(directory: Path, workers: int, batch_size: int) -> float:
-    """Samples/s of plain webdataset over the same tars: read, group, batch as lists in the workers (so both sides
-    pay inter-process transfer per batch), no decoding."""
-    urls = sorted(str(p) for p in directory.glob("*.tar"))
+def plain_rate(urls: List[str], workers: int, batch_size: int) -> float:
+    """Samples/s of plain webdataset over the tars (paths, or URLs it reads with its own curl): read, group, batch
+    as lists in the workers (so both sides pay inter-process transfer per batch), no decoding."""
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).batched(batch_size, collation_fn=None)
     start, count = time.perf_counter(), 0
     for batch in DataLoader(dataset, batch_size=None, num_workers=workers):
@@ -115,9 +114,10 @@ def plain_rate(directory: Path, workers: int, batch_size: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def stream_rate(directory: Path, kind: str, workers: int, batch_size: int) -> float:
-    """Samples/s of one epoch of the full stream over every sample once (its shuffle buffer included)."""
-    cfg = DataConfig(train_shards=[str(directory)], batch_size=batch_size, num_workers=workers,
+def stream_rate(spec: Path | str, kind: str, workers: int, batch_size: int) -> float:
+    """Samples/s of one epoch of the full stream over every sample once (its shuffle buffer included); ``spec``: a
+    shard directory, or any other ``data.train_shards`` entry."""
+    cfg = DataConfig(train_shards=[str(spec)], batch_size=batch_size, num_workers=workers,
                      pixel_mean=[0.5], pixel_std=[0.5])
     stream = DataStream(cfg, model_config(kind))
     start, count = time.perf_counter(), 0
@@ -148,7 +148,8 @@ def main(argv: List[str] | None = None) -> None:
         print(f"{'shards':<11} {'workers':>7} {'plain/s':>9} {'stream/s':>9} {'ratio':>6} {'target':>7}")
         for kind, directory in dirs.items():
             for workers in args.workers:
-                plain = max(plain_rate(directory, workers, args.batch_size) for _ in range(args.repeat))
+                urls = sorted(str(p) for p in directory.glob("*.tar"))
+                plain = max(plain_rate(urls, workers, args.batch_size) for _ in range(args.repeat))
                 ours = max(stream_rate(directory, kind, workers, args.batch_size) for _ in range(args.repeat))
                 rows.append({"shards": kind, "workers": workers, "plain": plain, "stream": ours,
                              "ratio": ours / plain, "target": TARGETS[kind]})

@@ -210,20 +210,26 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'s' * (count != 1)}"
 
 
+def _joined(specs: list[str]) -> str:
+    """Several SPEC arguments (a shell's glob of shards) as one list."""
+    return "::".join(specs)
+
+
 def _validate(args: argparse.Namespace) -> int:
-    report = validate(args.spec, workers=args.workers)
+    spec = _joined(args.spec)
+    report = validate(spec, workers=args.workers)
     _print_problems(report.problems)
     for note in report.notes:
         print(f"note: {note}")
     count = len(report.problems)
     verdict = _plural(count, "problem") if count else "no problems"
-    print(f"{args.spec}: checked {_plural(report.shards, 'shard')}, {_plural(report.samples, 'sample')}: {verdict}")
+    print(f"{spec}: checked {_plural(report.shards, 'shard')}, {_plural(report.samples, 'sample')}: {verdict}")
     return 1 if report.problems else 0
 
 
 def _index(args: argparse.Namespace) -> int:
     code = 0
-    for done in index_shards(args.spec, args.out, args.workers, args.overwrite):
+    for done in index_shards(_joined(args.spec), args.out, args.workers, args.overwrite):
         _print_problems(done.problems)
         index, where = done.index, join(done.location, INDEX_FILE)
         if not index.shards:
@@ -240,7 +246,7 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    print(stats(args.spec, workers=args.workers))
+    print(stats(_joined(args.spec), workers=args.workers))
     return 0
 
 
@@ -304,11 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_build_demo)
 
     spec_help = ("shards of any writer: a shard directory or a folder of them (build-demo's output), a remote prefix "
-                 "(s3://bucket/c4/, gs://..., http(s)://.../ with index.json), a path, URL or brace pattern of "
-                 "shards (.tar, .tar.gz, .tgz), several joined by ::")
+                 "(s3://bucket/c4/, gs://..., http(s)://.../ with index.json), paths, URLs or brace patterns of "
+                 "shards (.tar, .tar.gz, .tgz); several are one list (as SPEC::SPEC)")
     index = commands.add_parser("index", help="index.json for existing shards of any writer, local or remote "
                                               "(read once, in parallel; the shards are not rewritten)")
-    index.add_argument("spec", metavar="SPEC", help=spec_help)
+    index.add_argument("spec", metavar="SPEC", nargs="+", help=spec_help)
     index.add_argument("--out", help="where index.json goes: a folder, or an s3:// or gs:// prefix (default: the "
                                      "shards' own folder or prefix; needed for shards from several places or a web "
                                      "server); it names shards elsewhere by URL or absolute path")
@@ -317,13 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     index.set_defaults(run=_index)
 
     check = commands.add_parser("validate", help="decode every sample, check tars and index; exit 1 on problems")
-    check.add_argument("spec", metavar="SPEC", help=spec_help)
+    check.add_argument("spec", metavar="SPEC", nargs="+", help=spec_help)
     check.add_argument("--workers", type=_positive, default=_default_workers())
     check.set_defaults(run=_validate)
 
     summary = commands.add_parser("stats", help="samples and bytes per modality, from index.json (else by reading "
                                                 "the shards)")
-    summary.add_argument("spec", metavar="SPEC", help=spec_help)
+    summary.add_argument("spec", metavar="SPEC", nargs="+", help=spec_help)
     summary.add_argument("--workers", type=_positive, default=_default_workers(),
                          help="shards read at once where there is no index")
     summary.set_defaults(run=_stats)

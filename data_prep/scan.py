@@ -25,7 +25,7 @@ from pretrain.shards.remote import RemoteError, join, list_objects
 from pretrain.shards.specs import REMOTE_TIMEOUT_S
 from pretrain.shards.specs import read_index as read_any_index
 
-STALL_TIMEOUT_S = 300.0  # a remote shard whose command sends nothing this long is given up (as data.pipe_stall_timeout_s)
+STALL_TIMEOUT_S = 300.0  # a remote shard sending nothing this long is given up (data.pipe_stall_timeout_s's default)
 RETRIES = 3  # as data.shard_retries
 _SKIP_WORDS = {
     "unreadable_shard": "cannot be read",
@@ -69,7 +69,8 @@ class ScanTask:
 @dataclass
 class ShardScan:
     """What one read of a shard found: its record (samples, stored bytes, layouts), sample keys per layout, problems,
-    and the samples holding each field that no modality reads (``caption``: written by other tools, never trained on)."""
+    and the samples holding each field that no modality reads (``caption``: other tools write it, training skips
+    it)."""
 
     record: ShardRecord
     keys: dict[str, list[str]]

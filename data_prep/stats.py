@@ -3,6 +3,7 @@ without one (other writers'), by reading them once."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from data_prep.index import ShardIndex
@@ -63,6 +64,6 @@ def stats(spec: str | Path, workers: int = 1) -> str:
             parts.append(describe(group.name, group.index))
         else:
             parts.append(f"{describe(group.name, counted(group, workers))}\n  no index.json: counted by reading "
-                         f"every shard; `python -m data_prep index {group.name}` writes one (then this is instant, "
-                         f"and training knows the epoch length)")
+                         f"every shard; `python -m data_prep index {shlex.quote(group.name)}` writes one (then this "
+                         f"is instant, and training knows the epoch length)")
     return "\n".join(parts)

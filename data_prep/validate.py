@@ -7,6 +7,7 @@ epoch length known.
 
 from __future__ import annotations
 
+import shlex
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,7 @@ def _check_group(group: ShardGroup, workers: int, report: Report) -> None:
             report.problems += _compare(task.where, record, found.record, found.keys)
     if group.index is None:
         report.notes.append(f"{group.name}: no {INDEX_FILE}: counted by reading; `python -m data_prep index "
-                            f"{group.name}` writes one, which makes the epoch length known to training")
+                            f"{shlex.quote(group.name)}` writes one, which makes the epoch length known to training")
     if unread:
         fields = ", ".join(f".{name} ({count} samples)" for name, count in unread.most_common())
         report.notes.append(f"{group.name}: fields no modality reads, passed over by training: {fields}")

@@ -9,5 +9,7 @@ command -v g++ >/dev/null || bash scripts/apt_install.sh g++  # torch.compile on
 command -v slurmctld >/dev/null || bash scripts/apt_install.sh slurmctld slurmd slurm-client munge
 # tests/test_checkpoint_space.py mounts a small tmpfs (a disk that fills up)
 command -v mount >/dev/null || bash scripts/apt_install.sh mount
+# http(s):// shards are read through curl (tests/test_shards_remote.py)
+command -v curl >/dev/null || bash scripts/apt_install.sh curl
 # two workers, each taking whole files (module fixtures, the one Slurm cluster): 2 cores sit half idle otherwise
 python3 -m pytest -q -ra -n 2 --dist loadfile --durations=20 "$@"

@@ -13,12 +13,13 @@ skips counted here and by the batch builder:
 
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import Callable, Iterator, List, Optional, Sequence
 
 from ..shard_format import FIELD_MODALITY, META_FIELD
-from ..shards import DataError, Shard, SkipCounter, read_shard
-from ..shards.read import UNUSED, Sample
+from ..shards import DataError, Shard, SkipCounter
+from ..shards.read import UNUSED, Sample, read_shards
 
 MEDIA_KEYS = frozenset(FIELD_MODALITY) - {META_FIELD}
 
@@ -59,13 +60,19 @@ def shard_samples(
     rank's batch quota; raises once every shard has been read without yielding a sample, instead of spinning."""
     urls = [shard.url for shard in shards]
     weights = [shard.samples for shard in shards] if all(s.samples for s in shards) else None
+
+    def passes() -> Iterator[str]:
+        order = list(urls)
+        while True:
+            yield from rng.choices(urls, weights) if resample else order
+            rng.shuffle(order)
+
     empty: set = set()
     productive = False
-    order = list(urls)
-    while True:
-        for url in rng.choices(urls, weights) if resample else order:
+    with contextlib.closing(read_shards(passes(), counter, stall_timeout_s, retries)) as shards_read:
+        for url, samples in shards_read:
             kept = 0
-            for sample in read_shard(url, counter, stall_timeout_s, retries):
+            for sample in samples:
                 selected = select(sample, counter)
                 if selected is not None:
                     kept += 1
@@ -80,4 +87,3 @@ def shard_samples(
                         f"far: {dict(counter.total)}. Check them with `python -m data_prep validate DIR` and "
                         f"data.require against the keys the shards hold"
                     )
-        rng.shuffle(order)

@@ -307,7 +307,8 @@ class DataStream:
         )
 
     def skipped(self) -> Dict[str, int]:
-        """Skipped data by reason (see ``pretrain.shards.read`` and ``pretrain.data.reader``) since the run began, this rank only."""
+        """Skipped data by reason (see ``pretrain.shards.read`` and ``pretrain.data.reader``) since the run began,
+        this rank only."""
         return dict(self._skipped)
 
     def shards(self, epoch: int, worker: int) -> List[str]:

@@ -10,7 +10,8 @@ runs wherever the trainer runs, installed or not. Credentials and endpoints are 
 them (botocore's chain for S3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws, AWS_ENDPOINT_URL for
 S3-compatible stores; google-auth's for GCS: GOOGLE_APPLICATION_CREDENTIALS or gcloud's login); none is ever printed.
 
-Exit status: 0 done; 3 the object or prefix does not exist; 1 anything else. A failure is one line on stderr.
+Exit status: 0 done; 3 the object or prefix does not exist; 1 anything else. A failure is one line on stderr, what
+went wrong without the URL (its caller names the shard).
 """
 
 from __future__ import annotations
@@ -57,19 +58,20 @@ def put(url: str) -> None:
 
 
 def _explain(url: str, exc: BaseException) -> str:
-    """One line saying what went wrong and what would fix it, with the library's own words."""
+    """One line saying what went wrong and what would fix it, with the library's own words (the caller names the
+    URL)."""
     scheme = url.split("://", 1)[0]
     if isinstance(exc, ImportError):
-        return (f"{url}: reading {scheme}:// needs {_PACKAGES.get(scheme, 'an fsspec backend')} "
+        return (f"reading {scheme}:// needs {_PACKAGES.get(scheme, 'an fsspec backend')} "
                 f"(pip install 'perceiver-pretrain[remote]'): {exc}")
     if isinstance(exc, PermissionError):
-        return f"{url}: access denied ({exc}); check the credentials ({_CREDENTIALS.get(scheme, '')}) and permissions"
+        return f"access denied ({exc}); check the credentials ({_CREDENTIALS.get(scheme, '')}) and permissions"
     name = type(exc).__name__
     if "Credential" in name:
-        return f"{url}: no credentials ({exc}); set {_CREDENTIALS.get(scheme, 'them')}"
+        return f"no credentials ({exc}); set {_CREDENTIALS.get(scheme, 'them')}"
     if isinstance(exc, FileNotFoundError):
-        return f"{url}: not found ({exc})"
-    return f"{url}: {name}: {exc}"
+        return f"not found ({exc})"
+    return f"{name}: {exc}"
 
 
 def main(argv: list[str]) -> int:

@@ -34,7 +34,8 @@ _ERROR_TAIL = 2048  # bytes of a failed command's error output searched for its 
 
 
 class CommandError(OSError):
-    """A shard's command ended with a failure status; the message has its last line of error output."""
+    """A shard's command ended with a failure status; the message is its last line of error output (else the
+    status)."""
 
 
 class GuardedPipe:
@@ -73,14 +74,14 @@ class GuardedPipe:
             status = self._proc.wait()
         try:
             if status and status not in SIGPIPE_STATUSES:
-                raise CommandError(f"exit {status}{self._last_error_line()}")
+                raise CommandError(self._last_error_line() or f"exit {status}")
         finally:
             self._errors.close()
 
     def _last_error_line(self) -> str:
         self._errors.seek(max(0, self._errors.seek(0, os.SEEK_END) - _ERROR_TAIL))
         lines = self._errors.read().decode("utf-8", "replace").strip().splitlines()
-        return f": {lines[-1].strip()}" if lines else ""
+        return lines[-1].strip() if lines else ""
 
     def _watch(self, stall_timeout_s: float) -> None:
         while not self._closed.wait(min(1.0, stall_timeout_s / 4)):
@@ -113,28 +114,36 @@ class _Counted:
 
 class ShardStream:
     """A shard's tar bytes. ``stored_bytes`` counts what was read as stored (compressed, for a gzipped shard);
-    ``stalled`` says whether the stall guard killed the command."""
+    ``stalled`` says whether the stall guard killed the command. Nothing is read before the first ``read``, so a
+    shard can be opened ahead of its turn (its command starts meanwhile)."""
 
     def __init__(self, raw: BinaryIO) -> None:
         self._raw = raw
-        self._stored = _Counted(raw, raw.read(len(GZIP_MAGIC)))
-        self._tar: BinaryIO = gzip.GzipFile(fileobj=self._stored) if self._stored.head == GZIP_MAGIC else self._stored
+        self._stored: Optional[_Counted] = None
+        self._tar: Optional[BinaryIO] = None
+
+    def _start(self) -> BinaryIO:
+        """The tar bytes: the stored ones, or gunzipped where they begin as gzip does."""
+        self._stored = _Counted(self._raw, self._raw.read(len(GZIP_MAGIC)))
+        gzipped = self._stored.head == GZIP_MAGIC
+        self._tar = gzip.GzipFile(fileobj=self._stored) if gzipped else self._stored
+        return self._tar
 
     @property
     def stored_bytes(self) -> int:
-        return self._stored.count
+        return 0 if self._stored is None else self._stored.count
 
     @property
     def stalled(self) -> bool:
         return getattr(self._raw, "stalled", False)
 
     def read(self, size: int = -1) -> bytes:
-        return self._tar.read(size)
+        return (self._tar or self._start()).read(size)
 
     def drain(self) -> None:
         """Read to the end: a writer's padding after the end-of-archive block, and a gzip stream's checksum. A
         command stopped before it has sent everything (curl's 'write error') would fail the shard."""
-        while self._tar.read(1 << 16):
+        while self.read(1 << 16):
             pass
 
     def close(self) -> None:
@@ -152,9 +161,4 @@ def open_shard(url: str, stall_timeout_s: float) -> ShardStream:
         raw: BinaryIO = GuardedPipe(command, stall_timeout_s)
     else:
         raw = gopen(url, "rb")
-    try:
-        return ShardStream(raw)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            raw.close()
-        raise
+    return ShardStream(raw)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 from webdataset.tariterators import base_plus_ext
 
@@ -83,14 +83,21 @@ class _Failed(Exception):
         self.reason, self.error, self.complete, self.key = reason, error, complete, key
 
 
+def _by_command(url: str) -> bool:
+    return url.startswith(PIPE_PREFIX) or is_remote(url)
+
+
 class ShardReader:
     """The samples of one shard (iterate once), never raising on bad data nor hanging on a command that stops
-    sending for ``stall_timeout_s``; once read to the end, ``stored_bytes`` is the shard's size as stored."""
+    sending for ``stall_timeout_s``; once read to the end, ``stored_bytes`` is the shard's size as stored.
+    ``opened``: the shard's stream, opened ahead (:func:`read_shards`), for its first read."""
 
-    def __init__(self, url: str, counter: SkipCounter, stall_timeout_s: float, retries: int = 0) -> None:
+    def __init__(self, url: str, counter: SkipCounter, stall_timeout_s: float, retries: int = 0,
+                 opened: Optional[ShardStream] = None) -> None:
         self.url, self.counter, self.stall_timeout_s = url, counter, stall_timeout_s
-        self.attempts = 1 + (retries if url.startswith(PIPE_PREFIX) or is_remote(url) else 0)
+        self.attempts = 1 + (retries if _by_command(url) else 0)
         self.stored_bytes: Optional[int] = None
+        self._opened = opened
 
     def __iter__(self) -> Iterator[Sample]:
         given = 0  # samples yielded so far: a retry goes on after them
@@ -115,8 +122,9 @@ class ShardReader:
 
     def _read(self, skip: int) -> Iterator[Sample]:
         """One read from the shard's start, the first ``skip`` samples passed over; raises :class:`_Failed`."""
+        stream, self._opened = self._opened, None
         try:
-            stream = open_shard(self.url, self.stall_timeout_s)
+            stream = stream or open_shard(self.url, self.stall_timeout_s)
         except Exception as exc:  # any failure to open is a bad shard, whatever the scheme raises
             raise _Failed("unreadable_shard", exc) from None
         members, seen, ended = 0, 0, False
@@ -153,6 +161,9 @@ class ShardReader:
                  unseen: bool) -> _Failed:
         if stream.stalled:
             return _Failed("stalled_shard", f"its command sent nothing for {self.stall_timeout_s:g} s and was killed")
+        # the sample being read is complete when the archive had ended, or when the damage is in the next sample
+        damaged = base_plus_ext(getattr(exc, "member", ""))[0] or (None if current is None else current["__key__"])
+        complete = current is not None and unseen and (ended or damaged not in (None, current["__key__"]))
         if isinstance(exc, EOFError) or getattr(exc, "at_end", False):
             try:  # the data stopped: a command that failed explains why better than the data it left
                 stream.close()
@@ -160,16 +171,44 @@ class ShardReader:
                 exc = command_error
             except Exception:  # noqa: BLE001 -- the first error stands
                 pass
-        # the sample being read is complete when the archive had ended, or when the damage is in the next sample
-        complete = current is not None and unseen and (
-            ended or base_plus_ext(getattr(exc, "member", ""))[0] not in (None, current["__key__"]))
         return _Failed("corrupt_tar" if members else "unreadable_shard", exc, current if complete else None,
-                       None if current is None else str(current["__key__"]))
+                       None if ended else damaged)
 
 
 def read_shard(url: str, counter: SkipCounter, stall_timeout_s: float, retries: int = 0) -> Iterator[Sample]:
     """The samples of one shard (see :class:`ShardReader`)."""
     return iter(ShardReader(url, counter, stall_timeout_s, retries))
+
+
+def read_shards(urls: Iterable[str], counter: SkipCounter, stall_timeout_s: float,
+                retries: int = 0) -> Iterator[Tuple[str, Iterator[Sample]]]:
+    """Each shard's URL and samples in turn (read each one's samples before asking for the next). A shard read
+    through a command (remote, ``pipe:``) is opened when the one before it starts: its process, connection and first
+    bytes come while that shard is read, not after (about half a second a shard for s3://, ``bench/README.md``)."""
+    urls = iter(urls)
+    url = next(urls, None)
+    ahead = _open_ahead(url, stall_timeout_s)  # the next shard's stream, until its reader takes it
+    try:
+        while url is not None:
+            current, ahead = ahead, None  # the reader below takes it
+            following = next(urls, None)
+            ahead = _open_ahead(following, stall_timeout_s)
+            yield url, iter(ShardReader(url, counter, stall_timeout_s, retries, current))
+            url = following
+    finally:
+        if ahead is not None:  # the reader stopped before the next shard: its command is not left running
+            _close_quietly(ahead)
+
+
+def _open_ahead(url: Optional[str], stall_timeout_s: float) -> Optional[ShardStream]:
+    """A command's shard opened now (its command starts), None for a file (opened when read) or where the opening
+    fails (the read that follows fails, and reports it)."""
+    if url is None or not _by_command(url):
+        return None
+    try:
+        return open_shard(url, stall_timeout_s)
+    except Exception:  # noqa: BLE001 -- reported by the read
+        return None
 
 
 def first_sample_error(url: str, stall_timeout_s: float) -> Optional[str]:
@@ -195,6 +234,7 @@ def _close_quietly(stream: ShardStream) -> None:
 
 def _valid(sample: Sample, counter: SkipCounter) -> Iterator[Sample]:
     if "__duplicate__" in sample:
-        counter.skip("duplicate_file", str(sample["__url__"]), f".{sample['__duplicate__']} twice", str(sample["__key__"]))
+        counter.skip("duplicate_file", str(sample["__url__"]), f".{sample['__duplicate__']} twice",
+                     str(sample["__key__"]))
     else:
         yield sample

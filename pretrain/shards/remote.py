@@ -95,5 +95,5 @@ def _run_fetch(command: str, url: str, timeout_s: float, data: bytes = b"") -> O
         return None
     if done.returncode:
         lines = done.stderr.decode(errors="replace").strip().splitlines()
-        raise RemoteError(lines[-1] if lines else f"{url}: {command} failed (exit {done.returncode})")
+        raise RemoteError(f"{url}: {lines[-1] if lines else f'{command} failed (exit {done.returncode})'}")
     return done.stdout

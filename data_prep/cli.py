@@ -78,6 +78,10 @@ _fraction = _bounded(float, 0.0, 1.0)
 _positive = _bounded(int, 1)
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
 def _summarise(directory: Path, index: ShardIndex, max_reject_fraction: float) -> int:
     """Print what was written; 1 when nothing was, or when more than the allowed fraction was rejected."""
     total = index.info["inputs"]  # write_shards records it; with long texts in pieces it differs from the samples
@@ -85,7 +89,7 @@ def _summarise(directory: Path, index: ShardIndex, max_reject_fraction: float) -
     where = f", reasons in {directory / REJECTED_FILE}" if index.rejected else ""
     written = total - index.rejected
     pieces = f" from {written} inputs (long texts in pieces)" if index.samples != written else ""
-    print(f"{directory}: wrote {index.samples} samples{pieces} in {len(index.shards)} shards "
+    print(f"{directory}: wrote {index.samples} samples{pieces} in {_plural(len(index.shards), 'shard')} "
           f"({human_bytes(index.bytes)}); rejected {index.rejected} of {total} ({fraction:.1%}){where}")
     for seen in index.info.get("rejections", [])[:MAX_REASONS_SHOWN]:
         print(f"  {seen['count']} for {seen['field']}, e.g. {seen['example']}")
@@ -206,10 +210,6 @@ def _print_problems(problems: list) -> None:
         print(f"... and {len(problems) - MAX_PROBLEMS_SHOWN} more problems")
 
 
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'s' * (count != 1)}"
-
-
 def _joined(specs: list[str]) -> str:
     """Several SPEC arguments (a shell's glob of shards) as one list."""
     return "::".join(specs)
@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     _writing_options(shard)
     shard.set_defaults(run=_shard)
 
-    demo = commands.add_parser("build-demo", help="the demo corpus (train/ and val/) from installed packages")
+    demo = commands.add_parser("build-demo", help="the demo corpus (train/, val/, downstream_train/, "
+                                                  "downstream_eval/) from installed packages")
     demo.add_argument("--size", choices=sorted(SIZES), default="small")
     demo.add_argument("--fashion-dir", type=Path, default=FASHION_DIR, help="Fashion-MNIST IDX files")
     demo.add_argument("--npm-cache", type=Path, default=default_npm_cache(), help="where the npm packs are")

@@ -25,9 +25,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import json
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -81,6 +83,20 @@ def check_data_paths(cfg, world_size: int) -> None:
     check_before_start(cfg.data, ["train", "val"] if cfg.train.eval_every_steps else ["train"], world_size)
 
 
+def report_before_training(message: str) -> None:
+    """A mistake found before training, said once: every rank finds it, rank 0 prints it. Under torchrun rank 0 also
+    leaves it in its error file (``TORCHELASTIC_ERROR_FILE``, torchelastic's own contract): the summary torchrun
+    prints last then shows it as the root cause (rank 0's failure, timed when written, is the first torchrun saw)."""
+    rank = os.environ.get("RANK") or (os.environ.get("SLURM_PROCID") if "SLURM_STEP_ID" in os.environ else None)
+    if rank not in (None, "0"):
+        return
+    print(f"error: {message}", file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        with contextlib.suppress(OSError):
+            Path(error_file).write_text(json.dumps({"message": f"error: {message}", "timestamp": int(time.time())}))
+
+
 def quiet_deepspeed() -> None:
     """DeepSpeed's start-up noise that we can configure: without a GPU its accelerator is named (else each import
     warns "Setting accelerator to CPU ... we were unable to detect it"), and its ZeRO optimizers' use of
@@ -130,7 +146,7 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
                 return 0
         init = plan_start(cfg, model, resume_from)
     except ValueError as exc:  # ConfigError, DataError, CheckpointError and launch's environment errors
-        print(f"error: {exc}", file=sys.stderr)
+        report_before_training(str(exc))
         return EXIT_BAD_CONFIG
     from pretrain.train import train
 

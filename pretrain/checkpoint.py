@@ -111,6 +111,9 @@ def resolve_resume(resume: str, checkpoint_dir: Path) -> Optional[Path]:
                 f"use --resume auto to continue them, or set run.dir to a new directory for a fresh run"
             )
         return None
+    if not Path(resume).exists():
+        raise CheckpointError(f"--resume: {resume} does not exist; give a run, checkpoints or tag directory, 'auto' or "
+                              f"'none'")
     tag_dir = find_tag(Path(resume))
     if tag_dir is None:
         raise CheckpointError(f"--resume: {resume} {NOT_A_CHECKPOINT}; give an existing path, 'auto' or 'none'")

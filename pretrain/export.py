@@ -142,6 +142,8 @@ def export_checkpoint(checkpoint: Path, out: Path, hf_out: Optional[Path] = None
     """Write the model of ``checkpoint`` (a run directory, a checkpoint directory or a tag directory; see
     ``find_tag``) to ``out`` in our format and, when given, to ``hf_out`` in transformers' (``PerceiverForMaskedLM``)
     and to ``hf_encoder_out`` as the encoder alone, for transformers' other text heads."""
+    if not Path(checkpoint).exists():
+        raise ExportError(f"{checkpoint} does not exist; give a run directory, its checkpoints/ or one of its tags")
     tag_dir = find_tag(Path(checkpoint))
     if tag_dir is None:
         raise ExportError(f"{checkpoint} {NOT_A_CHECKPOINT}")

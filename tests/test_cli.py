@@ -26,6 +26,9 @@ def cli(*args: str, script: str = "") -> subprocess.CompletedProcess:
 
 BAD = [
     (["model.nope=1"], "model.nope"),
+    (["data.num_workers=5"], "data.train_shards[0]: 4 shards for 1 ranks x 5 data-loader workers"),
+    (["data.val_samples=3", "train.eval_every_steps=2"], "data.val_shards: an epoch of 3 samples is less than one"),
+    (["data.batch_size=200", "train.eval_every_steps=0"], "data.train_shards: an epoch of 96 samples is less than"),
     (["train.max_steps=many"], "train.max_steps"),
     (["train.global_batch_size=6"], "train.global_batch_size"),
     (["model.num_self_attention_heads=5"], "model.num_self_attention_heads"),
@@ -177,3 +180,33 @@ def test_shards_with_more_classes_than_the_model_are_refused_before_training(tmp
     assert not (tmp_path / "run").exists()
     done = cli("train", "--config", str(config), "model.num_classes=7")
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_mistake_is_printed_once_and_is_the_root_cause(tmp_path):
+    """Two ranks under torchrun (the README's command) both find the mistake before training: rank 0 prints it, and
+    torchrun's own summary, printed last, names it as the root cause. torchrun exits 1 for any failed rank."""
+    config = tiny_config(tmp_path, data={"batch_size": 16}, train={"eval_every_steps": 2})  # 2 x 16 > 16 samples
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "pretrain", "train", "--config", str(config)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240)
+    line = ("error: data.val_shards: an epoch of 16 samples is less than one batch per rank (world size 2 x "
+            "data.batch_size 16); lower data.batch_size or raise data.val_samples")
+    assert done.returncode == 1
+    printed = [row for row in done.stderr.splitlines() if row.startswith("error: ")]
+    assert printed == [line], done.stderr[-3000:]
+    root_cause = done.stderr.split("Root Cause (first observed failure):", 1)[1]
+    assert "rank      : 0 (local_rank: 0)" in root_cause and f"traceback : {line}" in root_cause
+    assert done.stderr.count("Traceback (most recent call last)") == 1  # torchrun's own (ChildFailedError), no rank's
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_warmup_longer_than_the_run_is_warned_and_no_bar_goes_into_a_log(tmp_path):
+    """stderr is a pipe here, as it is a file under Slurm: the progress bar, which redraws every step, stays off."""
+    config = tiny_config(tmp_path, train={"max_steps": 2}, optim={"warmup_steps": 8, "lr": 1e-3})
+    done = cli("train", "--config", str(config), "run.progress_bar=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ("optim.warmup_steps 8 > train.max_steps 2: the learning rate never reaches optim.lr 0.001 (it ends the run "
+            "at 25% of it); lower optim.warmup_steps") in done.stderr
+    assert "it/s]" not in done.stderr and "s/it]" not in done.stderr and "\r" not in done.stderr

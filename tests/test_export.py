@@ -112,7 +112,8 @@ def test_export_refuses_what_it_cannot_use_and_writes_nothing(zero2_run, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", universal.name]
     assert (occupied / "notes.txt").read_text() == "keep me"
     done = export_cli(str(tmp_path / "missing"), "--out", str(tmp_path / "f"))
-    assert done.returncode == 2 and f"error: {tmp_path / 'missing'} is not a checkpoint" in done.stderr
+    assert done.returncode == 2 and done.stderr == (f"error: {tmp_path / 'missing'} does not exist; give a run "
+                                                    f"directory, its checkpoints/ or one of its tags\n")
 
 
 @pytest.mark.slow

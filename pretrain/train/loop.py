@@ -3,6 +3,8 @@ save and stop decisions (``Stopping``) around it."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from tqdm import tqdm
 
@@ -28,7 +30,8 @@ def train_loop(run: Run, preemption: Preemption) -> int:
                         save=lambda step: logbook.note(checkpoint_time_s=run.checkpointer.save(step)))
     if stopping.signalled_at_start():
         return EXIT_PREEMPTED
-    bar = tqdm(total=cfg.train.max_steps, initial=progress.step, disable=run.env.rank != 0 or not cfg.run.progress_bar)
+    bar = tqdm(total=cfg.train.max_steps, initial=progress.step,
+               disable=run.env.rank != 0 or not cfg.run.progress_bar or not sys.stderr.isatty())
     profiler = StepProfiler(cfg.run.profile_steps, cfg.run.profile_after_steps, run.run_dir / "profile", run.env.rank,
                             run.device)
     try:

@@ -87,6 +87,10 @@ def build_run(cfg: Config, env: DistEnv, device: torch.device, resume_from: Opti
     refusal = export_refusal(cfg.model)
     if refusal and env.rank == 0:
         log.warning("%s", refusal)
+    if cfg.optim.warmup_steps > cfg.train.max_steps and env.rank == 0:
+        log.warning("optim.warmup_steps %d > train.max_steps %d: the learning rate never reaches optim.lr %g (it "
+                    "ends the run at %.0f%% of it); lower optim.warmup_steps", cfg.optim.warmup_steps,
+                    cfg.train.max_steps, cfg.optim.lr, 100 * cfg.train.max_steps / cfg.optim.warmup_steps)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = PerceiverIO(cfg.model)
     if init.summary:

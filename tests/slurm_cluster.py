@@ -8,6 +8,10 @@ The scheduler looks at its queue every 2 s and a requeued job starts again withi
 tells them apart by ``SLURMD_NODENAME``; the launcher derives ``MASTER_ADDR`` from the node list, so ``n1`` and ``n2``
 must resolve: ``start`` adds them to ``/etc/hosts`` when missing.
 
+Nothing is shared with a Slurm or munge already on the machine: the daemons take free ports (chosen at each start, and
+chosen again if one was taken meanwhile), munged a private socket and key, and a start that fails stops what it
+started.
+
 Partitions: ``local`` (the default) and ``graced`` hold preemptible jobs (PreemptMode=REQUEUE; ``graced`` with a
 grace time, in which the jobs get their ``--signal`` at once: ``preempt_send_user_signal``); a job in ``urgent``, the
 higher priority tier, preempts them.
@@ -24,9 +28,11 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from launch import free_port
+
 NODES = ("n1", "n2")
-CONTROLLER_PORT, FIRST_NODE_PORT = 16817, 17001
 STARTUP_TIMEOUT = 60.0
+START_ATTEMPTS = 3  # a port chosen free may be taken before the daemon binds it
 GRACE_TIME = 60
 
 
@@ -55,6 +61,8 @@ class LocalSlurm:
         self.conf = root / "slurm.conf"
         self.socket = root / "munge" / "munge.socket"
         self.procs: List[subprocess.Popen] = []
+        self.ports: List[int] = []  # the controller's, then one per node
+        self.started = False
 
     @property
     def environ(self) -> Dict[str, str]:
@@ -69,7 +77,7 @@ class LocalSlurm:
         self.conf.write_text("\n".join([
             "ClusterName=local",
             f"SlurmctldHost={socket.gethostname()}(127.0.0.1)",
-            f"SlurmctldPort={CONTROLLER_PORT}",
+            f"SlurmctldPort={self.ports[0]}",
             "SlurmUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
@@ -96,8 +104,8 @@ class LocalSlurm:
             "PreemptType=preempt/partition_prio",
             "PreemptMode=REQUEUE",
             "SlurmctldParameters=preempt_send_user_signal",
-            f"NodeName=n[1-{len(NODES)}] NodeAddr=127.0.0.1 Port={FIRST_NODE_PORT}-{FIRST_NODE_PORT + len(NODES) - 1} "
-            "CPUs=2 State=UNKNOWN",
+            *(f"NodeName={node} NodeAddr=127.0.0.1 Port={port} CPUs=2 State=UNKNOWN"
+              for node, port in zip(NODES, self.ports[1:])),
             "PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1",
             f"PartitionName=graced Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=1 GraceTime={GRACE_TIME}",
             "PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF",
@@ -105,10 +113,29 @@ class LocalSlurm:
         ]))
 
     def start(self) -> "LocalSlurm":
+        """Start the daemons on free ports; a failed start stops what it started, and tries other ports."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self._start()
+                self.started = True
+                return self
+            except RuntimeError:
+                self.stop()
+                if attempt == START_ATTEMPTS:
+                    raise
+        return self
+
+    def _start(self) -> None:
+        self.procs, self.ports = [], []
+        while len(self.ports) < 1 + len(NODES):
+            port = free_port()
+            if port not in self.ports:
+                self.ports.append(port)
         for sub in ("munge", "state", "spool", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         for node in NODES:
             (self.root / "spool" / node).mkdir(exist_ok=True)
+        self.socket.unlink(missing_ok=True)  # a failed attempt's
         os.chmod(self.root / "munge", 0o755)
         _ensure_hosts()
         key = self.root / "munge" / "munge.key"
@@ -124,7 +151,6 @@ class LocalSlurm:
         for node in NODES:
             self._daemon(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", str(self.conf)])
         self._wait(self._nodes_idle, "both nodes idle in sinfo")
-        return self
 
     def _nodes_idle(self) -> bool:
         done = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.environ, capture_output=True, text=True)
@@ -153,7 +179,7 @@ class LocalSlurm:
 
     def stop(self) -> None:
         """Cancel what still runs (a failed test's job), then stop the daemons."""
-        if self.conf.exists() and all(p.poll() is None for p in self.procs):
+        if self.started and all(p.poll() is None for p in self.procs):
             subprocess.run(["scancel", "--full", "--user=root"], env=self.environ, capture_output=True, timeout=60)
             self._wait(lambda: not self.run("squeue", "-h").stdout.strip(), "empty queue")
         for proc in reversed(self.procs):

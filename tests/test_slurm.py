@@ -5,9 +5,11 @@ cancelled one checkpoints and stays cancelled; one whose rank hangs fails instea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Dict
@@ -236,3 +238,33 @@ def test_a_hung_rank_fails_the_job_instead_of_holding_its_nodes(slurm, tmp_path)
     assert "Timed out waiting 15000ms" in output and "requeueing" not in output
     latest = read_latest(run_dir / "checkpoints")
     assert latest is not None and int(latest.name.split("_")[1]) % 3 == 0
+
+
+def test_the_cluster_takes_free_ports_and_a_failed_start_leaves_nothing_running(tmp_path, monkeypatch):
+    """The ports it once fixed (16817, 17001-17002) held by someone else do not matter; a start that fails (here a
+    configuration slurmctld refuses) is tried again on other ports, and stops every daemon it started."""
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    held = []
+    for port in (16817, 17001, 17002):
+        sock = socket.socket()
+        with contextlib.suppress(OSError):
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+            held.append(sock)
+    try:
+        cluster = LocalSlurm(tmp_path / "second").start()
+        try:
+            assert cluster.run("sinfo", "-h", "-o", "%D %t").stdout.split() == ["2", "idle"]
+        finally:
+            cluster.stop()
+        assert all(proc.poll() is not None for proc in cluster.procs)
+    finally:
+        for sock in held:
+            sock.close()
+    broken = LocalSlurm(tmp_path / "broken")
+    monkeypatch.setattr(broken, "_write_config", lambda: broken.conf.write_text("NoSuchKey=1\n"))
+    with pytest.raises(RuntimeError, match="local Slurm: no both nodes idle in sinfo \\(exited: slurmctld"):
+        broken.start()
+    assert broken.procs and all(proc.poll() is not None for proc in broken.procs)

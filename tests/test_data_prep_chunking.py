@@ -67,7 +67,7 @@ def test_shard_writes_long_texts_in_pieces(tmp_path: Path, capsys):
     assert main(["shard", "--manifest", str(manifest), "--out", str(out), "--workers", "1",
                  "--text-chunk-bytes", "2048", "--max-reject-fraction", "0.3"]) == 0
     summary = capsys.readouterr().out
-    assert "wrote 5 samples from 3 inputs (long texts in pieces) in 1 shards" in summary
+    assert "wrote 5 samples from 3 inputs (long texts in pieces) in 1 shard " in summary
     assert "rejected 1 of 4 (25.0%)" in summary  # inputs, not pieces
     samples = read_tars(out)
     assert sorted(samples) == ["caption", "long-0", "long-1", "long-2", "short"]

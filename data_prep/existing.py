@@ -9,7 +9,6 @@ prefix) that holds it is a training spec.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +94,6 @@ def _write(location: str, index: ShardIndex) -> None:
         write_index(Path(location), index)
         return
     try:
-        write_small(join(location, INDEX_FILE), json.dumps(index.to_json(), indent=1, sort_keys=True).encode() + b"\n",
-                    REMOTE_TIMEOUT_S)
+        write_small(join(location, INDEX_FILE), index.text().encode(), REMOTE_TIMEOUT_S)
     except RemoteError as e:
         raise DataError(str(e)) from None

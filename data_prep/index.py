@@ -73,6 +73,10 @@ class ShardIndex:
             _bump(counts, getattr(shard, attribute))
         return dict(sorted(counts.items()))
 
+    def text(self) -> str:
+        """The ``index.json`` text (sorted keys, so equal inputs give equal bytes)."""
+        return json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": INDEX_FORMAT,
@@ -86,10 +90,10 @@ class ShardIndex:
 
 
 def write_index(directory: Path, index: ShardIndex) -> Path:
-    """Write ``directory/index.json`` (sorted keys, so equal inputs give equal bytes) in one step: it is written last,
-    so its presence says the directory is complete, and a kill while writing must not leave half of it."""
+    """Write ``directory/index.json`` in one step: it is written last, so its presence says the directory is
+    complete, and a kill while writing must not leave half of it."""
     path = directory / INDEX_FILE
-    write_text_atomically(path, json.dumps(index.to_json(), indent=1, sort_keys=True) + "\n")
+    write_text_atomically(path, index.text())
     return path
 
 

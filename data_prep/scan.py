@@ -142,15 +142,16 @@ def shard_groups(spec: str | Path, prefer_files: bool = False) -> list[ShardGrou
     if not is_remote(spec) and root.is_dir():
         return [_local_group(directory, root, prefer_files) for directory in shard_dirs(root)]
     if is_remote(spec) and not is_shard_name(spec) and "{" not in spec and "::" not in spec:
-        index = read_any_index(spec, spec)
+        found = read_any_index(spec, spec)
+        index = None if found is None else index_from_json(found, spec)
         if prefer_files or index is None:
             try:
                 urls = sorted(url for url in list_objects(spec, REMOTE_TIMEOUT_S) if is_shard_name(url))
             except RemoteError as e:
                 raise DataError(f"{spec}: {e}") from None
         else:
-            urls = [s.url for s in expand_spec(spec, spec)]
-        return [ShardGroup(spec, spec, urls, list(urls), None if index is None else index_from_json(index, spec))]
+            urls = [join(spec, shard.name) for shard in index.shards]
+        return [ShardGroup(spec, spec, urls, list(urls), index)]
     urls = [s.url for s in expand_spec(spec, spec)]
     return [ShardGroup(spec, None, urls, list(urls))]
 

@@ -413,9 +413,10 @@ WANDB_MODES = ("online", "offline", "disabled")
 class RunConfig:
     """Where a run writes everything (resolved config, DeepSpeed JSON, metrics.jsonl, checkpoints/, wandb/, log).
     ``progress_bar``: rank 0 draws a bar of the steps where its stderr is a terminal (never into a log file or Slurm's
-    output, which it would fill with redraws). ``profile_steps`` > 0: ``torch.profiler`` over that many training steps after the first ``profile_after_steps`` of
-    the process (attention tuning, compilation and data warm-up happen there), each rank's summary and trace in
-    ``<dir>/profile/``; the steps exclude evaluation and checkpoints unless one falls in them."""
+    output, which it would fill with redraws). ``profile_steps`` > 0: ``torch.profiler`` over that many training
+    steps after the first ``profile_after_steps`` of the process (attention tuning, compilation and data warm-up
+    happen there), each rank's summary and trace in ``<dir>/profile/``; the steps exclude evaluation and checkpoints
+    unless one falls in them."""
 
     dir: str = "runs/default"
     name: str = ""

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-import yaml
 from PIL import Image
 from test_data_shards import data_config, multimodal_model, png_bytes, truncate_inside_sample
 from test_train_engine import metrics, run, tiny_config
@@ -132,11 +131,9 @@ def test_shard_refuses_a_folder_of_shards_and_names_index(tmp_path, capsys):
 @pytest.mark.slow
 def test_training_on_shards_without_an_index_stops_before_start_naming_the_command(tmp_path, capsys):
     """The message's command is the fix: once it ran, the same training command trains."""
-    config = tiny_config(tmp_path, train={"max_steps": 2, "eval_every_steps": 0})
     shards = shard_writer(tmp_path / "theirs", png_sample)
-    cfg = yaml.safe_load(config.read_text())
-    cfg["data"]["train_shards"] = [str(shards)]
-    config.write_text(yaml.safe_dump(cfg))
+    config = tiny_config(tmp_path, train={"max_steps": 2, "eval_every_steps": 0},
+                         data={"train_shards": [str(shards)]})
     assert pretrain(["train", "--config", str(config)]) == 2
     assert capsys.readouterr().err == (
         f"error: data.train_shards[0]: the samples per epoch are unknown, no index.json lists these shards' counts; "

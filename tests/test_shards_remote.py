@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
-import yaml
 from remote_servers import Faults, end_of_archive, gcs_server, http_server, s3_server
 from test_data_shards import assert_batches_equal, data_config, multimodal_model, multimodal_sample, write_shards
 from test_train_engine import launch, logs, losses, run, signal_all, tiny_config, wait, wait_for_step
@@ -243,12 +242,6 @@ def test_credentials_from_the_aws_config_files(s3_with_keys, monkeypatch, tmp_pa
     assert os.environ.get("AWS_SECRET_ACCESS_KEY") is None
 
 
-def _with_train_shards(config: Path, spec: str) -> None:
-    cfg = yaml.safe_load(config.read_text())
-    cfg["data"]["train_shards"] = [spec]
-    config.write_text(yaml.safe_dump(cfg))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["http", "s3"])
 def test_training_streamed_from_a_server_resumes_exactly_and_keeps_no_credential(tmp_path, corpus, s3, monkeypatch,
@@ -256,14 +249,13 @@ def test_training_streamed_from_a_server_resumes_exactly_and_keeps_no_credential
     """Two ranks train on shards streamed from the server, are stopped by SIGTERM, and resume: the losses are those
     of a run on the same shards on local disk, bit for bit; the S3 key appears nowhere the run wrote."""
     sections = dict(train={"max_steps": STEPS, "eval_every_steps": 0}, checkpoint={"every_steps": 0})
-    reference = tiny_config(tmp_path / "local", **sections)
-    _with_train_shards(reference, str(corpus / "ours"))
+    reference = tiny_config(tmp_path / "local", data={"train_shards": [str(corpus / "ours")]}, **sections)
     run(reference)
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)
     with http_server(corpus, Faults(tail_pause_s=0.005)) as (url, faults):
-        config = tiny_config(tmp_path / "remote", **sections)
-        _with_train_shards(config, f"{url}/ours" if scheme == "http" else "s3://corpus/ours")
+        spec = f"{url}/ours" if scheme == "http" else "s3://corpus/ours"
+        config = tiny_config(tmp_path / "remote", data={"train_shards": [spec]}, **sections)
         run_dir = config.parent / "run"
         procs = launch(config)
         wait_for_step(run_dir, 3, procs)

@@ -9,12 +9,13 @@ import heapq
 import random
 import shlex
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import numpy as np
 
 from ..config import DataConfig
-from ..shards import PIPE_PREFIX, DataError, Shard, expand_spec, is_remote, total_samples
+from ..shards import DataError, Shard, expand_spec, total_samples
+from ..shards.opener import by_command
 from ..shards.read import first_sample_error
 
 SPLITS = {"train": 0, "val": 1}
@@ -64,13 +65,11 @@ def load_datasets(cfg: DataConfig, split: str) -> List[Dataset]:
             for i, (spec, s, w) in enumerate(zip(specs, shards, weights)) if w > 0]
 
 
-def epoch_size(cfg: DataConfig, split: str) -> Tuple[int, str]:
-    """The configured samples per epoch of ``split`` (0: the index counts) and the key that sets it."""
-    return (cfg.epoch_samples, "data.epoch_samples") if split == "train" else (cfg.val_samples, "data.val_samples")
-
-
-def epoch_batches(datasets: List[Dataset], samples: int, samples_key: str, world_size: int, batch_size: int) -> int:
-    """Batches every rank yields per epoch: the epoch's samples (configured, or the index counts) split evenly."""
+def epoch_batches(datasets: List[Dataset], cfg: DataConfig, split: str, world_size: int) -> int:
+    """Batches every rank yields per epoch of ``split``: the epoch's samples (``data.epoch_samples`` or
+    ``data.val_samples``, else the index counts) split evenly."""
+    samples_key = "data.epoch_samples" if split == "train" else "data.val_samples"
+    samples, batch_size = (cfg.epoch_samples if split == "train" else cfg.val_samples), cfg.batch_size
     if samples == 0:
         counts = [total_samples(d.shards) for d in datasets]
         unknown = [d for d, c in zip(datasets, counts) if c is None]
@@ -84,8 +83,7 @@ def epoch_batches(datasets: List[Dataset], samples: int, samples_key: str, world
         samples = sum(counts)
     batches = samples // (world_size * batch_size)
     if batches == 0:
-        shards_key = samples_key.replace("epoch_samples", "train_shards").replace("val_samples", "val_shards")
-        raise DataError(f"{shards_key}: an epoch of {samples} samples is less than one batch per rank (world size "
+        raise DataError(f"data.{split}_shards: an epoch of {samples} samples is less than one batch per rank (world size "
                         f"{world_size} x data.batch_size {batch_size}); lower data.batch_size or raise {samples_key}")
     return batches
 
@@ -97,10 +95,10 @@ def check_before_start(cfg: DataConfig, splits: Sequence[str], world_size: int) 
     for split in splits:
         datasets = load_datasets(cfg, split)
         check_readers(datasets, world_size, max(1, cfg.num_workers), cfg.resample)
-        epoch_batches(datasets, *epoch_size(cfg, split), world_size, cfg.batch_size)
+        epoch_batches(datasets, cfg, split, world_size)
         for dataset in datasets:
             first = dataset.shards[0].url
-            if first.startswith(PIPE_PREFIX) or is_remote(first):
+            if by_command(first):
                 error = first_sample_error(first, cfg.pipe_stall_timeout_s)
                 if error is not None:
                     raise DataError(f"{dataset.key}: its first shard cannot be read: {error}")

@@ -44,8 +44,8 @@ from ..config import DataConfig, ModelConfig, data_roles, validate_data_config
 from ..shard_format import LABEL_FIELD, MODALITY_FIELDS, layout_fields, modalities
 from .collate import BatchBuilder
 from .plan import (
-    MIX, SHUFFLE, SOURCE, SPLITS, Dataset, batch_rng, batches_before, check_readers, epoch_batches, epoch_size,
-    first_batch, load_datasets, python_rng, worker_shards,
+    MIX, SHUFFLE, SOURCE, SPLITS, Dataset, batch_rng, batches_before, check_readers, epoch_batches, first_batch,
+    load_datasets, python_rng, worker_shards,
 )
 from ..shards import DataError, Shard, SkipCounter
 from ..shards.specs import unread_layouts
@@ -262,7 +262,7 @@ class DataStream:
         datasets = load_datasets(data, split)
         workers = max(1, data.num_workers)
         check_readers(datasets, world_size, workers, data.resample)
-        batches = epoch_batches(datasets, *epoch_size(data, split), world_size, data.batch_size)
+        batches = epoch_batches(datasets, data, split, world_size)
         if rank == 0:
             announce_unread(datasets, data, model, split)
         self.plan = StreamPlan(model, data, split, datasets, rank, world_size, workers, batches)

@@ -151,10 +151,16 @@ class ShardStream:
         self._raw.close()
 
 
+def by_command(url: str) -> bool:
+    """Whether the shard is read through a command (``pipe:``, a remote URL): one that can stall, fail for a while
+    (a network) and take a moment to start."""
+    return url.startswith(PIPE_PREFIX) or is_remote(url)
+
+
 def open_shard(url: str, stall_timeout_s: float) -> ShardStream:
     """The shard's tar bytes: commands (``pipe:``, remote URLs) under the stall guard, files through webdataset's
     gopen."""
-    if url.startswith(PIPE_PREFIX) or is_remote(url):
+    if by_command(url):
         if webdataset_utils.enforce_security:
             raise ValueError(f"{url}: pipe: and remote shards are off (webdataset's enforce_security is set)")
         command = url[len(PIPE_PREFIX):] if url.startswith(PIPE_PREFIX) else stream_command(url)

@@ -30,8 +30,7 @@ from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 from webdataset.tariterators import base_plus_ext
 
-from .opener import PIPE_PREFIX, CommandError, ShardStream, open_shard
-from .remote import is_remote
+from .opener import CommandError, ShardStream, by_command, open_shard
 from .tar import tar_members
 
 log = logging.getLogger(__name__)
@@ -83,10 +82,6 @@ class _Failed(Exception):
         self.reason, self.error, self.complete, self.key = reason, error, complete, key
 
 
-def _by_command(url: str) -> bool:
-    return url.startswith(PIPE_PREFIX) or is_remote(url)
-
-
 class ShardReader:
     """The samples of one shard (iterate once), never raising on bad data nor hanging on a command that stops
     sending for ``stall_timeout_s``; once read to the end, ``stored_bytes`` is the shard's size as stored.
@@ -95,7 +90,7 @@ class ShardReader:
     def __init__(self, url: str, counter: SkipCounter, stall_timeout_s: float, retries: int = 0,
                  opened: Optional[ShardStream] = None) -> None:
         self.url, self.counter, self.stall_timeout_s = url, counter, stall_timeout_s
-        self.attempts = 1 + (retries if _by_command(url) else 0)
+        self.attempts = 1 + (retries if by_command(url) else 0)
         self.stored_bytes: Optional[int] = None
         self._opened = opened
 
@@ -203,7 +198,7 @@ def read_shards(urls: Iterable[str], counter: SkipCounter, stall_timeout_s: floa
 def _open_ahead(url: Optional[str], stall_timeout_s: float) -> Optional[ShardStream]:
     """A command's shard opened now (its command starts), None for a file (opened when read) or where the opening
     fails (the read that follows fails, and reports it)."""
-    if url is None or not _by_command(url):
+    if url is None or not by_command(url):
         return None
     try:
         return open_shard(url, stall_timeout_s)

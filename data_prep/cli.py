@@ -13,13 +13,14 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from data_prep.chunking import MIN_CHUNK_BYTES
 from data_prep.demo import SIZES, DemoSources, build_demo
 from data_prep.existing import index_shards
-from data_prep.folder import SUFFIX_FIELD, shard_folder
+from data_prep.folder import SUFFIX_FIELD, describe_passed_over, shard_folder
 from data_prep.index import IndexFileError, ShardIndex, read_index
 from data_prep.manifest import (
     ALLOWED_FIELDS,
@@ -32,6 +33,7 @@ from data_prep.manifest import (
     shard_manifests,
 )
 from data_prep.parallel import worker_pool
+from data_prep.split import SPLITS, ValSplit
 from data_prep.sources import FASHION_DIR, INSTALL_SCRIPT, default_npm_cache
 from data_prep.stats import human_bytes, stats
 from data_prep.validate import validate
@@ -82,8 +84,8 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'s' * (count != 1)}"
 
 
-def _summarise(directory: Path, index: ShardIndex, max_reject_fraction: float) -> int:
-    """Print what was written; 1 when nothing was, or when more than the allowed fraction was rejected."""
+def _summarise(directory: Path, index: ShardIndex) -> int:
+    """Print what was written; 1 when the writer left the output unfinished (no sample, too many rejected)."""
     total = index.info["inputs"]  # write_shards records it; with long texts in pieces it differs from the samples
     fraction = index.rejected / total if total else 0.0
     where = f", reasons in {directory / REJECTED_FILE}" if index.rejected else ""
@@ -93,49 +95,72 @@ def _summarise(directory: Path, index: ShardIndex, max_reject_fraction: float) -
           f"({human_bytes(index.bytes)}); rejected {index.rejected} of {total} ({fraction:.1%}){where}")
     for seen in index.info.get("rejections", [])[:MAX_REASONS_SHOWN]:
         print(f"  {seen['count']} for {seen['field']}, e.g. {seen['example']}")
-    if index.samples == 0:
-        print(f"error: {directory}: no sample was written", file=sys.stderr)
-        return 1
-    if fraction > max_reject_fraction:
-        print(f"error: {directory}: rejected {fraction:.1%} of the samples, more than --max-reject-fraction "
-              f"{max_reject_fraction}; fix the inputs listed in {directory / REJECTED_FILE} or raise the limit",
-              file=sys.stderr)
+    if index.stopped:
+        print(f"error: {directory}: {index.stopped}; the output was left unfinished (no {INDEX_FILE}: nothing takes "
+              f"it for finished data), the same command with --overwrite replaces it", file=sys.stderr)
         return 1
     return 0
+
+
+def _split_summary(indexes: list[ShardIndex], fraction: float) -> str:
+    """The share of the samples ``--val-fraction`` put in val, over every output (each index records its split)."""
+    val = sum(index.samples for index in indexes if index.info.get("split") == "val")
+    total = sum(index.samples for index in indexes)
+    share = val / total if total else 0.0
+    return (f"val: {val} of {_plural(total, 'sample')} ({share:.1%}; --val-fraction {fraction}, by a hash of each key "
+            f"and --seed: the same samples every run)")
 
 
 def _shard_source_error(args: argparse.Namespace) -> str | None:
     if args.resume and args.overwrite:
         return "--resume keeps the outputs an earlier run completed, --overwrite rewrites them: pick one"
+    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+        return (f"--val-fraction {args.val_fraction}: give the share of the samples for the val split, between 0 "
+                f"and 1 (0.1 for a tenth), or leave it out for no split")
+    if (args.val_fraction or len(args.manifest or ()) > 1) and args.out.exists() and not args.out.is_dir():
+        return f"--out {args.out} is not a directory (it would hold one output directory per split or manifest)"
     if args.input_dir is not None:
-        shards = sorted(p.name for p in args.input_dir.glob("*") if is_shard_name(p.name)) \
-            if args.input_dir.is_dir() else []
-        if shards:
-            return (f"--input-dir {args.input_dir} holds WebDataset shards ({shards[0]}, ...): they need no "
-                    f"re-sharding; `python -m data_prep index {args.input_dir}` writes their index.json, and "
-                    f"training reads them as they are")
-        if args.rename or args.other_fields != "reject":
-            return "--rename and --other-fields apply to --manifest lines, not to --input-dir files"
-        if args.resume:
-            return "--resume applies to --manifest (a folder is one output: rewrite it with --overwrite)"
-        return None if args.input_dir.is_dir() else f"--input-dir {args.input_dir}: no such directory"
+        return _folder_error(args)
     if args.label_from_folder:
         return "--label-from-folder needs --input-dir (a manifest's rows give their labels)"
-    if len(args.manifest) > 1 and args.out.exists() and not args.out.is_dir():
-        return f"--out {args.out} is not a directory (several manifests are written to one directory each in it)"
     missing = [str(m) for m in args.manifest if not m.is_file()]
     if missing:
         return f"--manifest {', '.join(missing)}: no such file"
-    outputs = [out for _, out in _manifest_outputs(args)]
+    outputs = [out for _, out, _ in _manifest_outputs(args)]
     shared = sorted({out for out in outputs if outputs.count(out) > 1})
     return f"--manifest: two files would both write {shared[0]}" if shared else None
 
 
-def _manifest_outputs(args: argparse.Namespace) -> list[tuple[Path, Path]]:
-    """(manifest, output directory): ``--out`` itself for one manifest, ``--out/<name>`` for each of several."""
-    if len(args.manifest) == 1:
-        return [(args.manifest[0], args.out)]
-    return [(m, args.out / manifest_stem(m)) for m in args.manifest]
+def _folder_error(args: argparse.Namespace) -> str | None:
+    if not args.input_dir.is_dir():
+        return f"--input-dir {args.input_dir}: no such directory"
+    shards = sorted(p.name for p in args.input_dir.glob("*") if is_shard_name(p.name))
+    if shards:
+        return (f"--input-dir {args.input_dir} holds WebDataset shards ({shards[0]}, ...): they need no "
+                f"re-sharding; `python -m data_prep index {args.input_dir}` writes their index.json, and "
+                f"training reads them as they are")
+    if args.rename or args.other_fields != "reject":
+        return "--rename and --other-fields apply to --manifest lines, not to --input-dir files"
+    if args.resume:
+        return "--resume applies to --manifest (a folder is one output: rewrite it with --overwrite)"
+    if args.out.resolve().is_relative_to(args.input_dir.resolve()):
+        return (f"--out {args.out} lies inside --input-dir {args.input_dir}, whose files would become samples; "
+                "pick an --out outside it")
+    return None
+
+
+def _split_outputs(args: argparse.Namespace) -> list[tuple[Path, ValSplit | None]]:
+    """``--out`` itself, or with ``--val-fraction`` a directory per split in it."""
+    if not args.val_fraction:
+        return [(args.out, None)]
+    return [(args.out / name, ValSplit(name, args.val_fraction)) for name in SPLITS]
+
+
+def _manifest_outputs(args: argparse.Namespace) -> list[tuple[Path, Path, ValSplit | None]]:
+    """(manifest, output directory, split): a split's directory itself for one manifest, ``<it>/<name>`` for each of
+    several (so that a split's directory is one training spec)."""
+    return [(m, base if len(args.manifest) == 1 else base / manifest_stem(m), split)
+            for base, split in _split_outputs(args) for m in args.manifest]
 
 
 def _shard(args: argparse.Namespace) -> int:
@@ -143,38 +168,60 @@ def _shard(args: argparse.Namespace) -> int:
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    limits = ShardLimits(max_samples=args.max_samples_per_shard, max_bytes=int(args.max_shard_mb * 1_000_000))
+    limits = ShardLimits(max_samples=args.max_samples_per_shard, max_bytes=int(args.max_shard_mb * 1_000_000),
+                         min_shards=args.min_shards)
     # --resume rewrites an output that an earlier run cut off, as --overwrite would
     options = ShardOptions(seed=args.seed, limits=limits, audio_rate=args.audio_rate,
                            overwrite=args.overwrite or args.resume, text_chunk_bytes=args.text_chunk_bytes,
-                           shuffle_buffer_bytes=int(args.shuffle_buffer_mb * 1_000_000))
-    if args.input_dir is not None:
-        with worker_pool(args.workers) as pool:
-            index = shard_folder(args.input_dir, args.out, options, args.label_from_folder, pool)
-        return _summarise(args.out, index, args.max_reject_fraction)
+                           shuffle_buffer_bytes=int(args.shuffle_buffer_mb * 1_000_000),
+                           max_reject_fraction=args.max_reject_fraction)
+    written = _shard_folder(args, options) if args.input_dir is not None else _shard_manifests(args, options)
+    indexes = [index for _, index in written if index is not None]
+    if args.input_dir is not None and indexes and "passed_over" in indexes[0].info:
+        print(f"{args.input_dir}/: {describe_passed_over(indexes[0].info['passed_over'])}")
+    if args.val_fraction and indexes:
+        print(_split_summary(indexes, args.val_fraction))
+    return max(code for code, _ in written)
+
+
+def _shard_folder(args: argparse.Namespace, options: ShardOptions) -> list[tuple[int, ShardIndex]]:
+    """(exit code, index) of each output; every output is checked before any is written."""
+    outputs = _split_outputs(args)
+    for out, _ in outputs:
+        prepare_output(out, options.overwrite)
+    with worker_pool(args.workers) as pool:
+        indexes = [(out, shard_folder(args.input_dir, out, replace(options, split=split), args.label_from_folder,
+                                      pool)) for out, split in outputs]
+    return [(_summarise(out, index), index) for out, index in indexes]
+
+
+def _shard_manifests(args: argparse.Namespace, options: ShardOptions) -> list[tuple[int, ShardIndex | None]]:
+    """(exit code, index) of each output (no index for a manifest cut off); every output is checked before any is
+    written."""
     fmt = ManifestFormat(rename=tuple(args.rename), other_fields=args.other_fields)
-    codes, todo = [], []
-    for manifest, out in _manifest_outputs(args):  # every output is checked before any is written
-        done = _completed(out, {**manifest_info(manifest, fmt), **options.recorded()}) if args.resume else None
+    written, todo = [], []
+    for manifest, out, split in _manifest_outputs(args):
+        each = replace(options, split=split)
+        done = _completed(out, {**manifest_info(manifest, fmt), **each.recorded()}) if args.resume else None
         if done is None:
             prepare_output(out, options.overwrite)
-            todo.append((manifest, out))
+            todo.append((manifest, out, each))
         else:
             print(f"{out}: kept, completed earlier from {manifest.name} with these options")
-            codes.append(_summarise(out, done, args.max_reject_fraction))
-    for out, result in shard_manifests(todo, options, fmt, args.workers):
+            written.append((_summarise(out, done), done))
+    for out, result in shard_manifests(todo, fmt, args.workers):
         if isinstance(result, ManifestError):  # the others still get written
             print(f"error: {result}", file=sys.stderr)
-            codes.append(1)
+            written.append((1, None))
         else:
-            codes.append(_summarise(out, result, args.max_reject_fraction))
-    return max(codes)
+            written.append((_summarise(out, result), result))
+    return written
 
 
 def _completed(out: Path, recorded: dict[str, Any]) -> ShardIndex | None:
     """For ``--resume``: the index of an output an earlier run completed (its index is written last) with the same
-    manifest and options, or ``None`` where there is none (absent, or cut off by a kill: written anew). An output
-    written otherwise raises :class:`OutputError`."""
+    manifest and options, or ``None`` where there is none (absent, cut off by a kill, or left unfinished with too
+    many rejections: written anew). An output written otherwise raises :class:`OutputError`."""
     try:
         index = read_index(out)
     except IndexFileError:
@@ -190,7 +237,8 @@ def _build_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     sources = DemoSources(fashion_dir=args.fashion_dir, npm_cache=args.npm_cache, espeak=args.espeak)
     result = build_demo(args.out, size=args.size, sources=sources, seed=args.seed, workers=args.workers,
-                        audio_rate=args.audio_rate, overwrite=args.overwrite)
+                        audio_rate=args.audio_rate, overwrite=args.overwrite,
+                        max_reject_fraction=args.max_reject_fraction)
     for missing in result.missing:
         print(f"missing source {missing}", file=sys.stderr)
     if result.missing:
@@ -198,7 +246,7 @@ def _build_demo(args: argparse.Namespace) -> int:
     if not result.indexes:
         print("error: no demo source is installed, nothing was built", file=sys.stderr)
         return 1
-    codes = [_summarise(args.out / split, index, args.max_reject_fraction) for split, index in result.indexes.items()]
+    codes = [_summarise(args.out / split, index) for split, index in result.indexes.items()]
     print(f"built the {args.size} demo corpus in {time.perf_counter() - start:.1f} s")
     return max(codes)
 
@@ -260,7 +308,9 @@ def _writing_options(parser: argparse.ArgumentParser) -> None:
                              "one, they decode media")
     parser.add_argument("--audio-rate", type=_positive, default=16_000, help="sample rate of the stored FLAC audio")
     parser.add_argument("--max-reject-fraction", type=_fraction, default=0.01,
-                        help="fail (exit 1) when more than this fraction of the samples is rejected")
+                        help="more rejected samples than this fraction of an output's (each split's, each "
+                             "manifest's) fail the command (exit 1) and leave that output unfinished: no index.json, "
+                             "its .writing saying why (as when no sample is written)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    shard = commands.add_parser("shard", help="a JSONL manifest or a folder of files -> checked WebDataset shards")
+    shard = commands.add_parser("shard", help="a JSONL manifest or a folder of files -> checked WebDataset shards "
+                                              "(with --val-fraction: train/ and val/)")
     source = shard.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", type=Path, nargs="+",
                         help='one JSON object a line: {"key"?, "text"?, "image"?, "audio"?, "video"?, "label"?, '
@@ -276,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
                              '--out, named after the file (a corpus of many files: a folder a training spec names)')
     source.add_argument("--input-dir", type=Path,
                         help="a folder of files, one sample per path without its suffix (a/1.png + a/1.txt); "
-                             f"suffixes: {' '.join(SUFFIX_FIELD)} (.cls: an integer label, .json: metadata)")
+                             f"suffixes: {' '.join(SUFFIX_FIELD)} (.cls: an integer label, .json: metadata); "
+                             "hidden files and lone README, LICENSE, .md, .pdf, ... files are passed over (counted in "
+                             "the summary), any other file rejects its sample")
     shard.add_argument("--rename", type=_renaming, action="append", default=[], metavar="SOURCE=FIELD",
                        help="with --manifest: read a line's SOURCE as FIELD (content=text, id=key); repeatable")
     shard.add_argument("--other-fields", choices=OTHER_FIELDS, default="reject",
@@ -288,10 +341,21 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--text-chunk-bytes", type=_chunk_bytes, default=0, metavar="N",
                        help="write a text-only sample longer than N UTF-8 bytes as samples of at most N, shuffled like "
                             "the others (key-0, key-1, ...; set N to the model's model.text.max_length); 0: never")
+    shard.add_argument("--val-fraction", type=float, metavar="F",
+                       help="also write a validation split: --out/train/ and --out/val/, each a complete output "
+                            "(several manifests: --out/train/<name>/, --out/val/<name>/); a sample is in val when a "
+                            "hash of --seed and its key falls below F (0 < F < 1): the same samples every run, "
+                            "disjoint by key, a long text's pieces with their document")
     shard.add_argument("--resume", action="store_true",
-                       help="with --manifest: keep the outputs an earlier run completed from the same manifest "
-                            "with the same options, write the rest (a killed run of many files goes on)")
+                       help="with --manifest (not --input-dir): keep each output (a file's, a split's) that an "
+                            "earlier run completed from the same manifest with the same options; write the others "
+                            "anew, those cut off by a kill or left unfinished included (a killed run of many files "
+                            "goes on)")
     shard.add_argument("--max-samples-per-shard", type=_positive, default=10_000)
+    shard.add_argument("--min-shards", type=_positive, default=16, metavar="N",
+                       help="spread an output of at least N samples over at least N shards: a training run needs a "
+                            "shard for each of its processes x data.num_workers readers, which a small dataset "
+                            "would not give (1: only the limits above decide)")
     shard.add_argument("--max-shard-mb", type=_bounded(float, 1e-6), default=1000.0,
                        help="sample data per shard, in 10^6 bytes")
     shard.add_argument("--shuffle-buffer-mb", type=_bounded(float, 1e-6),

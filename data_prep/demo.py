@@ -292,9 +292,11 @@ def _demo_jobs(spec: DemoSize, sources: DemoSources, seed: int, audio_rate: int,
 
 
 def build_demo(out: Path, *, size: str = "small", sources: DemoSources = DemoSources(), seed: int = 0,
-               workers: int = 1, audio_rate: int = 16_000, overwrite: bool = False) -> DemoResult:
+               workers: int = 1, audio_rate: int = 16_000, overwrite: bool = False,
+               max_reject_fraction: float = 1.0) -> DemoResult:
     """Write ``out/train`` and ``out/val`` from every source that is installed (and the downstream task's splits from
-    Fashion-MNIST); report the others."""
+    Fashion-MNIST); report the others. A split with more than ``max_reject_fraction`` rejected is left unfinished
+    (:func:`~data_prep.writer.write_shards`)."""
     prepare_output(out, overwrite)
     spec = SIZES[size]
     indexes = {}
@@ -311,5 +313,6 @@ def build_demo(out: Path, *, size: str = "small", sources: DemoSources = DemoSou
                     info["classes"] = list(FASHION_CLASSES)
                 limit = ShardLimits(max_samples=limits.get(split, DOWNSTREAM_SHARD_SAMPLES))
                 indexes[split] = write_shards(out / split, jobs[split], total=len(jobs[split]), pool=pool,
-                                              limits=limit, info=info, desc=split)
+                                              limits=limit, info=info, desc=split,
+                                              max_reject_fraction=max_reject_fraction)
     return DemoResult(indexes, missing)

@@ -61,7 +61,12 @@ def _existing(location: str) -> bool:
 def index_shards(spec: str, out: str | None, workers: int, overwrite: bool) -> list[Indexed]:
     """Read every shard ``spec`` names and write the index (or indexes: one per shard directory of a folder of them,
     without ``out``). Refuses, before reading anything, to replace an index unless ``overwrite``."""
-    targets = _target(shard_groups(spec, prefer_files=True), out)
+    groups = shard_groups(spec, prefer_files=True)
+    unfinished = next((group for group in groups if group.unfinished), None)
+    if unfinished:  # an index would make the shards of a run cut off or stopped look like the whole data
+        raise DataError(f"{unfinished.location}: no {INDEX_FILE} for a data_prep shard output left unfinished: "
+                        f"{unfinished.unfinished}")
+    targets = _target(groups, out)
     for location, _ in targets:
         if location.startswith(HTTP_PREFIXES):
             raise DataError(f"{location}: cannot write to a web server; give --out DIR (a local folder, or an "

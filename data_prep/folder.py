@@ -1,8 +1,11 @@
 """``shard --input-dir``: a folder of raw files -> the same checked shards a manifest gives, with no manifest to write.
 
 Files whose paths are equal up to the last suffix are one sample (``cats/001.png`` and ``cats/001.txt``), the way
-webdataset groups tar members; the suffix names the field. Hidden files and folders (``.DS_Store``, ``.git``) are
-not data and are passed over; any other file that fits no field rejects its sample, so nothing is dropped unseen.
+webdataset groups tar members; the suffix names the field. What is clearly no data is passed over, counted and named
+in ``index.json`` (and the summary): hidden files and folders (``.DS_Store``, ``.git``), and file groups made only of
+documentation or system files (``README.md``, ``LICENSE``, ``notes.pdf``, ``Thumbs.db``, ``setup.py``). Any other
+file that fits no field, one of those beside a sample's files included, rejects its sample, so nothing that may be
+data (an image in a format not read) is dropped unseen.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 from data_prep.index import ShardIndex
 from data_prep.manifest import CONTENT_FIELDS, ManifestRow, ShardOptions, shuffle_into_shards
 from data_prep.schema import KEY_RE, Rejected, hashed_key
-from data_prep.writer import Job, OutputError, Rejection
+from data_prep.writer import Job, Rejection
 
 SUFFIX_FIELD = {
     **dict.fromkeys((".txt",), "text"),
@@ -67,26 +70,66 @@ class FolderSample(ManifestRow):
         return meta
 
 
-def _visible(names: list[str]) -> list[str]:
-    return sorted(name for name in names if not name.startswith("."))
+_NOT_DATA_NAME = re.compile(r"(readme|licen[cs]e|copying|notice|changelog|authors)([.-].*)?|thumbs\.db|desktop\.ini",
+                            re.IGNORECASE)
+_NOT_DATA_SUFFIXES = frozenset(".md .rst .pdf .html .htm .doc .docx .ini .log .yaml .yml .toml .cfg .py .sh .ipynb"
+                               .split())
+PASSED_OVER_NAMED = 10  # names of passed-over files index.json records
 
 
-def sample_groups(root: Path) -> Iterator[tuple[str, list[str]]]:
-    """``(stem, files)`` per sample, paths relative to ``root``, hidden files and folders left out. A sample's files
-    share a folder, so folders are read one at a time (sorted): memory holds one folder's names, not the tree's."""
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _no_data(name: str) -> bool:
+    """A hidden file, or a documentation or system one by its name or suffix."""
+    return _hidden(name) or bool(_NOT_DATA_NAME.fullmatch(name)) or Path(name).suffix.lower() in _NOT_DATA_SUFFIXES
+
+
+def _listing(root: Path) -> Iterator[tuple[str, list[str]]]:
+    """``(stem, files)`` per file group, paths relative to ``root``, and ``("folder/", [])`` per hidden folder (not
+    entered). A sample's files share a folder, so folders are read one at a time (sorted): memory holds one folder's
+    names, not the tree's."""
     for folder, subfolders, files in os.walk(root):
-        subfolders[:] = _visible(subfolders)
         relative = Path(folder).relative_to(root)
+        subfolders.sort()
+        yield from ((f"{(relative / name).as_posix()}/", []) for name in subfolders if _hidden(name))
+        subfolders[:] = [name for name in subfolders if not _hidden(name)]
         groups: dict[str, list[str]] = {}
-        for name in _visible(files):
+        for name in sorted(files):
             path = (relative / name).as_posix()
             groups.setdefault(path.rsplit(".", 1)[0] if "." in name else path, []).append(path)
         yield from groups.items()
 
 
+def _is_data(files: list[str]) -> bool:
+    return not all(_no_data(Path(path).name) for path in files)
+
+
+def sample_groups(root: Path) -> Iterator[tuple[str, list[str]]]:
+    """``(stem, files)`` per sample, paths relative to ``root``; what is no data (:func:`passed_over`) left out."""
+    return ((stem, files) for stem, files in _listing(root) if _is_data(files))
+
+
+def passed_over(root: Path) -> dict[str, Any]:
+    """What :func:`sample_groups` leaves out, for ``index.json``: ``{"count": N, "examples": [the first names]}``
+    (a hidden folder counts once, named with a trailing ``/``)."""
+    names = [path for stem, files in _listing(root) if not _is_data(files) for path in files or [stem]]
+    return {"count": len(names), "examples": names[:PASSED_OVER_NAMED]}
+
+
+def describe_passed_over(record: dict[str, Any], named: int = 3) -> str:
+    """``passed over 3 files that are not data (README.md, .DS_Store, notes/LICENSE)``, for a :func:`passed_over`
+    record: a line, so that nothing is left out unseen."""
+    count, names = record["count"], record["examples"][:named]
+    more = ", ..." if count > len(names) else ""
+    what = "1 file that is" if count == 1 else f"{count} files that are"
+    return f"passed over {what} not data ({', '.join(names)}{more})"
+
+
 def class_names(root: Path) -> list[str]:
-    """``--label-from-folder``'s classes: the top folders that hold a file, sorted (their label is their place)."""
-    return [name for name in _visible([d.name for d in root.iterdir() if d.is_dir()])
+    """``--label-from-folder``'s classes: the top folders that hold a sample, sorted (their label is their place)."""
+    return [name for name in sorted(d.name for d in root.iterdir() if d.is_dir() and not _hidden(d.name))
             if next(sample_groups(root / name), None) is not None]
 
 
@@ -140,14 +183,15 @@ def read_folder(root: Path, audio_rate: int, classes: list[str] | None = None) -
 
 def shard_folder(root: Path, out: Path, options: ShardOptions = ShardOptions(), label_from_folder: bool = False,
                  pool: Executor | None = None) -> ShardIndex:
-    """The folder's samples as shards; with ``label_from_folder`` the top folder names the class (sorted: 0, 1, ...).
-    Encoding runs in ``pool`` (``None``: this process)."""
-    if out.resolve().is_relative_to(root.resolve()):
-        raise OutputError(f"--out {out} lies inside --input-dir {root}, whose files would become samples; "
-                          "pick an --out outside it")
+    """The folder's samples as shards in ``out`` (outside ``root``, else its shards would be samples of a next run);
+    with ``label_from_folder`` the top folder names the class (sorted: 0, 1, ...). Encoding runs in ``pool``
+    (``None``: this process)."""
     classes = class_names(root) if label_from_folder else None
     info: dict[str, Any] = {"input_dir": root.name}
     if classes is not None:
         info["classes"] = classes
+    skipped = passed_over(root)
+    if skipped["count"]:
+        info["passed_over"] = skipped
     return shuffle_into_shards(read_folder(root, options.audio_rate, classes), out, options, info, pool,
                                settle=hash_the_others)

@@ -18,6 +18,7 @@ from pretrain.shard_format import (
     layout,
     load_index,
     modalities,
+    why_stopped,
 )
 
 
@@ -51,11 +52,13 @@ def _bump(counts: dict[str, int], more: dict[str, int]) -> None:
 
 @dataclass
 class ShardIndex:
-    """All shards of one directory plus how they were made (``info``) and how many inputs were rejected."""
+    """All shards of one directory plus how they were made (``info``) and how many inputs were rejected; ``stopped``
+    (never in ``index.json``) is why the writer left the directory unfinished instead of writing this index."""
 
     shards: list[ShardRecord]
     rejected: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    stopped: str | None = None
 
     @property
     def samples(self) -> int:
@@ -102,12 +105,21 @@ def read_index(directory: Path) -> ShardIndex:
     path = directory / INDEX_FILE
     data = load_index(directory)
     if data is None:
-        if (directory / WRITING_FILE).exists():
-            raise IndexFileError(f"{path}: not found: the shard run that writes this directory was cut off or is "
-                                 f"still going; finish it (the same command with --resume)")
+        unfinished = why_unfinished(directory)
+        if unfinished:
+            raise IndexFileError(f"{path}: not found: {unfinished}")
         raise IndexFileError(f"{path}: not found; `python -m data_prep shard` writes shard directories, "
                              f"`python -m data_prep index` the index of existing shards")
     return index_from_json(data, path)
+
+
+def why_unfinished(directory: Path) -> str | None:
+    """Why a ``shard`` output has no index yet, and the fix, where it holds ``.writing``: stopped by data_prep (too
+    many rejections, no sample) or cut off (or still going); None where it holds none."""
+    if not (directory / WRITING_FILE).exists():
+        return None
+    return why_stopped(directory) or ("the shard run that writes this directory was cut off or is still going; "
+                                      "finish it (the same command with --resume)")
 
 
 def index_from_json(data: dict[str, Any], where: Path | str) -> ShardIndex:

@@ -24,6 +24,7 @@ from data_prep.media import (
 from data_prep.parallel import worker_pool
 from data_prep.schema import KEY_RE, KEY_RULE, Rejected
 from data_prep.shuffle import KeyedShuffle
+from data_prep.split import ValSplit
 from data_prep.writer import Job, Rejection, RejectionLog, ShardLimits, prepare_output, write_shards
 from pretrain.shard_format import REJECTED_FILE
 
@@ -220,10 +221,13 @@ class ShardOptions:
     text_chunk_bytes: int = 0
     shuffle_buffer_bytes: int = 512_000_000
     progress: bool = True  # progress bars where stderr is a terminal
+    max_reject_fraction: float = 1.0  # more rejected leaves the output unfinished (no index.json), as no sample does
+    split: ValSplit | None = None  # with --val-fraction: the side of the split this output takes
 
     def recorded(self) -> dict[str, Any]:
         """The options that shape the samples, as ``index.json`` records them (the buffer changes nothing)."""
-        return {"seed": self.seed, "audio_rate": self.audio_rate, "text_chunk_bytes": self.text_chunk_bytes}
+        split = {"split": self.split.name, "val_fraction": self.split.fraction} if self.split else {}
+        return {"seed": self.seed, "audio_rate": self.audio_rate, "text_chunk_bytes": self.text_chunk_bytes, **split}
 
 
 Settle = Callable[[list[Job]], list[Job | Rejection]]  # the jobs that share a key -> what gets written
@@ -245,9 +249,11 @@ def _pieces(job: Job, chunk_bytes: int) -> list[Job] | Rejection:
 
 def shuffle_into_shards(items: Iterable[Job | Rejection], out: Path, options: ShardOptions, info: dict[str, Any],
                         pool: Executor | None = None, settle: Settle = first_keeps_the_key) -> ShardIndex:
-    """Write the jobs of ``items`` (:class:`ManifestRow` payloads) as shards in an order shuffled by the seed, so that
-    each shard mixes the sources, long texts in pieces; ``settle`` decides between jobs that share a key. Encoding
-    runs in ``pool`` (``None``: this process)."""
+    """Write the jobs of ``items`` (:class:`ManifestRow` payloads; those on ``options.split``'s side) as shards in an
+    order shuffled by the seed, so that each shard mixes the sources, long texts in pieces; ``settle`` decides between
+    jobs that share a key. Encoding runs in ``pool`` (``None``: this process)."""
+    if options.split is not None:  # before the pieces: a document's pieces stay on its side
+        items = options.split.items(items, options.seed)
     prepare_output(out, options.overwrite)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -258,7 +264,8 @@ def shuffle_into_shards(items: Iterable[Job | Rejection], out: Path, options: Sh
             info = {"command": "shard", **info, **options.recorded(), "inputs": inputs}
             settled = (item for jobs in shuffle for item in settle(jobs))
             return write_shards(out, settled, total=len(shuffle), limits=options.limits, pool=pool, info=info,
-                                rejections=log, progress=options.progress)
+                                rejections=log, progress=options.progress,
+                                max_reject_fraction=options.max_reject_fraction)
     except ManifestError:  # cut off: nothing is written
         (out / REJECTED_FILE).unlink(missing_ok=True)
         if created:
@@ -310,21 +317,28 @@ def _shard_file(manifest: Path, out: Path, options: ShardOptions, fmt: ManifestF
         return _shard_one(manifest, out, options, fmt, pool)
 
 
-def shard_manifests(todo: list[tuple[Path, Path]], options: ShardOptions, fmt: ManifestFormat,
+ManifestOutput = tuple[Path, Path, ShardOptions]  # a manifest, its output directory, how it is written
+
+
+def shard_manifests(todo: list[ManifestOutput], fmt: ManifestFormat,
                     workers: int) -> Iterator[tuple[Path, ShardIndex | ManifestError]]:
-    """Each (manifest, output) of ``todo`` sharded, yielded as (output, index or the ``ManifestError`` of a manifest
-    cut off) as each ends. With ``workers`` > 1 and several manifests, up to ``workers`` are sharded side by side, each
-    with its share of the workers and of the shuffle buffer: a text corpus of many files (whose samples are encoded
-    where they are written, not in workers) then uses every core. The outputs are the same either way."""
+    """Each (manifest, output, options) of ``todo`` sharded, yielded as (output, index or the ``ManifestError`` of a
+    manifest cut off) as each ends. With ``workers`` > 1 and several outputs, up to ``workers`` are written side by
+    side, each with its share of the workers and of the shuffle buffer: a text corpus of many files (whose samples are
+    encoded where they are written, not in workers) then uses every core. The outputs are the same either way."""
     files = min(workers, len(todo))
     if files <= 1:
         with worker_pool(workers if todo else 1) as pool:  # started once for every manifest
-            for manifest, out in todo:
+            for manifest, out, options in todo:
                 yield out, _shard_one(manifest, out, options, fmt, pool)
         return
-    each = replace(options, shuffle_buffer_bytes=options.shuffle_buffer_bytes // files, progress=False)
+
+    def share(options: ShardOptions) -> ShardOptions:  # of the shuffle buffer; the bar below shows the progress
+        return replace(options, shuffle_buffer_bytes=options.shuffle_buffer_bytes // files, progress=False)
+
     with worker_pool(files) as pool, tqdm(total=len(todo), desc="shard", unit=" files", disable=None) as bar:
-        futures = {pool.submit(_shard_file, manifest, out, each, fmt, workers // files): out for manifest, out in todo}
+        futures = {pool.submit(_shard_file, manifest, out, share(options), fmt, workers // files): out
+                   for manifest, out, options in todo}
         try:
             for future in as_completed(futures):
                 bar.update()

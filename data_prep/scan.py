@@ -15,7 +15,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_prep.index import IndexFileError, ShardIndex, ShardRecord, index_from_json, read_index, shard_dirs
+from data_prep.index import (
+    IndexFileError,
+    ShardIndex,
+    ShardRecord,
+    index_from_json,
+    read_index,
+    shard_dirs,
+    why_unfinished,
+)
 from data_prep.media import check_field
 from data_prep.parallel import ordered_map, worker_pool
 from data_prep.schema import Rejected
@@ -49,7 +57,8 @@ class Problem:
 @dataclass
 class ShardGroup:
     """Shards one index describes, or would: a shard directory, a remote prefix, or the shards a spec names.
-    ``location`` is the directory or prefix of its ``index.json`` (None for shards a pattern or list names)."""
+    ``location`` is the directory or prefix of its ``index.json`` (None for shards a pattern or list names);
+    ``unfinished`` says why a ``shard`` output has none yet (a run cut off, or stopped), where it has none."""
 
     name: str
     location: str | None
@@ -57,6 +66,7 @@ class ShardGroup:
     wheres: list[str]
     index: ShardIndex | None = None
     problems: list[Problem] = field(default_factory=list)
+    unfinished: str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +177,7 @@ def _local_group(directory: Path, root: Path, prefer_files: bool) -> ShardGroup:
         except IndexFileError as e:
             where = str(directory / INDEX_FILE)
             group.problems.append(Problem(where, None, str(e).removeprefix(f"{where}: ")))
+            group.unfinished = why_unfinished(directory)
     on_disk = sorted(p.name for p in directory.iterdir() if p.is_file() and is_shard_name(p.name))
     names = on_disk if prefer_files else list(dict.fromkeys(listed + on_disk))
     for shard in names:

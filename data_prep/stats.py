@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from data_prep.folder import describe_passed_over
 from data_prep.index import ShardIndex
 from data_prep.scan import ScanTask, ShardGroup, scan, shard_groups
 
@@ -20,7 +21,7 @@ def human_bytes(size: float) -> str:
     return f"{size:.0f} B" if power == 0 else f"{size:.1f} {units[power]}"
 
 
-_SHOWN_APART = ("classes", "rejections")  # index.json's info keys with lines of their own
+_SHOWN_APART = ("classes", "rejections", "passed_over")  # index.json's info keys with lines of their own
 
 
 def describe(name: str, index: ShardIndex) -> str:
@@ -43,6 +44,8 @@ def describe(name: str, index: ShardIndex) -> str:
     if rejections:
         counts = (f"{seen['count']} for {seen['field']}" for seen in rejections)
         lines.append(f"  rejected: {', '.join(counts)}")
+    if "passed_over" in index.info:
+        lines.append(f"  {describe_passed_over(index.info['passed_over'])}")
     classes = index.info.get("classes")
     if classes:
         lines.append(f"  classes: {', '.join(f'{i} {name}' for i, name in enumerate(classes))}")
@@ -62,6 +65,8 @@ def stats(spec: str | Path, workers: int = 1) -> str:
     for group in shard_groups(spec):
         if group.index is not None:
             parts.append(describe(group.name, group.index))
+        elif group.unfinished:
+            parts.append(f"{describe(group.name, counted(group, workers))}\n  no index.json: {group.unfinished}")
         else:
             parts.append(f"{describe(group.name, counted(group, workers))}\n  no index.json: counted by reading "
                          f"every shard; `python -m data_prep index {shlex.quote(group.name)}` writes one (then this "

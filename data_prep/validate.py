@@ -74,7 +74,7 @@ def _check_group(group: ShardGroup, workers: int, report: Report) -> None:
                                                              "python -m data_prep index"))
         elif record is not None:
             report.problems += _compare(task.where, record, found.record, found.keys)
-    if group.index is None:
+    if group.index is None and group.unfinished is None:  # an unfinished output's problem says what to do instead
         report.notes.append(f"{group.name}: no {INDEX_FILE}: counted by reading; `python -m data_prep index "
                             f"{shlex.quote(group.name)}` writes one, which makes the epoch length known to training")
     if unread:

@@ -95,10 +95,17 @@ class RejectionLog:
 
 @dataclass(frozen=True)
 class ShardLimits:
-    """A shard is closed once it holds ``max_samples`` samples or ``max_bytes`` bytes of sample data."""
+    """A shard is closed once it holds ``max_samples`` samples or ``max_bytes`` bytes of sample data; an output of at
+    least ``min_shards`` samples is spread over at least that many shards, so that the readers of a training run
+    (processes x data-loader workers) each have shards of their own even on a small dataset."""
 
     max_samples: int = 10_000
     max_bytes: int = 1_000_000_000
+    min_shards: int = 1
+
+    def samples_per_shard(self, total: int | None) -> int:
+        """``max_samples``, or fewer where ``total`` samples would otherwise make under ``min_shards`` shards."""
+        return self.max_samples if total is None else max(1, min(self.max_samples, total // self.min_shards))
 
 
 class OutputError(Exception):
@@ -136,12 +143,13 @@ def _encode(item: Job | Rejection) -> Sample | Rejection:
 class _IndexedShardWriter:
     """A thin wrapper over ``wds.ShardWriter`` that keeps a :class:`ShardRecord` per finished shard."""
 
-    def __init__(self, directory: Path, limits: ShardLimits) -> None:
+    def __init__(self, directory: Path, limits: ShardLimits, total: int | None) -> None:
         self.records: list[ShardRecord] = []
         self._current = ShardRecord(name="")
         self._writer: Any = None  # a webdataset.ShardWriter once the first sample arrives
         self._directory = directory
         self._limits = limits
+        self._per_shard = limits.samples_per_shard(total)
 
     def write(self, sample: Sample) -> None:
         if self._writer is None:  # opened on the first sample: ShardWriter would otherwise leave an empty shard
@@ -150,7 +158,7 @@ class _IndexedShardWriter:
             import webdataset as wds
 
             self._writer = wds.ShardWriter(
-                str(self._directory / SHARD_PATTERN), maxcount=self._limits.max_samples,
+                str(self._directory / SHARD_PATTERN), maxcount=self._per_shard,
                 maxsize=self._limits.max_bytes, post=self._finished, verbose=0,
                 # A fixed mtime gives byte-identical tars; an int, as a float adds a 1 KiB pax header to every member.
                 encoder=False, mtime=0,
@@ -170,21 +178,41 @@ class _IndexedShardWriter:
             self._writer.close()
 
 
+def _stop_reason(directory: Path, index: ShardIndex, max_reject_fraction: float) -> str | None:
+    """Why ``directory`` must not pass for finished data (no sample, or more than ``max_reject_fraction`` of its
+    inputs rejected), with the fix; None when it is done."""
+    inputs = index.info["inputs"]
+    listed = f"fix the inputs listed in {directory / REJECTED_FILE}"
+    if index.samples == 0:
+        return f"no sample was written: all {inputs} inputs were rejected; {listed}" if inputs else \
+            "no sample was written: no input came to it; give it inputs"
+    fraction = index.rejected / inputs
+    if fraction > max_reject_fraction:
+        return (f"rejected {fraction:.1%} of {inputs} inputs, more than --max-reject-fraction {max_reject_fraction}; "
+                f"{listed} or raise the limit")
+    return None
+
+
 def write_shards(directory: Path, items: Iterable[Job | Rejection], *, total: int | None = None,
                  limits: ShardLimits = ShardLimits(), pool: Executor | None = None, info: dict[str, Any] | None = None,
-                 desc: str = "shard", rejections: RejectionLog | None = None, progress: bool = True) -> ShardIndex:
+                 desc: str = "shard", rejections: RejectionLog | None = None, progress: bool = True,
+                 max_reject_fraction: float = 1.0) -> ShardIndex:
     """Encode the jobs of ``items`` in order (in ``pool``, from :func:`~data_prep.parallel.worker_pool`) into
     ``directory`` and add its rejections to ``rejections`` (by default a new ``rejected.jsonl``), earlier ones
     counted too; ``total`` items, for the progress bar (``progress``: drawn where stderr is a terminal). The index
     records ``info``, the rejections by field and the number of ``inputs``: the items and earlier rejections, unless
     ``info`` counts them (texts split into pieces).
 
-    The directory must have been through :func:`prepare_output`. Returns the index that was written.
+    The directory must have been through :func:`prepare_output`. Returns the index, written unless no sample was or
+    more than ``max_reject_fraction`` of the inputs was rejected: the directory is then left unfinished, its
+    ``.writing`` saying why (``index.stopped``), so that nothing takes it for the data asked for; its shards and
+    ``rejected.jsonl`` stay for a look.
     """
     directory.mkdir(parents=True, exist_ok=True)
     marker = directory / WRITING_FILE
-    marker.write_text(writing_marker(" ".join(sys.argv)))
-    writer = _IndexedShardWriter(directory, limits)
+    command = " ".join(sys.argv)
+    marker.write_text(writing_marker(command))
+    writer = _IndexedShardWriter(directory, limits, total)
     with contextlib.ExitStack() as stack:
         log = rejections or stack.enter_context(RejectionLog(directory / REJECTED_FILE))
         inputs = log.count
@@ -201,6 +229,10 @@ def write_shards(directory: Path, items: Iterable[Job | Rejection], *, total: in
             writer.close()
         info = {"inputs": inputs, **(info or {}), "rejections": log.by_field()}
         index = ShardIndex(writer.records, rejected=log.count, info=info)
+    index.stopped = _stop_reason(directory, index, max_reject_fraction)
+    if index.stopped:
+        marker.write_text(writing_marker(command, stopped=index.stopped))
+        return index
     write_index(directory, index)
     marker.unlink()
     return index

@@ -305,7 +305,8 @@ class DataConfig:
     these joined by ``::``. Training datasets are mixed by ``weights`` (one per entry; empty = proportional to their
     sample counts).
     An epoch is ``epoch_samples`` samples over all ranks: 0 = the sum of the index.json counts, which shards without
-    an index lack (``python -m data_prep index SPEC`` writes one; ``val_samples`` likewise). ``require`` lists
+    an index lack (``python -m data_prep index SPEC`` writes one). Validation reads every sample of ``val_shards``
+    once, whatever their count (``train.eval_batches`` can cap it). ``require`` lists
     sample keys without which a sample is skipped. ``random_crop`` crops long text and audio at a random offset (else
     from the start). ``pixel_mean``/``pixel_std`` normalise image and video pixels scaled to [0, 1]. ``pin_memory``
     page-locks batches where CUDA is present (a copy from pageable memory makes the host wait for the work queued on
@@ -320,7 +321,6 @@ class DataConfig:
     val_shards: List[str] = field(default_factory=list)
     weights: List[float] = field(default_factory=list)
     epoch_samples: int = 0
-    val_samples: int = 0
     seed: int = 0
     batch_size: int = 32
     num_workers: int = 2
@@ -356,7 +356,7 @@ def validate_data_config(cfg: DataConfig, model: ModelConfig, prefix: str = "dat
     """Fail early, naming the key, for any value the stream could not run with for this model."""
     for key in ("batch_size", "audio_sample_rate", "prefetch_factor"):
         _require(getattr(cfg, key) > 0, f"{prefix}.{key}", f"must be a positive integer, got {getattr(cfg, key)}")
-    for key in ("num_workers", "shuffle_buffer", "epoch_samples", "val_samples", "seed", "pipe_stall_timeout_s",
+    for key in ("num_workers", "shuffle_buffer", "epoch_samples", "seed", "pipe_stall_timeout_s",
                 "shard_retries"):
         _require(getattr(cfg, key) >= 0, f"{prefix}.{key}", f"must be >= 0, got {getattr(cfg, key)}")
     if cfg.weights:
@@ -433,7 +433,8 @@ class TrainConfig:
     ``precision`` auto is bf16 on GPU and fp32 on CPU; bf16 is DeepSpeed's bf16 mode (bf16 weights, fp32 master copies
     in the optimizer); autocast its ``torch_autocast`` (fp32 weights, the forward under bf16 autocast, Linear
     gradients reduced in bf16: no master copies to keep in step). ``loss_weights`` weighs the per-modality losses
-    (default 1).
+    (default 1). ``eval_every_steps``: evaluate on ``data.val_shards`` every N steps and at the last (0: never);
+    each evaluation scores every validation sample once, or only the first ``eval_batches`` batches per rank (0: all).
     ``freeze``: parameters that do not train (no gradient, no optimizer state): ``pretrained`` (every tensor
     ``model.init_from`` loaded: with a new label head, a linear probe), ``latents``, or any module path of the model
     (``encoder``, ``encoder.cross_attention``, ``encoder.self_attends``, ``decoder``, ``adapters.image``,

@@ -5,7 +5,8 @@ A shard directory holds ``shard-NNNNNN.tar`` files of samples (webdataset: the m
 their suffix names the field) and, once complete, ``index.json``: ``{"format": INDEX_FORMAT, "shards": [{"name":
 "shard-000000.tar", "samples": N, "layouts": {"png.txt": N}, ...}, ...], "info": {...}}``. While ``data_prep shard``
 writes a directory it holds ``.writing`` (what, where, since when) instead, so a reader can tell a run cut off from
-a finished one. An index without ``format`` (written by hand for one's own tars) is read too.
+a finished one; a run that ends with too many rejections (or no sample) leaves it, saying why, and no index. An index
+without ``format`` (written by hand for one's own tars) is read too.
 """
 
 from __future__ import annotations
@@ -100,19 +101,39 @@ def check_index(data: Any, where: Union[str, Path]) -> Dict[str, Any]:
     return data
 
 
-def writing_marker(command: str) -> str:
-    """The text of ``.writing``: the command that writes the directory, where and since when."""
-    return json.dumps({"command": command, "host": socket.gethostname(), "pid": os.getpid(),
-                       "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n"
+def writing_marker(command: str, stopped: Optional[str] = None) -> str:
+    """The text of ``.writing``: the command that writes the directory, where and since when; with ``stopped``, why
+    it ended without finishing it on purpose (the output must not pass for finished data) and when."""
+    now = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    when = {"started": now} if stopped is None else {"stopped": stopped, "ended": now}
+    return json.dumps({"command": command, "host": socket.gethostname(), "pid": os.getpid(), **when}) + "\n"
+
+
+def _marker(directory: Union[str, Path]) -> Dict[str, Any]:
+    """``directory/.writing`` parsed, or {} where it is absent or unreadable."""
+    try:
+        marker = json.loads((Path(directory) / WRITING_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
 
 
 def who_writes(directory: Union[str, Path]) -> Optional[str]:
-    """What ``directory/.writing`` says ("started ... on HOST (pid N): COMMAND"); None without a readable one."""
+    """What ``directory/.writing`` says ("started ... on HOST (pid N): COMMAND"); None without a readable one or for
+    a run that stopped (:func:`why_stopped`)."""
+    marker = _marker(directory)
     try:
-        marker = json.loads((Path(directory) / WRITING_FILE).read_text(encoding="utf-8"))
         return f"started {marker['started']} on {marker['host']} (pid {marker['pid']}): {marker['command']}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except KeyError:
         return None
+
+
+def why_stopped(directory: Union[str, Path]) -> Optional[str]:
+    """For an output ``data_prep`` left unfinished on purpose (too many rejections, no sample): why and the fix, in
+    one line ("data_prep stopped it: ..."); None for one being written, cut off, or without a readable marker. Such an
+    output is no run cut off, which the same command would finish: the inputs or the limit must change first."""
+    stopped = _marker(directory).get("stopped")
+    return f"data_prep stopped it: {stopped}, and run the same command with --overwrite" if stopped else None
 
 
 def _bad(path: Union[str, Path], detail: str) -> IndexFileError:

@@ -71,14 +71,24 @@ def wandb_credentials_found(environ: Mapping[str, str] = os.environ) -> bool:
     return bool(entry and entry[2])
 
 
+def _share(metrics: Mapping[str, float], modality: str) -> str:
+    """" on 40% of batches" for a training loss part that not every batch had (``loss_share/<modality>``)."""
+    share = metrics.get(f"loss_share/{modality}")
+    return "" if share is None else f" on {share:.0%} of batches"
+
+
 def format_metrics(metrics: Mapping[str, float], step: int, max_steps: int) -> str:
-    """One console line: step, losses (per modality in parentheses), then lr, grad norm, throughput, data wait."""
+    """One console line: step, losses (per modality in parentheses, with the share of batches that had it where not
+    all did: the total is the sum of weight x share x loss), the validation samples scored, then lr, grad norm,
+    throughput, data wait."""
     parts = [f"step {step:>{len(str(max_steps))}}/{max_steps}"]
     for loss in ("loss", "val/loss"):
         if loss in metrics:
-            per = [f"{key[len(loss) + 1:]} {value:.4f}" for key, value in metrics.items()
-                   if key.startswith(loss + "/")]
-            parts.append(f"{loss} {metrics[loss]:.4f}" + (f" ({', '.join(per)})" if per else ""))
+            training = loss == "loss"
+            per = [f"{key[len(loss) + 1:]} {value:.4f}{_share(metrics, key[len(loss) + 1:]) if training else ''}"
+                   for key, value in metrics.items() if key.startswith(loss + "/")]
+            scored = "" if training or "val/samples" not in metrics else f" on {int(metrics['val/samples'])} samples"
+            parts.append(f"{loss} {metrics[loss]:.4f}" + (f" ({', '.join(per)})" if per else "") + scored)
     parts.extend(fmt.format(metrics[key]) for key, fmt in _CONSOLE.items() if key in metrics)
     return " | ".join(parts)
 

@@ -27,7 +27,6 @@ def cli(*args: str, script: str = "") -> subprocess.CompletedProcess:
 BAD = [
     (["model.nope=1"], "model.nope"),
     (["data.num_workers=5"], "data.train_shards[0]: 4 shards for 1 ranks x 5 data-loader workers"),
-    (["data.val_samples=3", "train.eval_every_steps=2"], "data.val_shards: an epoch of 3 samples is less than one"),
     (["data.batch_size=200", "train.eval_every_steps=0"], "data.train_shards: an epoch of 96 samples is less than"),
     (["train.max_steps=many"], "train.max_steps"),
     (["train.global_batch_size=6"], "train.global_batch_size"),
@@ -186,12 +185,12 @@ def test_shards_with_more_classes_than_the_model_are_refused_before_training(tmp
 def test_under_torchrun_a_mistake_is_printed_once_and_is_the_root_cause(tmp_path):
     """Two ranks under torchrun (the README's command) both find the mistake before training: rank 0 prints it, and
     torchrun's own summary, printed last, names it as the root cause. torchrun exits 1 for any failed rank."""
-    config = tiny_config(tmp_path, data={"batch_size": 16}, train={"eval_every_steps": 2})  # 2 x 16 > 16 samples
+    config = tiny_config(tmp_path, data={"batch_size": 64}, train={"eval_every_steps": 2})  # 2 x 64 > 96 samples
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "pretrain", "train", "--config", str(config)], cwd=ROOT, capture_output=True,
                           text=True, timeout=240)
-    line = ("error: data.val_shards: an epoch of 16 samples is less than one batch per rank (world size 2 x "
-            "data.batch_size 16); lower data.batch_size or raise data.val_samples")
+    line = ("error: data.train_shards: an epoch of 96 samples is less than one batch per rank (world size 2 x "
+            "data.batch_size 64); lower data.batch_size or raise data.epoch_samples")
     assert done.returncode == 1
     printed = [row for row in done.stderr.splitlines() if row.startswith("error: ")]
     assert printed == [line], done.stderr[-3000:]

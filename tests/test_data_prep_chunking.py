@@ -65,7 +65,7 @@ def test_shard_writes_long_texts_in_pieces(tmp_path: Path, capsys):
     ])
     out = tmp_path / "out"
     assert main(["shard", "--manifest", str(manifest), "--out", str(out), "--workers", "1",
-                 "--text-chunk-bytes", "2048", "--max-reject-fraction", "0.3"]) == 0
+                 "--text-chunk-bytes", "2048", "--max-reject-fraction", "0.3", "--min-shards", "1"]) == 0
     summary = capsys.readouterr().out
     assert "wrote 5 samples from 3 inputs (long texts in pieces) in 1 shard " in summary
     assert "rejected 1 of 4 (25.0%)" in summary  # inputs, not pieces
@@ -93,7 +93,7 @@ def test_pieces_spread_over_the_shards_and_a_key_they_take_is_rejected(tmp_path:
     rows += [{"key": f"s{i}", "text": f"short {i}"} for i in range(40)]
     out = tmp_path / "out"
     assert main(["shard", "--manifest", str(write_manifest(tmp_path / "m.jsonl", rows)), "--out", str(out),
-                 "--workers", "1", "--text-chunk-bytes", "48", "--max-samples-per-shard", "6",
+                 "--workers", "1", "--text-chunk-bytes", "48", "--max-samples-per-shard", "6", "--min-shards", "1",
                  "--max-reject-fraction", "0.1"]) == 0
     assert "wrote 48 samples from 41 inputs (long texts in pieces) in 8 shards" in capsys.readouterr().out
     shards_of = {}

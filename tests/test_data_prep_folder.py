@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from test_data_prep_media import audio_bytes, garbage, image_bytes, video_array
 from test_data_prep_shard import folder_bytes, read_tars
 
 from data_prep.__main__ import main
 from data_prep.folder import sample_key
 from data_prep.schema import KEY_RE
+from pretrain.shards import DataError, expand_spec
 
 
 def write_files(root: Path, files: dict[str, bytes | np.ndarray]) -> Path:
@@ -52,7 +54,7 @@ def test_files_sharing_a_stem_become_one_sample_of_every_field(tmp_path: Path, c
     })
     out = tmp_path / "shards"
     assert shard("--input-dir", str(root), "--out", str(out), "--audio-rate", "8000",
-                 "--max-samples-per-shard", "3") == 0
+                 "--max-samples-per-shard", "3", "--min-shards", "1") == 0
     assert "wrote 7 samples in 3 shards" in capsys.readouterr().out
     samples = read_tars(out)
     assert samples["photos_beach"] == {"png": png, "txt": b"sand and sea\n", "cls": b"4"}
@@ -91,7 +93,8 @@ def test_label_from_folder_numbers_the_sorted_class_folders(tmp_path: Path, caps
 def test_groups_that_make_no_good_sample_are_rejected_with_the_file_named(tmp_path: Path, capsys):
     root = write_files(tmp_path / "raw", {
         "ok.png": image_bytes(1),
-        "README.md": b"# my data",
+        "README.md": b"# my data",  # documentation alone: passed over, not rejected
+        "notes.png": image_bytes(7), "notes.md": b"# about the image",  # beside a sample's file: rejects it
         "pair.png": image_bytes(2), "pair.xmp": b"<x/>",
         "twice.png": image_bytes(3), "twice.jpg": image_bytes(4, "JPEG"),
         "lonely.json": b"{}",
@@ -104,10 +107,10 @@ def test_groups_that_make_no_good_sample_are_rejected_with_the_file_named(tmp_pa
     })
     out = tmp_path / "shards"
     assert shard("--input-dir", str(root), "--out", str(out)) == 1
-    assert "rejected 90.9% of the samples" in capsys.readouterr().err
+    assert "rejected 90.9% of 11 inputs, more than --max-reject-fraction 0.01" in capsys.readouterr().err
     reasons = rejections(out)
     assert reasons == {
-        "README": ("file", reasons["README"][1]),
+        "notes": ("file", reasons["notes"][1]),
         "pair": ("file", reasons["pair"][1]),
         "twice": ("image", "two image files, twice.jpg and twice.png; a sample has one of each"),
         "lonely": ("file", "only lonely.json: a sample needs one of text, image, audio, video, label"),
@@ -118,7 +121,7 @@ def test_groups_that_make_no_good_sample_are_rejected_with_the_file_named(tmp_pa
         "noise": ("audio", reasons["noise"][1]),
         "floats": ("video", reasons["floats"][1]),
     }
-    assert reasons["README"][1].startswith("README.md is no supported file; the suffixes are .txt, .png")
+    assert reasons["notes"][1].startswith("notes.md is no supported file; the suffixes are .txt, .png")
     assert reasons["pair"][1].startswith("pair.xmp is no supported file")
     assert reasons["latin1"][1].startswith("latin1.txt is not UTF-8 text")
     assert "cannot decode image" in reasons["broken"][1] and "cannot decode audio" in reasons["noise"][1]
@@ -165,3 +168,66 @@ def test_the_command_line_checks_its_source_options(tmp_path: Path):
     absent = run("--input-dir", str(tmp_path / "absent"))
     assert absent.returncode == 2 and f"--input-dir {tmp_path / 'absent'}: no such directory" in absent.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_files_that_are_not_data_are_passed_over_with_one_line(tmp_path: Path, capsys):
+    root = write_files(tmp_path / "raw", {
+        **{f"{shape}/{i}.png": image_bytes(i) for shape in ("circle", "square") for i in range(3)},
+        "circle/README.md": b"# circles", "circle/.DS_Store": b"\x00", "circle/LICENSE": b"CC-BY",
+        "square/Thumbs.db": b"\x00", "square/notes.pdf": b"%PDF", ".git/config": b"[core]",
+        "docs/index.html": b"<html>",  # a folder of nothing but documentation is no class
+    })
+    out = tmp_path / "shards"
+    assert shard("--input-dir", str(root), "--out", str(out), "--label-from-folder") == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1] == (f"{root}/: passed over 7 files that are not data (.git/, circle/.DS_Store, circle/LICENSE, "
+                          "...)")
+    assert printed[0].endswith("rejected 0 of 6 (0.0%)") and (out / "rejected.jsonl").read_text() == ""
+    info = json.loads((out / "index.json").read_text())["info"]
+    assert info["passed_over"] == {"count": 7, "examples": [
+        ".git/", "circle/.DS_Store", "circle/LICENSE", "circle/README.md", "docs/index.html", "square/Thumbs.db",
+        "square/notes.pdf"]}
+    assert info["classes"] == ["circle", "square"] and len(read_tars(out)) == 6
+    assert main(["stats", str(out)]) == 0
+    assert "  passed over 7 files that are not data (.git/, circle/.DS_Store, circle/LICENSE, ...)" in \
+        capsys.readouterr().out
+
+
+def test_a_file_of_an_unsupported_format_is_still_rejected(tmp_path: Path, capsys):
+    root = write_files(tmp_path / "raw", {"a.png": image_bytes(1), "b.png": image_bytes(2), "x.heic": b"ftypheic"})
+    out = tmp_path / "shards"
+    assert shard("--input-dir", str(root), "--out", str(out), "--max-reject-fraction", "0.5") == 0
+    assert "rejected 1 of 3 (33.3%)" in capsys.readouterr().out
+    field, reason = rejections(out)["x"]
+    assert field == "file" and reason.startswith("x.heic is no supported file; the suffixes are .txt, .png")
+
+
+def test_too_many_rejections_leave_the_output_unfinished_until_rerun(tmp_path: Path, capsys):
+    """2 bad images of 10 with the default limit (1%): the shards and rejected.jsonl stay for a look, but without
+    index.json and with .writing saying why, so that nothing (validate, index, training) takes them for the data."""
+    root = write_files(tmp_path / "raw", {**{f"ok{i}.png": image_bytes(i) for i in range(8)},
+                                          "bad0.png": garbage(), "bad1.png": garbage()})
+    out = tmp_path / "shards"
+    args = ["--input-dir", str(root), "--out", str(out), "--min-shards", "1"]
+    assert shard(*args) == 1
+    reason = (f"rejected 20.0% of 10 inputs, more than --max-reject-fraction 0.01; fix the inputs listed in "
+              f"{out / 'rejected.jsonl'} or raise the limit")
+    assert capsys.readouterr().err == (f"error: {out}: {reason}; the output was left unfinished (no index.json: "
+                                       "nothing takes it for finished data), the same command with --overwrite "
+                                       "replaces it\n")
+    assert sorted(p.name for p in out.iterdir()) == [".writing", "rejected.jsonl", "shard-000000.tar"]
+    assert json.loads((out / ".writing").read_text())["stopped"] == reason
+    stopped = f"data_prep stopped it: {reason}, and run the same command with --overwrite"
+    assert main(["validate", str(out), "--workers", "1"]) == 1
+    assert capsys.readouterr().out.splitlines() == [f"{out / 'index.json'}: not found: {stopped}",
+                                                    f"{out}: checked 1 shard, 8 samples: 1 problem"]
+    with pytest.raises(DataError, match="max-reject-fraction") as refused:
+        expand_spec(str(out), "data.train_shards")
+    assert str(refused.value) == (f"data.train_shards: {str(out)!r} is a data_prep shard output without its "
+                                  f"index.json: {stopped}")
+    assert main(["index", str(out)]) == 2 and stopped in capsys.readouterr().err
+    assert not (out / "index.json").exists()
+
+    assert shard(*args, "--overwrite", "--max-reject-fraction", "0.5") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "rejected.jsonl", "shard-000000.tar"]
+    assert sum(s.samples for s in expand_spec(str(out), "data.train_shards")) == 8

@@ -77,7 +77,7 @@ def bad_manifest(tmp_path: Path) -> Path:
 def test_shard_writes_every_modality_readable_by_webdataset(manifest: Path, tmp_path: Path, capsys):
     out = tmp_path / "out"
     assert main(["shard", "--manifest", str(manifest), "--out", str(out), "--workers", "1",
-                 "--max-samples-per-shard", "3", "--audio-rate", "8000"]) == 0
+                 "--max-samples-per-shard", "3", "--audio-rate", "8000", "--min-shards", "1"]) == 0
     assert "wrote 8 samples in 3 shards" in capsys.readouterr().out
     samples = read_tars(out)
     assert len(samples) == 8
@@ -101,9 +101,12 @@ def test_shard_writes_every_modality_readable_by_webdataset(manifest: Path, tmp_
 def test_bad_rows_are_rejected_with_reasons_and_the_exit_code_follows_the_limit(bad_manifest: Path, tmp_path: Path,
                                                                                capsys):
     out = tmp_path / "out"
-    assert main(["shard", "--manifest", str(bad_manifest), "--out", str(out), "--workers", "1"]) == 1
+    args = ["shard", "--manifest", str(bad_manifest), "--out", str(out), "--workers", "1"]
+    assert main(args) == 1
     printed = capsys.readouterr()
-    assert "rejected 52.9% of the samples, more than --max-reject-fraction 0.01" in printed.err
+    assert f"rejected 52.9% of 17 inputs, more than --max-reject-fraction 0.01; fix the inputs listed in {out}/" \
+           "rejected.jsonl or raise the limit; the output was left unfinished" in printed.err
+    assert not (out / "index.json").exists() and (out / ".writing").exists()  # over the limit: not finished
     assert printed.out.splitlines()[1:] == [  # the most frequent fields first, each with its first reason
         "  2 for line, e.g. not valid JSON (Expecting ',' delimiter: line 2 column 1 (char 22))",
         f"  2 for image, e.g. file not found: {bad_manifest.parent / 'media/nope.png'} (paths are relative to the "
@@ -122,6 +125,9 @@ def test_bad_rows_are_rejected_with_reasons_and_the_exit_code_follows_the_limit(
     assert "must be int, got str" in reasons[None, "label"]
     assert {r["origin"]: r["reason"][:20] for r in rejected if r["field"] == "line"} == {
         "bad.jsonl:13": "not valid JSON (Expe", "bad.jsonl:17": "holds a lone surroga"}
+
+    assert main([*args, "--max-reject-fraction", "0.6", "--overwrite"]) == 0
+    assert not (out / ".writing").exists()
     index = json.loads((out / "index.json").read_text())
     assert (index["samples"], index["rejected"]) == (8, 9)
     assert {seen["field"]: seen["count"] for seen in index["info"]["rejections"]} == {
@@ -130,10 +136,6 @@ def test_bad_rows_are_rejected_with_reasons_and_the_exit_code_follows_the_limit(
     written = read_tars(out)
     assert len(written) == 8 and not {"missing", "bad_png", "bad_flac", "bad_video", "bad_label"} & set(written)
     assert written["png_cap"]["txt"] == b"a photo of noise"  # the first of the duplicate keys is kept
-
-    again = tmp_path / "again"
-    assert main(["shard", "--manifest", str(bad_manifest), "--out", str(again), "--workers", "1",
-                 "--max-reject-fraction", "0.6"]) == 0
 
 
 def test_same_seed_same_bytes_whatever_the_worker_count(manifest: Path, tmp_path: Path):
@@ -155,14 +157,15 @@ def test_a_non_empty_output_is_refused_unless_overwrite(manifest: Path, tmp_path
     assert "pass --overwrite" in capsys.readouterr().err
     assert folder_bytes(out) == before
     (out / "notes.txt").write_text("mine")
-    assert main(["shard", "--manifest", str(manifest), "--out", str(out), "--workers", "1", "--overwrite"]) == 0
+    assert main(["shard", "--manifest", str(manifest), "--out", str(out), "--workers", "1", "--overwrite",
+                 "--min-shards", "1"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["index.json", "notes.txt", "rejected.jsonl", "shard-000000.tar"]
 
 
 def test_max_shard_mb_closes_shards_by_size(manifest: Path, tmp_path: Path):
     out = tmp_path / "out"
     assert main(["shard", "--manifest", str(manifest), "--out", str(out), "--workers", "1",
-                 "--max-shard-mb", "0.0002"]) == 0
+                 "--max-shard-mb", "0.0002", "--min-shards", "1"]) == 0
     shards = json.loads((out / "index.json").read_text())["shards"]
     assert 1 < len(shards) < 8
     assert all(sum(s["modality_bytes"].values()) >= 200 for s in shards[:-1])
@@ -173,7 +176,8 @@ def test_an_empty_or_absent_manifest_is_an_error(tmp_path: Path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["shard", "--manifest", str(write_manifest(tmp_path / "empty.jsonl", [])),
                  "--out", str(tmp_path / "o"), "--workers", "1"]) == 1
-    assert "no sample was written" in capsys.readouterr().err
+    assert "no sample was written: no input came to it" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".writing", "rejected.jsonl"]  # left unfinished
 
 
 @pytest.mark.skipif(not HAS_AV, reason="PyAV not installed (scripts/install_demo_sources.sh installs it)")
@@ -375,3 +379,15 @@ def test_a_lone_surrogate_is_rejected_however_it_is_written(line: bytes):
 
 def test_escapes_and_text_near_the_surrogates_are_kept():
     assert parse_row('{"text": "caf\\u00e9 \ud55c\ud7a3"}'.encode()) == {"text": "café 한\ud7a3"}
+
+
+def test_a_small_output_is_spread_over_min_shards(manifest: Path, tmp_path: Path):
+    """Training needs a shard per reader (processes x data.num_workers): 8 samples go into 8 shards by default (16 at
+    least where there are 16 samples), into 4 of 2 with --min-shards 4; --max-samples-per-shard still caps them."""
+    def counts(out: Path, *args: str) -> list:
+        assert main(["shard", "--manifest", str(manifest), "--out", str(out), "--workers", "1", *args]) == 0
+        return [s["samples"] for s in json.loads((out / "index.json").read_text())["shards"]]
+
+    assert counts(tmp_path / "default") == [1] * 8
+    assert counts(tmp_path / "four", "--min-shards", "4") == [2] * 4
+    assert counts(tmp_path / "capped", "--min-shards", "2", "--max-samples-per-shard", "3") == [3, 3, 2]

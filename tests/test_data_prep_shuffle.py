@@ -58,7 +58,7 @@ def test_a_manifest_beyond_the_buffer_gives_the_same_shards(tmp_path: Path, caps
     rows += [{"key": f"t{i}", "text": f"line {i} " * (i % 5)} for i in range(40)] + [{"key": "t3", "text": "again"}]
     manifest = write_manifest(tmp_path / "m.jsonl", rows)
     args = ["shard", "--manifest", str(manifest), "--workers", "1", "--max-samples-per-shard", "7",
-            "--max-reject-fraction", "0.1"]
+            "--min-shards", "1", "--max-reject-fraction", "0.1"]
     assert main([*args, "--out", str(tmp_path / "memory")]) == 0
     assert main([*args, "--out", str(tmp_path / "spilled"), "--shuffle-buffer-mb", "0.001"]) == 0
     assert folder_bytes(tmp_path / "memory") == folder_bytes(tmp_path / "spilled")

@@ -20,7 +20,7 @@ def good_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("good")
     manifest = write_manifest(root / "m.jsonl", good_media(root / "media"))
     assert main(["shard", "--manifest", str(manifest), "--out", str(root / "shards"), "--workers", "1",
-                 "--max-samples-per-shard", "3"]) == 0
+                 "--min-shards", "1", "--max-samples-per-shard", "3"]) == 0
     return root / "shards"
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from pretrain.config import AudioConfig, DataConfig, ImageConfig, ModelConfig, TextConfig, VideoConfig
 from pretrain.data import DataError, DataStream, expand_spec
+from pretrain.shard_format import writing_marker
 
 Sample = Dict[str, object]
 
@@ -155,6 +156,11 @@ def test_a_folder_of_shard_directories_is_one_dataset(tmp_path):
     (tmp_path / "c4" / "00000" / ".writing").write_text("{}")
     with pytest.raises(DataError, match=r"k: 2 of the shard directories in .*c4' hold shards but no index.json "
                                         r"\(first: 00000\)"):
+        expand_spec(str(tmp_path / "c4"), "k")
+    (tmp_path / "c4" / "00001" / ".writing").write_text(writing_marker("shard", stopped="rejected 50.0% of 18 inputs"))
+    with pytest.raises(DataError, match=r"k: '.*c4/00001' is a data_prep shard output without its index.json: "
+                                        r"data_prep stopped it: rejected 50.0% of 18 inputs, and run the same "
+                                        r"command with --overwrite$"):  # stopped: no run to finish with --resume
         expand_spec(str(tmp_path / "c4"), "k")
 
 

@@ -26,7 +26,7 @@ from test_train_engine import ROOT, children, ended, rank_and_workers
 
 from pretrain import vocab
 from pretrain.config import ConfigError, MaskingConfig
-from pretrain.data import IGNORE_INDEX, DataError, DataStream
+from pretrain.data import IGNORE_INDEX, DataError, DataStream, ValidationPass
 from pretrain.data.reader import sample_selector
 from pretrain.shards import SkipCounter
 from pretrain.model.perceiver import PerceiverIO
@@ -200,13 +200,32 @@ def test_datasets_mix_by_weight(tmp_path):
 
 def test_validation_repeats_the_same_batches(tmp_path):
     write_shards(tmp_path, [9, 9])
-    stream = DataStream(data_config([str(tmp_path)]), text_model(), split="val")
+    stream = ValidationPass(data_config([str(tmp_path)]), text_model())
     first, second = list(stream), list(stream)
     assert [b["keys"] for b in first] == [b["keys"] for b in second]
     assert all(torch.equal(x["inputs"]["text"], y["inputs"]["text"]) for x, y in zip(first, second))
-    assert [k for b in first for k in b["keys"]] == [f"s00-{i:04d}" for i in range(4)] + [
-        f"s01-{i:04d}" for i in range(4)] + [f"s00-{i:04d}" for i in range(4, 8)] + [
-        f"s01-{i:04d}" for i in range(4, 8)]
+    # two workers, one shard each, batches of 4 taken in turn; each worker's last batch padded with empty rows
+    pad = [""] * 3
+    assert [b["keys"] for b in first] == [
+        [f"s00-{i:04d}" for i in range(4)], [f"s01-{i:04d}" for i in range(4)],
+        [f"s00-{i:04d}" for i in range(4, 8)], [f"s01-{i:04d}" for i in range(4, 8)],
+        ["s00-0008", *pad], ["s01-0008", *pad]]
+    last = first[-1]
+    assert last["valid"].tolist() == [True, False, False, False]
+    assert not last["inputs"]["text_mask"][1:].any() and (last["targets"]["text"][1:] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("world_size,workers", [(1, 0), (2, 2), (3, 1)])
+def test_validation_reads_every_sample_once_on_any_layout(tmp_path, world_size, workers):
+    """Uneven shards (and fewer shards than readers) on any number of ranks and workers: every sample of the split
+    is in exactly one rank's batches, once; no shard count or sample count is too small."""
+    write_shards(tmp_path, [7, 2, 11])
+    cfg = data_config([str(tmp_path)], num_workers=workers, batch_size=4)
+    keys = [k for rank in range(world_size) for b in ValidationPass(cfg, text_model(), rank, world_size)
+            for k in b["keys"] if k]
+    assert sorted(keys) == sorted(f"s{s:02d}-{i:04d}" for s, n in enumerate([7, 2, 11]) for i in range(n))
+    padding = ValidationPass(cfg, text_model(), 0, world_size).padding()
+    assert padding["keys"] == [""] * 4 and not padding["valid"].any() and not padding["inputs"]["text_mask"].any()
 
 
 def test_bad_config_values_name_their_key(tmp_path):

@@ -18,9 +18,9 @@ from test_train_engine import FP32_ACCUMULATION, ROOT, metrics, run, tiny_config
 from pretrain import load_pretrained
 from pretrain.checkpoint import UNIVERSAL, find_tag, model_states, read_latest
 from pretrain.config import ModelConfig, TextConfig, load_config, model_config_to_dict
-from pretrain.data import DataStream
+from pretrain.data import ValidationPass
 from pretrain.export import ExportError, export_checkpoint
-from pretrain.train.objective import modality_losses, weighted_total
+from pretrain.train.objective import modality_losses, target_counts, weighted_total
 
 STEPS = 3
 
@@ -34,17 +34,19 @@ def trained(tmp_path: Path, **sections) -> Path:
 
 @torch.no_grad()
 def val_loss(model: torch.nn.Module, run_dir: Path, world_size: int = 2) -> float:
-    """The run's validation loss recomputed in this process: each rank's validation batches, as the run's evaluation
-    reads them, through ``model``; the mean over ranks of each rank's mean over batches."""
+    """The run's validation loss recomputed in this process: every rank's validation batches, as the run's evaluation
+    reads them, through ``model``; each modality's loss over all its targets, weighted and summed."""
     cfg = load_config(str(run_dir / "config.yaml"))
-    per_rank = []
+    sums: dict = {}
     for rank in range(world_size):
-        stream = DataStream(cfg.data, cfg.model, rank, world_size, "val")
-        batches = cfg.train.eval_batches or len(stream)
-        total = sum(float(weighted_total(modality_losses(model, batch), cfg.train.loss_weights))
-                    for batch in itertools.islice(stream, batches))
-        per_rank.append(total / batches)
-    return sum(per_rank) / world_size
+        batches = ValidationPass(cfg.data, cfg.model, rank, world_size)
+        for batch in itertools.islice(batches, cfg.train.eval_batches or None):
+            losses, counts = modality_losses(model, batch), target_counts(batch)
+            for name, loss in losses.items():
+                total, count = sums.get(name, (0.0, 0.0))
+                sums[name] = (total + float(loss) * float(counts[name]), count + float(counts[name]))
+    means = {name: total / count for name, (total, count) in sums.items() if count}
+    return float(weighted_total(means, cfg.train.loss_weights))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pretrain.shard_format import (
     IndexFileError,
     load_index,
     who_writes,
+    why_stopped,
     writing_marker,
 )
 
@@ -38,6 +39,15 @@ def test_the_writing_marker_says_who_writes_the_directory(tmp_path):
     assert who_writes(tmp_path) is None
     (tmp_path / ".writing").write_text(writing_marker("python -m data_prep shard --out x"))
     assert who_writes(tmp_path).endswith("): python -m data_prep shard --out x")
+
+
+def test_a_stopped_marker_says_why_and_is_no_run_still_going(tmp_path):
+    assert why_stopped(tmp_path) is None
+    (tmp_path / ".writing").write_text(writing_marker("python -m data_prep shard --out x"))
+    assert why_stopped(tmp_path) is None  # being written, or cut off
+    (tmp_path / ".writing").write_text(writing_marker("python -m data_prep shard --out x", stopped="too many"))
+    assert why_stopped(tmp_path) == "data_prep stopped it: too many, and run the same command with --overwrite"
+    assert who_writes(tmp_path) is None
 
 
 def test_every_input_modality_has_fields():

@@ -291,3 +291,13 @@ def test_format_metrics_one_line():
         "512.3 samples/s | data wait 4.1%"
     )
     assert format_metrics({"loss": 1.0}, 7, 7) == "step 7/7 | loss 1.0000"
+
+
+def test_format_metrics_says_how_the_total_is_made():
+    """A part that only some batches had carries its share (the total is the sum of share x part), and the
+    validation loss says how many samples it scored."""
+    metrics = {"loss": 4.9737, "loss/image": 0.9749, "loss/text": 5.4039, "loss_share/text": 0.7400,
+               "val/loss": 4.41, "val/loss/image": 0.95, "val/loss/text": 3.46, "val/samples": 24.0}
+    assert format_metrics(metrics, 5, 10) == (
+        "step  5/10 | loss 4.9737 (image 0.9749, text 5.4039 on 74% of batches) | "
+        "val/loss 4.4100 (image 0.9500, text 3.4600) on 24 samples")

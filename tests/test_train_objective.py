@@ -59,9 +59,13 @@ def test_a_batch_without_text_targets_gives_zero_loss_and_zero_gradients():
 
 
 def test_a_modality_without_targets_is_left_out_not_logged_as_zero():
-    """Means over a window: the audio had no targets in it, the text in half of its steps."""
-    means = {"loss": 2.0, "loss/text": 0.5, "present/text": 0.5, "loss/audio": 0.0, "present/audio": 0.0}
-    assert over_present(means, "loss/") == {"loss": 2.0, "loss/text": 1.0}
+    """Means over a window: the audio had no targets in it, the text in half of its steps, the image in all (its
+    share not kept); the total is the sum of share x loss over the parts."""
+    means = {"loss": 1.5, "loss/text": 0.5, "present/text": 0.5, "loss/audio": 0.0, "present/audio": 0.0,
+             "loss/image": 1.0, "present/image": 1.0}
+    out = over_present(means, "loss/")
+    assert out == {"loss": 1.5, "loss/text": 1.0, "loss_share/text": 0.5, "loss/image": 1.0}
+    assert out["loss"] == out["loss/text"] * out["loss_share/text"] + out["loss/image"]
     assert present(batch(torch.full((B, 3), IGNORE_INDEX)))["text"].item() == 0.0
 
 

@@ -1,7 +1,8 @@
 """The WebDataset stream: shard specs -> per-rank, per-worker readers -> decode, transform, mask -> batches.
 
-``DataStream(data_cfg, model_cfg, rank, world_size, split)`` is the one entry point; ``for batch in stream`` yields
-one epoch. This package imports ``pretrain.config``, ``pretrain.vocab``, ``pretrain.shard_format``,
+``DataStream(data_cfg, model_cfg, rank, world_size)`` is the training stream (``for batch in stream`` yields one
+epoch, resumable exactly); ``ValidationPass(data_cfg, model_cfg, rank, world_size)`` yields every validation sample
+once. This package imports ``pretrain.config``, ``pretrain.vocab``, ``pretrain.shard_format``,
 ``pretrain.shards`` (shard specs and reading, shared with ``data_prep``) and ``pretrain.patches``, never
 ``pretrain.model``.
 
@@ -28,15 +29,16 @@ reads it: the model enables it and ``data.objective`` names it, or is empty; ``a
 ``batch["targets"]`` -- ``text`` long [B, P_text], the original ids at the decoded positions, -100 on padding slots;
     ``label`` long [B], -100 when absent (only when the label is a target); ``image``, ``audio``, ``video`` float
     [B, P_mod, values], the original values of the patches at the decoded positions (``pretrain.patches``).
-``batch["keys"]`` -- list of the B samples' ``__key__``.
+``batch["keys"]`` -- list of the B samples' ``__key__`` (``""`` for a padding row).
 ``batch["valid"]`` -- bool [B]; False for a row whose sample failed to decode (skipped and counted: the row stays,
-    empty, so that a batch is always exactly B raw samples -- see ``stream.py`` for why).
+    empty, so that a batch is always exactly B raw samples -- see ``stream.py`` for why) and for the padding rows
+    of a validation pass's last batch.
 """
 
 from .collate import IGNORE_INDEX, BatchBuilder
 from ..shards import DataError, Shard, expand_spec, listed_classes
 from .plan import check_before_start
-from .stream import DataStream
+from .stream import DataStream, ValidationPass
 
-__all__ = ["DataStream", "DataError", "BatchBuilder", "IGNORE_INDEX", "Shard", "check_before_start", "expand_spec",
-           "listed_classes"]
+__all__ = ["DataStream", "ValidationPass", "DataError", "BatchBuilder", "IGNORE_INDEX", "Shard", "check_before_start",
+           "expand_spec", "listed_classes"]

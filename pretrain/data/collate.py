@@ -2,7 +2,8 @@
 
 One builder call makes one batch from exactly ``batch_size`` raw samples. A sample whose media fail to decode keeps its
 row, empty (``valid`` False, every mask False, label -100): the row count never depends on decoding, which is what lets
-a resumed worker fast-forward by counting raw samples without decoding them.
+a resumed worker fast-forward by counting raw samples without decoding them. ``None`` in place of a sample is such an
+empty row too, with the key ``""`` (the padding of a validation pass's last batch).
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ class BatchBuilder:
     def _size(self, name: str) -> int:
         return self.model.text.max_length if name == "text" else getattr(self.model, name).num_patches
 
-    def __call__(self, samples: List[Sample], rng: np.random.Generator, counter: SkipCounter) -> Dict[str, object]:
-        rows = [self._decode_row(sample, rng, counter) for sample in samples]
+    def __call__(self, samples: List[Optional[Sample]], rng: np.random.Generator,
+                 counter: SkipCounter) -> Dict[str, object]:
+        rows = [None if sample is None else self._decode_row(sample, rng, counter) for sample in samples]
         batch: Dict[str, object] = {"inputs": {}, "decode": {}, "decode_mask": {}, "targets": {}}
         for name in self.modalities:
             self.stackers[name](rows, rng, batch)
@@ -67,7 +69,7 @@ class BatchBuilder:
             batch["targets"]["label"] = labels
             batch["decode"]["label"] = torch.zeros(len(rows), 1, dtype=torch.long)
             batch["decode_mask"]["label"] = labels[:, None] != IGNORE_INDEX
-        batch["keys"] = [str(sample["__key__"]) for sample in samples]
+        batch["keys"] = ["" if sample is None else str(sample["__key__"]) for sample in samples]
         batch["valid"] = torch.tensor([row is not None for row in rows])
         return batch
 

@@ -65,11 +65,10 @@ def load_datasets(cfg: DataConfig, split: str) -> List[Dataset]:
             for i, (spec, s, w) in enumerate(zip(specs, shards, weights)) if w > 0]
 
 
-def epoch_batches(datasets: List[Dataset], cfg: DataConfig, split: str, world_size: int) -> int:
-    """Batches every rank yields per epoch of ``split``: the epoch's samples (``data.epoch_samples`` or
-    ``data.val_samples``, else the index counts) split evenly."""
-    samples_key = "data.epoch_samples" if split == "train" else "data.val_samples"
-    samples, batch_size = (cfg.epoch_samples if split == "train" else cfg.val_samples), cfg.batch_size
+def epoch_batches(datasets: List[Dataset], cfg: DataConfig, world_size: int) -> int:
+    """Training batches every rank yields per epoch: the epoch's samples (``data.epoch_samples``, else the index
+    counts) split evenly. (Validation has no such count: it reads every sample once, :class:`ValidationPass`.)"""
+    samples, batch_size = cfg.epoch_samples, cfg.batch_size
     if samples == 0:
         counts = [total_samples(d.shards) for d in datasets]
         unknown = [d for d, c in zip(datasets, counts) if c is None]
@@ -79,23 +78,27 @@ def epoch_batches(datasets: List[Dataset], cfg: DataConfig, split: str, world_si
                 f"{', '.join(d.key for d in unknown)}: the samples per epoch are unknown, no index.json lists "
                 f"these shards' counts; `python -m data_prep index {shlex.quote(first.spec)}` writes one (reading "
                 f"every shard once, in parallel; into the shards' folder, or --out DIR for remote shards: then "
-                f"train on DIR), or set {samples_key} to the samples per epoch")
+                f"train on DIR), or set data.epoch_samples to the samples per epoch")
         samples = sum(counts)
     batches = samples // (world_size * batch_size)
     if batches == 0:
-        raise DataError(f"data.{split}_shards: an epoch of {samples} samples is less than one batch per rank (world size "
-                        f"{world_size} x data.batch_size {batch_size}); lower data.batch_size or raise {samples_key}")
+        raise DataError(f"data.train_shards: an epoch of {samples} samples is less than one batch per rank (world "
+                        f"size {world_size} x data.batch_size {batch_size}); lower data.batch_size or raise "
+                        f"data.epoch_samples")
     return batches
 
 
 def check_before_start(cfg: DataConfig, splits: Sequence[str], world_size: int) -> None:
     """What would stop the stream once the job runs, found before it starts (each raises :class:`DataError` naming
-    the key): specs that name no shards, epochs of unknown length or under one batch per rank, too few shards for the
-    readers, and remote datasets whose first shard cannot be read (address, bucket, credentials)."""
+    the key): specs that name no shards, training epochs of unknown length or under one batch per rank, too few
+    training shards for the readers, and remote datasets whose first shard cannot be read (address, bucket,
+    credentials). Validation reads each shard once, on whichever reader it falls to: any count of shards and
+    samples will do."""
     for split in splits:
         datasets = load_datasets(cfg, split)
-        check_readers(datasets, world_size, max(1, cfg.num_workers), cfg.resample)
-        epoch_batches(datasets, cfg, split, world_size)
+        if split == "train":
+            check_readers(datasets, world_size, max(1, cfg.num_workers), cfg.resample)
+            epoch_batches(datasets, cfg, world_size)
         for dataset in datasets:
             first = dataset.shards[0].url
             if by_command(first):

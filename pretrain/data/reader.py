@@ -54,15 +54,20 @@ def shard_samples(
     where: str,
     stall_timeout_s: float,
     retries: int,
+    endless: bool = True,
 ) -> Iterator[Sample]:
     """An endless stream of kept samples from ``shards``: in order, then reshuffled passes (or shards drawn with
     replacement, weighted by sample count, when ``resample``). Endless, so no reader ever runs dry before its
-    rank's batch quota; raises once every shard has been read without yielding a sample, instead of spinning."""
+    rank's batch quota; raises once every shard has been read without yielding a sample, instead of spinning.
+    Not ``endless``: one pass in order, every sample once (validation)."""
     urls = [shard.url for shard in shards]
     weights = [shard.samples for shard in shards] if all(s.samples for s in shards) else None
 
     def passes() -> Iterator[str]:
         order = list(urls)
+        if not endless:
+            yield from order
+            return
         while True:
             yield from rng.choices(urls, weights) if resample else order
             rng.shuffle(order)
@@ -79,7 +84,7 @@ def shard_samples(
                     yield selected
             if kept:
                 productive = True
-            elif not productive:
+            elif endless and not productive:
                 empty.add(url)
                 if len(empty) == len(set(urls)):
                     raise DataError(

@@ -10,6 +10,10 @@ its worker 0, physical worker ``p`` plays logical worker ``(p + start) % W``.
 Every rank yields ``epoch_samples // (world_size * batch_size)`` batches per epoch: readers never run dry (each cycles
 over its shards), so shard sizes and skipped samples cannot make ranks disagree on the step count.
 
+Validation (:class:`ValidationPass`) reads every sample once instead: each reader's shards in order, its last batch
+padded with rows that hold nothing; ranks whose pass ends first are given empty batches by the evaluation, which
+goes on while any rank has data.
+
 Workers start from a fork server (``WORKER_START``), never by forking the trainer: a rank has threads (gloo's, the
 queue feeders of its other loaders, tqdm's monitor), and a fork can copy a lock one of them holds, leaving the new
 worker hung inside ``os.fork``. Seen once in about ten CI runs: an evaluation loader's worker, at the last step of a
@@ -65,7 +69,7 @@ class StreamPlan:
     rank: int
     world_size: int
     workers: int
-    batches_per_epoch: int
+    batches_per_epoch: Optional[int]  # None: one pass, every sample once (validation)
 
     @property
     def train(self) -> bool:
@@ -78,7 +82,7 @@ class StreamPlan:
     def shards(self, epoch: int, worker: int, dataset_index: int) -> List[Shard]:
         return worker_shards(
             self.datasets[dataset_index], dataset_index, self.data.seed, SPLITS[self.split], self.rng_epoch(epoch),
-            self.train, self.rank, self.world_size, worker, self.workers, self.data.resample,
+            self.train, self.rank, self.world_size, worker, self.workers, self.data.resample and self.train,
         )
 
 
@@ -124,12 +128,14 @@ def raw_samples(plan: StreamPlan, epoch: int, worker: int, counter: SkipCounter)
         shard_samples(
             plan.shards(epoch, worker, i), python_rng(*ids, SOURCE, i), plan.data.resample, select, counter,
             where=f"{dataset.key} (rank {plan.rank}, worker {worker}, epoch {epoch})",
-            stall_timeout_s=plan.data.pipe_stall_timeout_s, retries=plan.data.shard_retries,
+            stall_timeout_s=plan.data.pipe_stall_timeout_s, retries=plan.data.shard_retries, endless=plan.train,
         )
         for i, dataset in enumerate(plan.datasets)
     ]
+    if not plan.train:  # every sample once, dataset after dataset
+        return itertools.chain.from_iterable(sources)
     samples = mix(sources, [d.weight for d in plan.datasets], python_rng(*ids, MIX))
-    if plan.train and plan.data.shuffle_buffer > 1:
+    if plan.data.shuffle_buffer > 1:
         buffer = plan.data.shuffle_buffer
         samples = shuffle(buffer, buffer, rng=python_rng(*ids, SHUFFLE))(samples)
     return samples
@@ -137,7 +143,8 @@ def raw_samples(plan: StreamPlan, epoch: int, worker: int, counter: SkipCounter)
 
 def worker_batches(plan: StreamPlan, epoch: int, worker: int, start: int) -> Iterator[Dict[str, object]]:
     """Logical ``worker``'s batches of ``epoch`` from batch index ``start`` on; each carries its index and the skips
-    counted while making it (for the main process, which strips them)."""
+    counted while making it (for the main process, which strips them). In a validation pass, the worker's batches
+    until its shards end, the last one padded."""
     counter = SkipCounter()
     samples = raw_samples(plan, epoch, worker, counter)
     batch_size = plan.data.batch_size
@@ -145,8 +152,14 @@ def worker_batches(plan: StreamPlan, epoch: int, worker: int, start: int) -> Ite
     counter.drain()  # skips met while replaying were counted before the checkpoint
     builder = BatchBuilder(plan.model, plan.data, random_crop=plan.train and plan.data.random_crop)
     ids = (plan.data.seed, SPLITS[plan.split], plan.rng_epoch(epoch), plan.rank)
-    for index in range(first_batch(start, worker, plan.workers), plan.batches_per_epoch, plan.workers):
-        batch = builder(list(itertools.islice(samples, batch_size)), batch_rng(*ids, index), counter)
+    indexes = (itertools.count(worker, plan.workers) if plan.batches_per_epoch is None
+               else range(first_batch(start, worker, plan.workers), plan.batches_per_epoch, plan.workers))
+    for index in indexes:
+        rows: List[Optional[Sample]] = list(itertools.islice(samples, batch_size))
+        if not rows:  # a validation reader's shards are all read
+            return
+        rows += [None] * (batch_size - len(rows))  # the end of a validation pass: rows that hold nothing
+        batch = builder(rows, batch_rng(*ids, index), counter)
         batch["_index"] = index
         batch["_skipped"] = counter.drain()
         batch["_notes"] = builder.drain_notes()
@@ -242,54 +255,36 @@ class _EpochBatches(IterableDataset):
         return worker_batches(self.plan, self.epoch, (physical + self.start) % self.plan.workers, self.start)
 
 
-class DataStream:
-    """The trainer's data: ``for batch in stream`` yields the rest of the current epoch (``len(stream)`` batches per
-    epoch, the same on every rank), then the next iteration starts the next epoch.
+class _Stream:
+    """What training and validation streams share: the plan, the DataLoader over it, and the skips and notes that
+    come with the batches. ``rank``/``world_size`` are passed in (not read from torch.distributed) so the data layout
+    is explicit and several ranks can be simulated in one process."""
 
-    ``rank``/``world_size`` are passed in (not read from torch.distributed) so the data layout is explicit and several
-    ranks can be simulated in one process. ``skipped()`` gives the skip counts of this rank by reason;
-    ``state_dict()``/``load_state_dict()`` save and restore the position exactly. The position (epoch, batches) is
-    the same on every rank at a given step, so any rank's state resumes any rank; only the skip counts are per rank.
-    Iterate one epoch at a time: two live iterators would both advance the position.
-    """
-
-    def __init__(self, data: DataConfig, model: ModelConfig, rank: int = 0, world_size: int = 1, split: str = "train"):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    def __init__(self, data: DataConfig, model: ModelConfig, rank: int, world_size: int, split: str):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         validate_data_config(data, model)
         datasets = load_datasets(data, split)
         workers = max(1, data.num_workers)
-        check_readers(datasets, world_size, workers, data.resample)
-        batches = epoch_batches(datasets, data, split, world_size)
+        batches = None
+        if split == "train":
+            check_readers(datasets, world_size, workers, data.resample)
+            batches = epoch_batches(datasets, data, world_size)
         if rank == 0:
             announce_unread(datasets, data, model, split)
         self.plan = StreamPlan(model, data, split, datasets, rank, world_size, workers, batches)
-        self.epoch = 0
-        self.batches = 0
         self._skipped: Counter = Counter()
         self._noted: set = set()
 
-    def __len__(self) -> int:
-        return self.plan.batches_per_epoch
-
-    def __iter__(self) -> Iterator[Dict[str, object]]:
-        if self.batches >= len(self):
-            self.epoch, self.batches = self.epoch + 1, 0
-        for batch in self._loader(self.epoch, self.batches):
-            index = batch.pop("_index")
-            if index != self.batches:
-                raise RuntimeError(f"data stream out of order: got batch {index}, expected {self.batches}")
+    def _batches(self, epoch: int, start: int) -> Iterator[Dict[str, object]]:
+        """The loader's batches with their index (which the caller checks), skips and notes taken off."""
+        for batch in self._loader(epoch, start):
             self._skipped.update(batch.pop("_skipped"))
             for note in batch.pop("_notes"):
                 if note not in self._noted and self.plan.rank == 0:
                     log.info("data (%s): %s", self.plan.split, note)
                 self._noted.add(note)
-            self.batches += 1
             yield batch
-        if self.batches != len(self):
-            raise RuntimeError(f"data stream ended after {self.batches} of {len(self)} batches of epoch {self.epoch}")
 
     def _loader(self, epoch: int, start: int) -> DataLoader:
         data = self.plan.data
@@ -314,6 +309,37 @@ class DataStream:
     def shards(self, epoch: int, worker: int) -> List[str]:
         """The shard URLs this rank's ``worker`` reads in ``epoch``, over all datasets (for logs and tests)."""
         return [s.url for i in range(len(self.plan.datasets)) for s in self.plan.shards(epoch, worker, i)]
+
+
+class DataStream(_Stream):
+    """The trainer's data: ``for batch in stream`` yields the rest of the current epoch (``len(stream)`` batches per
+    epoch, the same on every rank), then the next iteration starts the next epoch.
+
+    ``skipped()`` gives the skip counts of this rank by reason; ``state_dict()``/``load_state_dict()`` save and
+    restore the position exactly. The position (epoch, batches) is the same on every rank at a given step, so any
+    rank's state resumes any rank; only the skip counts are per rank. Iterate one epoch at a time: two live
+    iterators would both advance the position.
+    """
+
+    def __init__(self, data: DataConfig, model: ModelConfig, rank: int = 0, world_size: int = 1):
+        super().__init__(data, model, rank, world_size, "train")
+        self.epoch = 0
+        self.batches = 0
+
+    def __len__(self) -> int:
+        return self.plan.batches_per_epoch
+
+    def __iter__(self) -> Iterator[Dict[str, object]]:
+        if self.batches >= len(self):
+            self.epoch, self.batches = self.epoch + 1, 0
+        for batch in self._batches(self.epoch, self.batches):
+            index = batch.pop("_index")
+            if index != self.batches:
+                raise RuntimeError(f"data stream out of order: got batch {index}, expected {self.batches}")
+            self.batches += 1
+            yield batch
+        if self.batches != len(self):
+            raise RuntimeError(f"data stream ended after {self.batches} of {len(self)} batches of epoch {self.epoch}")
 
     def _layout(self) -> Dict[str, object]:
         """What the order depends on besides (epoch, batches); a resume with other values cannot be exact."""
@@ -346,3 +372,24 @@ class DataStream:
             seen = self.batches * saved["world_size"] * saved["batch_size"]
             self.batches = min(len(self), seen // (self.plan.world_size * self.plan.data.batch_size))
         self._skipped = Counter(state.get("skipped", {}))
+
+
+class ValidationPass(_Stream):
+    """The validation data: each ``for batch in stream`` is one pass over every sample of ``data.val_shards`` once,
+    the same batches in the same order every time (shards in order, no shuffle, fixed masks). A rank's pass ends
+    when its shards do, so ranks may yield different numbers of batches: :meth:`padding` is the batch a rank
+    evaluates while another still has data (``pretrain.train.evaluation``). Rows that hold nothing (padding, media
+    that did not decode) have ``valid`` False and no targets."""
+
+    def __init__(self, data: DataConfig, model: ModelConfig, rank: int = 0, world_size: int = 1):
+        super().__init__(data, model, rank, world_size, "val")
+
+    def __iter__(self) -> Iterator[Dict[str, object]]:
+        for batch in self._batches(0, 0):
+            batch.pop("_index")
+            yield batch
+
+    def padding(self) -> Dict[str, object]:
+        """A batch of ``data.batch_size`` rows that hold nothing."""
+        rows: List[Optional[Sample]] = [None] * self.plan.data.batch_size
+        return BatchBuilder(self.plan.model, self.plan.data, random_crop=False)(rows, batch_rng(0), SkipCounter())

@@ -20,6 +20,7 @@ import braceexpand
 
 from ..shard_format import (
     INDEX_FILE, WRITING_FILE, IndexFileError, check_index, is_shard_name, layout_fields, load_index, who_writes,
+    why_stopped,
 )
 from .opener import PIPE_PREFIX
 from .remote import RemoteError, is_remote, join, list_objects, read_small
@@ -91,7 +92,11 @@ def unread_layouts(shards: List[Shard], readable: Sequence[str]) -> Dict[str, in
 
 def _unfinished(directory: str, key: str) -> DataError:
     """A ``data_prep shard`` output without its index: a run cut off there (or still writing it), whose shards are a
-    part of the data (the last one perhaps cut), which training would take for the whole."""
+    part of the data (the last one perhaps cut), which training would take for the whole; or one that data_prep
+    stopped (too many rejections), whose shards are not the data asked for."""
+    stopped = why_stopped(directory)
+    if stopped:
+        return DataError(f"{key}: {directory!r} is a data_prep shard output without its {INDEX_FILE}: {stopped}")
     writer = who_writes(directory)
     started = f"; {writer}" if writer else ""
     return DataError(f"{key}: {directory!r} is a data_prep shard output without its {INDEX_FILE}: the run that "
@@ -117,6 +122,9 @@ def _directory_shards(directory: str, key: str) -> List[Shard]:
     if not indexed and not unfinished:
         raise DataError(f"{key}: directory {directory!r} has neither {INDEX_FILE} nor shards (*.tar, *.tar.gz, "
                         f"*.tgz), nor subdirectories with an {INDEX_FILE}")
+    stopped = [sub for sub in unfinished if why_stopped(sub)]
+    if stopped:
+        raise _unfinished(stopped[0], key)
     if unfinished:  # data_prep writes index.json last: a run was cut off, and this dataset would lack it silently
         raise DataError(f"{key}: {len(unfinished)} of the shard directories in {directory!r} hold shards but no "
                         f"{INDEX_FILE} (first: {os.path.basename(unfinished[0])}): a data_prep shard run cut off "

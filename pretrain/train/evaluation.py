@@ -1,43 +1,69 @@
-"""The evaluation pass: losses (and accuracy with a label target) over the same validation batches every time."""
+"""The evaluation pass: every validation sample scored once, the same samples and masks every time.
+
+Ranks hold different numbers of samples (shards do not split evenly), so each evaluates while any rank still has a
+batch, empty batches once its own are done: every rank runs the model the same number of times (ZeRO-3 gathers
+parameters inside the forward). Losses are sums over targets divided by the targets' count over every rank, so a
+sample weighs the same whichever rank or batch holds it, and the total is the weighted sum of the parts shown.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections import defaultdict
 from typing import Dict, Optional
 
 import torch
+import torch.distributed as dist
 
 from .batches import to_device
-from .distributed import mean_over_ranks, sum_over_ranks
-from .objective import accuracy_metrics, label_counts, over_present, predict, present, weighted_total
+from .distributed import sum_over_ranks
+from .objective import accuracy_metrics, label_counts, predict, target_counts, weighted_total
 from .run import Run
+
+
+def _any_rank(has_batch: bool, device: torch.device) -> bool:
+    flag = torch.tensor([float(has_batch)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 @torch.no_grad()
 def evaluate(run: Run) -> Dict[str, float]:
-    """Per-modality and total loss over the first ``train.eval_batches`` validation batches (all when 0), the same
-    batches every time, averaged over ranks; with a label target, top-1 accuracy over all those samples and per
-    class."""
+    """``val/loss`` and ``val/loss/<modality>`` (mean over every target of the validation samples), ``val/samples``
+    (the samples scored, all ranks: those that decoded), and with a label target top-1 accuracy over those samples,
+    overall and per class. ``train.eval_batches`` > 0 stops each rank after that many batches."""
     run.engine.eval()
-    run.val.load_state_dict({"epoch": 0, "batches": 0})
-    sums: Dict[str, float] = defaultdict(float)
-    counts: Optional[torch.Tensor] = None
-    batches = run.cfg.train.eval_batches or len(run.val)
-    for batch in itertools.islice(run.val, batches):
-        batch = to_device(batch, run.device, run.dtype)
-        losses, out = predict(run.engine, batch)
-        losses["total"] = weighted_total(losses, run.cfg.train.loss_weights)
-        for name, loss in losses.items():
-            sums[name] += float(loss) / batches
-        for name, share in present(batch).items():
-            sums[f"present/{name}"] += float(share) / batches
-        if "label" in out:
-            found = label_counts(out["label"], batch["targets"]["label"])
-            counts = found if counts is None else counts + found
+    names = None
+    sums: Optional[torch.Tensor] = None  # per modality: the sum of its losses over targets, then the targets' count
+    scored = torch.zeros((), device=run.device)
+    labels: Optional[torch.Tensor] = None
+    padding = None
+    limit = run.cfg.train.eval_batches
+    with contextlib.closing(iter(run.val)) as batches:
+        for _ in range(limit) if limit else itertools.count():
+            batch = next(batches, None)
+            if not _any_rank(batch is not None, run.device):
+                break
+            if batch is None:
+                batch = padding = padding or run.val.padding()
+            batch = to_device(batch, run.device, run.dtype)
+            losses, out = predict(run.engine, batch)
+            counts = target_counts(batch)
+            names = names or sorted(counts)
+            found = torch.stack([losses[n].float() * counts[n] for n in names] + [counts[n] for n in names])
+            sums = found if sums is None else sums + found
+            scored += batch["valid"].sum()
+            if "label" in out:
+                found = label_counts(out["label"], batch["targets"]["label"])
+                labels = found if labels is None else labels + found
     run.engine.train()
-    metrics = {("val/loss" if k == "total" else f"val/loss/{k}"): v
-               for k, v in over_present(mean_over_ranks(sums, run.device), "").items()}
-    if counts is not None:  # every rank has a label target or none
-        metrics.update({f"val/{k}": v for k, v in accuracy_metrics(sum_over_ranks(counts), run.class_names).items()})
+    if sums is None:  # no rank had a batch: every rank left the loop at once
+        return {"val/samples": 0.0}
+    totals = sum_over_ranks(torch.cat([sums, scored[None]])).tolist()
+    losses = {name: totals[i] / totals[len(names) + i] for i, name in enumerate(names) if totals[len(names) + i]}
+    metrics = {f"val/loss/{name}": loss for name, loss in losses.items()}
+    metrics["val/loss"] = float(weighted_total(losses, run.cfg.train.loss_weights))
+    metrics["val/samples"] = totals[-1]
+    if labels is not None:  # every rank has a label target or none
+        metrics.update({f"val/{k}": v for k, v in accuracy_metrics(sum_over_ranks(labels), run.class_names).items()})
     return metrics

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..data import IGNORE_INDEX
 
+FULL_SHARE = 0.9995  # a share of steps that prints as 100%: means of 1/accumulation steps do not add to exactly 1
 Forward = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], Dict[str, torch.Tensor]]
 Losses = Dict[str, torch.Tensor]
 
@@ -54,16 +55,25 @@ def present(batch: Mapping[str, dict]) -> Dict[str, torch.Tensor]:
     return {name: mask.any().float() for name, mask in batch["decode_mask"].items()}
 
 
+def target_counts(batch: Mapping[str, dict]) -> Dict[str, torch.Tensor]:
+    """The targets of each decoded modality of ``batch`` (a loss of :func:`predict` times its count is its sum)."""
+    return {name: mask.sum() for name, mask in batch["decode_mask"].items()}
+
+
 def over_present(means: Dict[str, float], prefix: str) -> Dict[str, float]:
-    """Per-modality means taken over the steps (or batches) that had targets of the modality: ``means`` holds the
-    mean losses ``<prefix><name>`` over all of them and the shares ``present/<name>`` that had targets (removed here).
-    A modality with no targets at all is left out, not reported as a zero loss."""
+    """Per-modality means taken over the steps that had targets of the modality: ``means`` holds the mean losses
+    ``<prefix><name>`` over all of them and the shares ``present/<name>`` that had targets. A modality with no targets
+    at all is left out, not reported as a zero loss; a share below 1 is kept as ``loss_share/<name>``, since the
+    total (the mean of each step's weighted sum) is then the sum of weight x share x loss over the parts."""
     out = {key: value for key, value in means.items() if not key.startswith("present/")}
     for key, share in means.items():
         if key.startswith("present/"):
-            name = prefix + key[len("present/"):]
+            modality = key[len("present/"):]
+            name = prefix + modality
             if share > 0:
                 out[name] /= share
+                if share < FULL_SHARE:
+                    out[f"loss_share/{modality}"] = share
             else:
                 out.pop(name, None)
     return out

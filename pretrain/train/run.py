@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from launch.env import DistEnv
 from ..checkpoint import CHECKPOINTS, Checkpointer, RngState, peek_client_state
 from ..config import Config, config_to_dict
-from ..data import DataStream, expand_spec, listed_classes
+from ..data import DataStream, ValidationPass, expand_spec, listed_classes
 from ..model import PerceiverIO
 from ..model.hf import export_refusal
 from ..tracking import Tracker
@@ -51,7 +51,7 @@ class Run:
     run_dir: Path
     engine: Any
     stream: DataStream
-    val: Optional[DataStream]
+    val: Optional[ValidationPass]
     progress: Progress
     tracker: Tracker
     checkpointer: Checkpointer
@@ -102,10 +102,10 @@ def build_run(cfg: Config, env: DistEnv, device: torch.device, resume_from: Opti
                  len(frozen), len(trainable), f"{sum(p.numel() for p in trainable):,}")
     pretrained = init.pretrained.loaded
     engine = build_engine(cfg, model, env.world_size, device, run_dir, universal, pretrained)
-    stream = DataStream(cfg.data, cfg.model, env.rank, env.world_size, "train")
+    stream = DataStream(cfg.data, cfg.model, env.rank, env.world_size)
     val = None
     if cfg.data.val_shards and cfg.train.eval_every_steps:
-        val = DataStream(cfg.data, cfg.model, env.rank, env.world_size, "val")
+        val = ValidationPass(cfg.data, cfg.model, env.rank, env.world_size)
     progress = Progress()
     resume_step = saved["shared"]["progress"]["step"] if saved else None
     tracker = Tracker(cfg.wandb, run_dir, env.rank, resolved, cfg.run.name, resume_step)

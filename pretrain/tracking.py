@@ -72,13 +72,13 @@ def wandb_credentials_found(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 def _share(metrics: Mapping[str, float], modality: str) -> str:
-    """" on 40% of batches" for a training loss part that not every batch had (``loss_share/<modality>``)."""
+    """" on 40% of steps" for a training loss part that not every step had (``loss_share/<modality>``)."""
     share = metrics.get(f"loss_share/{modality}")
-    return "" if share is None else f" on {share:.0%} of batches"
+    return "" if share is None else f" on {share:.0%} of steps"
 
 
 def format_metrics(metrics: Mapping[str, float], step: int, max_steps: int) -> str:
-    """One console line: step, losses (per modality in parentheses, with the share of batches that had it where not
+    """One console line: step, losses (per modality in parentheses, with the share of steps that had it where not
     all did: the total is the sum of weight x share x loss), the validation samples scored, then lr, grad norm,
     throughput, data wait."""
     parts = [f"step {step:>{len(str(max_steps))}}/{max_steps}"]

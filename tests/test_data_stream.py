@@ -360,3 +360,18 @@ def test_workers_outlive_slurms_signals_but_not_the_trainer(tmp_path, end):
         assert all(ended(pid, 30) for pid in workers + servers)
     finally:
         trainer.kill()
+
+
+def test_a_sample_is_cropped_and_masked_alike_in_any_batch_size(tmp_path):
+    """Each sample's random choices come from its place in its reader's stream, not from the batch that holds it: one
+    batch of 8 and two of 4 are the same rows, masks and targets (what gradient accumulation needs to be exact)."""
+    write_shards(tmp_path, [12, 12])
+
+    def rows(batch_size: int) -> dict:
+        cfg = data_config([str(tmp_path)], num_workers=1, batch_size=batch_size, epoch_samples=16, random_crop=True)
+        batches = list(DataStream(cfg, text_model()))
+        return {part: torch.cat([b[part]["text"] for b in batches]) for part in ("inputs", "decode", "targets")}
+
+    whole, halves = rows(8), rows(4)
+    assert all(torch.equal(whole[part], halves[part]) for part in whole)
+    assert (whole["targets"] != IGNORE_INDEX).any()

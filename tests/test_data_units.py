@@ -43,7 +43,7 @@ def test_span_masking_covers_every_position_over_many_draws():
 
 def test_text_positions_pad_to_fixed_slots():
     rng = np.random.default_rng(0)
-    positions, used = text_positions(np.array([20, 3, 0]), 0.25, 3.0, 5, rng)
+    positions, used = text_positions(np.array([20, 3, 0]), 0.25, 3.0, 5, [rng] * 3)
     assert positions.shape == used.shape == (3, 5)
     assert used.sum(axis=1).tolist() == [5, 1, 0]
     assert (positions[~used] == 0).all() and (positions[1, :1] < 3).all()
@@ -54,7 +54,7 @@ def test_patch_positions_choose_only_valid_patches():
     valid = np.zeros((3, 10), bool)
     valid[0] = True
     valid[1, :4] = True
-    positions, used = patch_positions(valid, 0.5, num_predicted(0.5, 10), rng)
+    positions, used = patch_positions(valid, 0.5, num_predicted(0.5, 10), [rng] * 3)
     assert positions.shape == (3, 5) and used.sum(axis=1).tolist() == [5, 2, 0]
     assert len(set(positions[0].tolist())) == 5 and (positions[1][used[1]] < 4).all()
     assert num_predicted(0.0, 10) == 0 and num_predicted(0.01, 10) == 1

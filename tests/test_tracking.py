@@ -299,5 +299,5 @@ def test_format_metrics_says_how_the_total_is_made():
     metrics = {"loss": 4.9737, "loss/image": 0.9749, "loss/text": 5.4039, "loss_share/text": 0.7400,
                "val/loss": 4.41, "val/loss/image": 0.95, "val/loss/text": 3.46, "val/samples": 24.0}
     assert format_metrics(metrics, 5, 10) == (
-        "step  5/10 | loss 4.9737 (image 0.9749, text 5.4039 on 74% of batches) | "
+        "step  5/10 | loss 4.9737 (image 0.9749, text 5.4039 on 74% of steps) | "
         "val/loss 4.4100 (image 0.9500, text 3.4600) on 24 samples")

@@ -17,7 +17,7 @@ from pretrain.model import PerceiverIO
 from pretrain.tracking import METRICS_FILE
 from pretrain.train.distributed import process_group
 from pretrain.train.logbook import Logbook
-from pretrain.train.objective import modality_losses, weighted_total
+from pretrain.train.loop import train_step
 from pretrain.train.run import build_run
 
 
@@ -37,12 +37,7 @@ def test_lines_at_log_steps_and_saves_with_notes_and_evaluation(tmp_path, monkey
         logbook = Logbook(run)
         try:
             for step, save in ((1, False), (2, False), (3, True)):
-                batch = logbook.next_batch()
-                losses = modality_losses(run.engine, batch)
-                loss = weighted_total(losses, cfg.train.loss_weights)
-                run.engine.backward(loss)
-                run.engine.step()
-                logbook.micro_step(batch, loss, losses)
+                train_step(run, logbook)
                 run.progress.step, run.progress.samples = step, step * logbook.step_samples
                 if step == 1:
                     logbook.note(checkpoint_time_s=1.5)

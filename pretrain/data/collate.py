@@ -8,7 +8,7 @@ empty row too, with the key ``""`` (the padding of a validation pass's last batc
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from .reader import Sample, SkipCounter
 from .transforms import crop_or_pad, resample, to_pixels, video_frames
 
 IGNORE_INDEX = -100
+Rngs = Sequence[Optional[np.random.Generator]]  # one per batch row (None: a row that holds nothing)
 
 
 class BatchBuilder:
@@ -58,12 +59,15 @@ class BatchBuilder:
     def _size(self, name: str) -> int:
         return self.model.text.max_length if name == "text" else getattr(self.model, name).num_patches
 
-    def __call__(self, samples: List[Optional[Sample]], rng: np.random.Generator,
+    def __call__(self, samples: List[Optional[Sample]], rngs: Sequence[Optional[np.random.Generator]],
                  counter: SkipCounter) -> Dict[str, object]:
-        rows = [None if sample is None else self._decode_row(sample, rng, counter) for sample in samples]
+        """``rngs[i]`` makes every random choice of sample ``i`` (crop, masks), so that a sample is cropped and masked
+        alike whichever batch it falls in; ``None`` for a padding row."""
+        rows = [None if sample is None else self._decode_row(sample, rng, counter)
+                for sample, rng in zip(samples, rngs)]
         batch: Dict[str, object] = {"inputs": {}, "decode": {}, "decode_mask": {}, "targets": {}}
         for name in self.modalities:
-            self.stackers[name](rows, rng, batch)
+            self.stackers[name](rows, rngs, batch)
         if self.labels:
             labels = torch.tensor([IGNORE_INDEX if row is None else row.get("label", IGNORE_INDEX) for row in rows])
             batch["targets"]["label"] = labels
@@ -131,38 +135,38 @@ class BatchBuilder:
             values[b], lengths[b] = rows[b][name]
         return values, lengths
 
-    def _stack_text(self, rows: List[Optional[dict]], rng: np.random.Generator, batch: dict) -> None:
+    def _stack_text(self, rows: List[Optional[dict]], rngs: Rngs, batch: dict) -> None:
         length = self.model.text.max_length
         raw, lengths = self._sequences(rows, "text", length, np.int64)
         ids = np.where(np.arange(length) < lengths[:, None], raw + vocab.NUM_SPECIAL, vocab.PAD_ID)
         batch["inputs"]["text_mask"] = torch.from_numpy(ids != vocab.PAD_ID)
         slots = self.slots["text"]
         if slots:
-            where, used = text_positions(lengths, self.data.masking.text, self.data.masking.text_mean_span, slots, rng)
+            where, used = text_positions(lengths, self.data.masking.text, self.data.masking.text_mean_span, slots, rngs)
             original = np.take_along_axis(ids, where, axis=1)
             batch["targets"]["text"] = torch.from_numpy(np.where(used, original, IGNORE_INDEX))
             ids[np.nonzero(used)[0], where[used]] = vocab.MASK_ID  # padding slots point at 0: leave them out
             self._add_decode(batch, "text", where, used)
         batch["inputs"]["text"] = torch.from_numpy(ids)
 
-    def _stack_image(self, rows: List[Optional[dict]], rng: np.random.Generator, batch: dict) -> None:
+    def _stack_image(self, rows: List[Optional[dict]], rngs: Rngs, batch: dict) -> None:
         cfg = self.model.image
         pixels = self._pixels(rows, "image", (*cfg.size, cfg.channels))
         batch["inputs"]["image"] = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
-        self._mask_patches(batch, "image", self._whole(rows, "image"), rng)
+        self._mask_patches(batch, "image", self._whole(rows, "image"), rngs)
 
-    def _stack_audio(self, rows: List[Optional[dict]], rng: np.random.Generator, batch: dict) -> None:
+    def _stack_audio(self, rows: List[Optional[dict]], rngs: Rngs, batch: dict) -> None:
         cfg = self.model.audio
         wave, lengths = self._sequences(rows, "audio", cfg.num_samples, np.float32)
         batch["inputs"]["audio"] = torch.from_numpy(wave)
         valid = np.arange(cfg.num_patches) * cfg.patch_size < lengths[:, None]
-        self._mask_patches(batch, "audio", valid, rng)
+        self._mask_patches(batch, "audio", valid, rngs)
 
-    def _stack_video(self, rows: List[Optional[dict]], rng: np.random.Generator, batch: dict) -> None:
+    def _stack_video(self, rows: List[Optional[dict]], rngs: Rngs, batch: dict) -> None:
         cfg = self.model.video
         pixels = self._pixels(rows, "video", (cfg.frames, *cfg.size, cfg.channels))
         batch["inputs"]["video"] = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 1, 4, 2, 3)))
-        self._mask_patches(batch, "video", self._whole(rows, "video"), rng)
+        self._mask_patches(batch, "video", self._whole(rows, "video"), rngs)
 
     def _pixels(self, rows: List[Optional[dict]], name: str, shape: tuple) -> np.ndarray:
         """Stacked uint8 pixels -> float32 normalised ((x/255 - mean)/std), zeros where the row lacks them."""
@@ -180,12 +184,12 @@ class BatchBuilder:
         """Patch validity [B, patches] of a modality that is either wholly present in a row or absent."""
         return np.repeat(self._present(rows, name)[:, None], getattr(self.model, name).num_patches, axis=1)
 
-    def _mask_patches(self, batch: dict, name: str, valid: np.ndarray, rng: np.random.Generator) -> None:
+    def _mask_patches(self, batch: dict, name: str, valid: np.ndarray, rngs: Rngs) -> None:
         """The key mask of modality ``name``; with patches to predict, their positions and original values."""
         slots = self.slots[name]
         visible = valid
         if slots:
-            where, used = patch_positions(valid, getattr(self.data.masking, name), slots, rng)
+            where, used = patch_positions(valid, getattr(self.data.masking, name), slots, rngs)
             visible = hide(valid, where, used)
             self._add_decode(batch, name, where, used)
             inputs = batch["inputs"][name]

@@ -7,7 +7,7 @@ rows with less content predict fewer and pad the rest (decode mask False). Text 
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 
@@ -39,24 +39,29 @@ def span_positions(length: int, count: int, mean_span: float, rng: np.random.Gen
 
 
 def text_positions(
-    lengths: np.ndarray, ratio: float, mean_span: float, slots: int, rng: np.random.Generator
+    lengths: np.ndarray, ratio: float, mean_span: float, slots: int, rngs: Sequence[np.random.Generator]
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Span-masked positions of each row's first ``lengths[b]`` bytes -> (positions [B, slots], valid [B, slots])."""
+    """Span-masked positions of each row's first ``lengths[b]`` bytes, drawn from the row's own ``rngs[b]`` ->
+    (positions [B, slots], valid [B, slots])."""
     counts = row_counts(lengths, ratio, slots)
     positions = np.zeros((len(lengths), slots), dtype=np.int64)
     for row, (length, count) in enumerate(zip(lengths, counts)):
         if count:
-            positions[row, :count] = span_positions(int(length), int(count), mean_span, rng)
+            positions[row, :count] = span_positions(int(length), int(count), mean_span, rngs[row])
     return positions, np.arange(slots) < counts[:, None]
 
 
 def patch_positions(
-    valid: np.ndarray, ratio: float, slots: int, rng: np.random.Generator
+    valid: np.ndarray, ratio: float, slots: int, rngs: Sequence[np.random.Generator]
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Uniformly chosen positions among each row's valid patches ``valid`` [B, N] -> (positions [B, slots] sorted,
-    padded with 0, and their mask [B, slots])."""
+    """Uniformly chosen positions among each row's valid patches ``valid`` [B, N], drawn from the row's own
+    ``rngs[b]`` (rows without a valid patch draw nothing) -> (positions [B, slots] sorted, padded with 0, and their
+    mask [B, slots])."""
     counts = row_counts(valid.sum(axis=1), ratio, slots)
-    keys = np.where(valid, rng.random(valid.shape), 2.0)
+    draws = np.full(valid.shape, 2.0)
+    for row in np.flatnonzero(counts):
+        draws[row] = rngs[row].random(valid.shape[1])
+    keys = np.where(valid, draws, 2.0)
     chosen = np.argsort(keys, axis=1)[:, :slots]
     used = np.arange(slots) < counts[:, None]
     positions = np.sort(np.where(used, chosen, valid.shape[1]), axis=1)

@@ -20,7 +20,7 @@ from ..shards.read import first_sample_error
 
 SPLITS = {"train": 0, "val": 1}
 # Purposes of the per-worker random streams, so no two choices share one.
-SOURCE, MIX, SHUFFLE = range(3)
+SOURCE, MIX, SHUFFLE, SAMPLE = range(4)
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,8 @@ def python_rng(*parts: int) -> random.Random:
     return random.Random(seed_of(*parts))
 
 
-def batch_rng(*parts: int) -> np.random.Generator:
+def sample_rng(*parts: int) -> np.random.Generator:
+    """The generator of one sample's random choices (crop, masks), from its place in its reader's stream."""
     return np.random.default_rng(seed_of(*parts))
 
 

@@ -48,8 +48,8 @@ from ..config import DataConfig, ModelConfig, data_roles, validate_data_config
 from ..shard_format import LABEL_FIELD, MODALITY_FIELDS, layout_fields, modalities
 from .collate import BatchBuilder
 from .plan import (
-    MIX, SHUFFLE, SOURCE, SPLITS, Dataset, batch_rng, batches_before, check_readers, epoch_batches, first_batch,
-    load_datasets, python_rng, worker_shards,
+    MIX, SAMPLE, SHUFFLE, SOURCE, SPLITS, Dataset, batches_before, check_readers, epoch_batches, first_batch,
+    load_datasets, python_rng, sample_rng, worker_shards,
 )
 from ..shards import DataError, Shard, SkipCounter
 from ..shards.specs import unread_layouts
@@ -78,6 +78,10 @@ class StreamPlan:
     def rng_epoch(self, epoch: int) -> int:
         """Validation sees the same shards, order and masks every pass, so its losses are comparable."""
         return epoch if self.train else 0
+
+    def ids(self, epoch: int, worker: int) -> Tuple[int, ...]:
+        """What every random choice of ``worker`` in ``epoch`` is seeded with (with its purpose after it)."""
+        return self.data.seed, SPLITS[self.split], self.rng_epoch(epoch), self.rank, worker
 
     def shards(self, epoch: int, worker: int, dataset_index: int) -> List[Shard]:
         return worker_shards(
@@ -121,7 +125,7 @@ def announce_unread(datasets: List[Dataset], data: DataConfig, model: ModelConfi
 
 def raw_samples(plan: StreamPlan, epoch: int, worker: int, counter: SkipCounter) -> Iterator[Sample]:
     """One worker's endless, undecoded sample stream for this epoch: a pure function of its arguments."""
-    ids = (plan.data.seed, SPLITS[plan.split], plan.rng_epoch(epoch), plan.rank, worker)
+    ids = plan.ids(epoch, worker)
     usable, label = read_keys(plan.data, plan.model)
     select = sample_selector(plan.data.require, usable, label)
     sources = [
@@ -151,7 +155,7 @@ def worker_batches(plan: StreamPlan, epoch: int, worker: int, start: int) -> Ite
     deque(itertools.islice(samples, batches_before(start, worker, plan.workers) * batch_size), maxlen=0)
     counter.drain()  # skips met while replaying were counted before the checkpoint
     builder = BatchBuilder(plan.model, plan.data, random_crop=plan.train and plan.data.random_crop)
-    ids = (plan.data.seed, SPLITS[plan.split], plan.rng_epoch(epoch), plan.rank)
+    ids = plan.ids(epoch, worker)
     indexes = (itertools.count(worker, plan.workers) if plan.batches_per_epoch is None
                else range(first_batch(start, worker, plan.workers), plan.batches_per_epoch, plan.workers))
     for index in indexes:
@@ -159,7 +163,8 @@ def worker_batches(plan: StreamPlan, epoch: int, worker: int, start: int) -> Ite
         if not rows:  # a validation reader's shards are all read
             return
         rows += [None] * (batch_size - len(rows))  # the end of a validation pass: rows that hold nothing
-        batch = builder(rows, batch_rng(*ids, index), counter)
+        first = batches_before(index, worker, plan.workers) * batch_size  # the rows' places in the worker's stream
+        batch = builder(rows, [sample_rng(*ids, SAMPLE, first + row) for row in range(batch_size)], counter)
         batch["_index"] = index
         batch["_skipped"] = counter.drain()
         batch["_notes"] = builder.drain_notes()
@@ -392,4 +397,4 @@ class ValidationPass(_Stream):
     def padding(self) -> Dict[str, object]:
         """A batch of ``data.batch_size`` rows that hold nothing."""
         rows: List[Optional[Sample]] = [None] * self.plan.data.batch_size
-        return BatchBuilder(self.plan.model, self.plan.data, random_crop=False)(rows, batch_rng(0), SkipCounter())
+        return BatchBuilder(self.plan.model, self.plan.data, random_crop=False)(rows, rows, SkipCounter())

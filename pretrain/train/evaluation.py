@@ -47,10 +47,10 @@ def evaluate(run: Run) -> Dict[str, float]:
             if batch is None:
                 batch = padding = padding or run.val.padding()
             batch = to_device(batch, run.device, run.dtype)
-            losses, out = predict(run.engine, batch)
+            summed, out = predict(run.engine, batch)
             counts = target_counts(batch)
             names = names or sorted(counts)
-            found = torch.stack([losses[n].float() * counts[n] for n in names] + [counts[n] for n in names])
+            found = torch.stack([summed[n].float() for n in names] + [counts[n].float() for n in names])
             sums = found if sums is None else sums + found
             scored += batch["valid"].sum()
             if "label" in out:

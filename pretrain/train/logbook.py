@@ -16,7 +16,7 @@ from .batches import forever, to_device
 from .distributed import mean_over_ranks
 from .evaluation import evaluate
 from .metrics import SkipSummary, Window, compute_metrics, input_tokens, skipped_totals
-from .objective import over_present, present
+from .objective import over_present
 from .run import Run
 from .schedule import lr_factor
 
@@ -51,10 +51,15 @@ class Logbook:
             self.flops = self.gas * self.world * step_flops
         return batch
 
-    def micro_step(self, batch: dict, loss: torch.Tensor, losses: Mapping[str, torch.Tensor]) -> None:
-        gas = self.gas
-        self.window.add(loss=loss.detach() / gas, **{f"loss/{k}": v.detach() / gas for k, v in losses.items()},
-                        **{f"present/{k}": v / gas for k, v in present(batch).items()})
+    def step_targets(self, counts: Mapping[str, torch.Tensor]) -> None:
+        """The step's target counts over every rank: a modality is present in the step when it has any."""
+        self.window.add(**{f"present/{name}": (count > 0).float() for name, count in counts.items()})
+
+    def micro_step(self, loss: torch.Tensor, losses: Mapping[str, torch.Tensor]) -> None:
+        """A micro-batch's part of the step's losses (its summed losses over the step's targets); times the world
+        size, so that the mean over ranks the window takes is the step's loss."""
+        world = self.world
+        self.window.add(loss=loss.detach() * world, **{f"loss/{k}": v.detach() * world for k, v in losses.items()})
 
     def note(self, **values: float) -> None:
         """Values for the next line (a checkpoint's duration, known only after the line of its step)."""

@@ -4,13 +4,15 @@ save and stop decisions (``Stopping``) around it."""
 from __future__ import annotations
 
 import sys
+from typing import Dict, List
 
 import torch
 from tqdm import tqdm
 
 from ..preemption import EXIT_PREEMPTED, Preemption
+from .distributed import sum_over_ranks
 from .logbook import Logbook
-from .objective import modality_losses, weighted_total
+from .objective import per_target, predict, target_counts, weighted_total
 from .profiling import StepProfiler
 from .run import Run
 from .stopping import Stopping
@@ -22,9 +24,39 @@ def reseed(seed: int, rank: int, step: int, micro: int) -> None:
     torch.manual_seed(hash((seed, rank, step, micro)) % 2**63)
 
 
+def step_targets(batches: List[dict]) -> Dict[str, torch.Tensor]:
+    """Each modality's targets in the whole step: the micro-batches of every rank (one all_reduce, on the device, so
+    the host does not wait for it)."""
+    counts = [target_counts(batch) for batch in batches]
+    names = sorted(counts[0])
+    if not names:
+        return {}
+    total = sum_over_ranks(torch.stack([sum(c[name] for c in counts) for name in names]).float())
+    return dict(zip(names, total))
+
+
+def train_step(run: Run, logbook: Logbook) -> None:
+    """One optimizer step on the step's micro-batches, each modality's loss divided by its targets in the whole step
+    (every rank and micro-batch), so that the gradient and the logged losses are the same however the global batch
+    is split over processes and accumulation steps (a mean of each micro-batch's own mean would weigh a target by
+    the size of the micro-batch it falls in)."""
+    cfg, engine = run.cfg, run.engine
+    batches = [logbook.next_batch() for _ in range(logbook.gas)]
+    counts = step_targets(batches)
+    logbook.step_targets(counts)
+    scale = logbook.gas * run.env.world_size  # DeepSpeed divides by both: the step's gradient is then the sum's
+    for micro, batch in enumerate(batches):
+        reseed(cfg.train.seed, run.env.rank, run.progress.step, micro)
+        losses = per_target(predict(engine, batch)[0], counts)
+        loss = weighted_total(losses, cfg.train.loss_weights)
+        engine.backward(loss * scale)
+        engine.step()
+        logbook.micro_step(loss, losses)
+
+
 def train_loop(run: Run, preemption: Preemption) -> int:
     """Steps until ``train.max_steps`` (0 returned) or until ``Stopping`` ends the run with its exit code."""
-    cfg, engine, progress = run.cfg, run.engine, run.progress
+    cfg, progress = run.cfg, run.progress
     logbook = Logbook(run)
     stopping = Stopping(cfg, run.device, preemption, checkpoint_dir=run.checkpointer.directory,
                         save=lambda step: logbook.note(checkpoint_time_s=run.checkpointer.save(step)))
@@ -37,14 +69,7 @@ def train_loop(run: Run, preemption: Preemption) -> int:
     try:
         while progress.step < cfg.train.max_steps:
             profiler.step_begins(progress.step)
-            for micro in range(logbook.gas):
-                batch = logbook.next_batch()
-                reseed(cfg.train.seed, run.env.rank, progress.step, micro)
-                losses = modality_losses(engine, batch)
-                loss = weighted_total(losses, cfg.train.loss_weights)
-                engine.backward(loss)
-                engine.step()
-                logbook.micro_step(batch, loss, losses)
+            train_step(run, logbook)
             progress.step += 1
             progress.samples += logbook.step_samples
             bar.update(1)

@@ -2,8 +2,10 @@
 
 Text and labels: cross-entropy on the decoded positions (targets -100 on padding slots and absent rows). Image, audio
 and video: MSE between the decoded patches and their original values, which come with the batch
-(``pretrain.patches.patches_at``), averaged over the slots ``decode_mask`` keeps. Classification is the same
-objective with the label as the only target (``data.objective``); its metric is top-1 accuracy, overall and per class.
+(``pretrain.patches.patches_at``), over the slots ``decode_mask`` keeps. Each is a sum over the batch's targets, divided
+by a target count: the batch's own (:func:`modality_losses`), or the whole step's over every rank and micro-batch in
+training, so that the gradient does not depend on how the step's samples are split. Classification is the same objective
+with the label as the only target (``data.objective``); its metric is top-1 accuracy, overall and per class.
 """
 
 from __future__ import annotations
@@ -15,56 +17,52 @@ import torch.nn.functional as F
 
 from ..data import IGNORE_INDEX
 
-FULL_SHARE = 0.9995  # a share of steps that prints as 100%: means of 1/accumulation steps do not add to exactly 1
 Forward = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], Dict[str, torch.Tensor]]
 Losses = Dict[str, torch.Tensor]
 
 
-def _patch_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _patch_squared_errors(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     per_slot = (pred.float() - target.float()).pow(2).mean(-1)
-    keep = mask.to(per_slot.dtype)
-    return (per_slot * keep).sum() / keep.sum().clamp(min=1)
+    return (per_slot * mask.to(per_slot.dtype)).sum()
 
 
 def predict(forward: Forward, batch: Mapping[str, dict]) -> Tuple[Losses, Dict[str, torch.Tensor]]:
-    """One scalar loss per decoded modality of ``batch`` (the contract of ``pretrain.data``), and the outputs."""
+    """Per decoded modality of ``batch`` (the contract of ``pretrain.data``), its loss summed over the targets, and
+    the outputs."""
     inputs, decode, mask, targets = batch["inputs"], batch["decode"], batch["decode_mask"], batch["targets"]
     out = forward(inputs, decode)
     losses = {}
     for name, pred in out.items():
         if name in ("text", "label"):
             target = targets[name].reshape(-1)
-            # The mean over the kept targets, as a sum over their count: 0 (not nan) for a batch without any, and no
-            # test of that on the host (a GPU would wait for the step's kernels at every step).
-            total = F.cross_entropy(pred.float().reshape(target.shape[0], -1), target, ignore_index=IGNORE_INDEX,
-                                    reduction="sum")
-            losses[name] = total / (target != IGNORE_INDEX).sum().clamp(min=1)
+            losses[name] = F.cross_entropy(pred.float().reshape(target.shape[0], -1), target,
+                                           ignore_index=IGNORE_INDEX, reduction="sum")
         else:
-            losses[name] = _patch_mse(pred, targets[name], mask[name])
+            losses[name] = _patch_squared_errors(pred, targets[name], mask[name])
     return losses, out
 
 
-def modality_losses(forward: Forward, batch: Mapping[str, dict]) -> Losses:
-    """The losses of :func:`predict`, for the training step."""
-    return predict(forward, batch)[0]
-
-
-def present(batch: Mapping[str, dict]) -> Dict[str, torch.Tensor]:
-    """1.0 for each decoded modality of ``batch`` with at least one target, else 0.0 (on the batch's device: no
-    host sync)."""
-    return {name: mask.any().float() for name, mask in batch["decode_mask"].items()}
-
-
 def target_counts(batch: Mapping[str, dict]) -> Dict[str, torch.Tensor]:
-    """The targets of each decoded modality of ``batch`` (a loss of :func:`predict` times its count is its sum)."""
+    """The targets of each decoded modality of ``batch`` (what :func:`predict`'s sums are over)."""
     return {name: mask.sum() for name, mask in batch["decode_mask"].items()}
+
+
+def per_target(sums: Losses, counts: Mapping[str, torch.Tensor]) -> Losses:
+    """Summed losses over target counts: 0 (not nan) for a modality without any, and no test of that on the host (a
+    GPU would wait for the step's kernels)."""
+    return {name: total / counts[name].clamp(min=1) for name, total in sums.items()}
+
+
+def modality_losses(forward: Forward, batch: Mapping[str, dict]) -> Losses:
+    """Each decoded modality's mean loss over the targets of ``batch`` alone."""
+    return per_target(predict(forward, batch)[0], target_counts(batch))
 
 
 def over_present(means: Dict[str, float], prefix: str) -> Dict[str, float]:
     """Per-modality means taken over the steps that had targets of the modality: ``means`` holds the mean losses
-    ``<prefix><name>`` over all of them and the shares ``present/<name>`` that had targets. A modality with no targets
-    at all is left out, not reported as a zero loss; a share below 1 is kept as ``loss_share/<name>``, since the
-    total (the mean of each step's weighted sum) is then the sum of weight x share x loss over the parts."""
+    ``<prefix><name>`` over all of them and the shares ``present/<name>`` of the steps that had targets. A modality with
+    no targets at all is left out, not reported as a zero loss; a share below 1 is kept as ``loss_share/<name>``, since
+    the total (the mean of each step's weighted sum) is then the sum of weight x share x loss over the parts."""
     out = {key: value for key, value in means.items() if not key.startswith("present/")}
     for key, share in means.items():
         if key.startswith("present/"):
@@ -72,7 +70,7 @@ def over_present(means: Dict[str, float], prefix: str) -> Dict[str, float]:
             name = prefix + modality
             if share > 0:
                 out[name] /= share
-                if share < FULL_SHARE:
+                if share < 1:
                     out[f"loss_share/{modality}"] = share
             else:
                 out.pop(name, None)

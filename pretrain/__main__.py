@@ -64,10 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_data_paths(cfg, world_size: int) -> None:
+def check_data_paths(cfg, world_size: int, saved_data: Optional[dict]) -> None:
     """Before any process group starts: every shard spec names shards, the model takes every class their indexes
     list, evaluation has shards to run on, and the streams can run (``pretrain.data.check_before_start``)."""
-    from pretrain.config import ConfigError
+    from pretrain.config import ConfigError, global_batch
     from pretrain.data import check_before_start, expand_spec, listed_classes
 
     for key in ("train_shards", "val_shards"):
@@ -80,7 +80,8 @@ def check_data_paths(cfg, world_size: int) -> None:
     if cfg.train.eval_every_steps and not cfg.data.val_shards:
         raise ConfigError("data.val_shards: train.eval_every_steps is set but there are no validation shards; give "
                           "data.val_shards or set train.eval_every_steps=0")
-    check_before_start(cfg.data, ["train", "val"] if cfg.train.eval_every_steps else ["train"], world_size)
+    splits = ["train", "val"] if cfg.train.eval_every_steps else ["train"]
+    check_before_start(cfg.data, splits, world_size, global_batch(cfg, world_size), saved_data)
 
 
 def report_before_training(message: str) -> None:
@@ -132,13 +133,14 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
             refusal = export_refusal(cfg.model)
             print(OmegaConf.to_yaml(config_to_dict(cfg)) + (f"# {refusal}\n" if refusal else ""), end="")
             return 0
-        check_data_paths(cfg, env.world_size)
         resume_from: Optional[Path] = resolve_resume(resume, checkpoint_dir(cfg))
+        saved = peek_client_state(resume_from) if resume_from is not None else None
+        check_data_paths(cfg, env.world_size, saved["per_rank"][0].get("data") if saved else None)
         with torch.device("meta"):  # names and shapes only, no memory
             model = PerceiverIO(cfg.model)
         if resume_from is not None:
             check_fits(resume_from, model)
-            done = peek_client_state(resume_from)["shared"]["progress"]["step"]
+            done = saved["shared"]["progress"]["step"]
             if done >= cfg.train.max_steps:
                 if env.rank == 0:
                     print(f"run already at train.max_steps={cfg.train.max_steps} ({resume_from}): nothing to train "

@@ -9,8 +9,7 @@ directory newer than ``latest`` is a write that was cut off and is replaced when
 Client state: ``shared`` components (step/samples, tracker, ...) from rank 0, ``per_rank`` components (data stream,
 RNG) of every rank (gathered), the config and the world size. Resuming under another world size converts the tag to
 a DeepSpeed universal checkpoint once (rank 0, ``ds_to_universal``) and loads that; per-rank components then get
-rank 0's state with ``strict=False`` (the data stream continues at the same number of samples into its epoch, in
-a different order).
+rank 0's state (the data stream's position means the same on any shape: the same global batches follow).
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ NOT_A_CHECKPOINT = (f"is not a checkpoint tag directory (with {MODEL_STATES}), n
 class Stateful(Protocol):
     def state_dict(self) -> Dict[str, Any]: ...
 
-    def load_state_dict(self, state: Dict[str, Any], strict: bool = True) -> None: ...
+    def load_state_dict(self, state: Dict[str, Any]) -> None: ...
 
 
 class CheckpointError(ValueError):
@@ -131,9 +130,11 @@ def find_tag(path: Path) -> Optional[Path]:
 
 
 def peek_client_state(tag_dir: Path) -> Dict[str, Any]:
-    """Our client state without building an engine (memory-mapped: the weights next to it are not read)."""
+    """Our client state without building an engine (memory-mapped: the weights next to it are not read); of the
+    per-rank components, rank 0's."""
     state = torch.load(model_states(tag_dir), map_location="cpu", mmap=True, weights_only=False)
-    return {k: state[k] for k in ("world_size", "shared", "config") if k in state}
+    peeked = {k: state[k] for k in ("world_size", "shared", "config") if k in state}
+    return {**peeked, "per_rank": state.get("per_rank", [{}])[:1]}
 
 
 def check_fits(tag_dir: Path, model: torch.nn.Module) -> None:
@@ -161,7 +162,7 @@ class RngState:
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
-    def load_state_dict(self, state: Dict[str, Any], strict: bool = True) -> None:
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"])
@@ -259,4 +260,4 @@ class Checkpointer:
                 component.load_state_dict(client["shared"][name])
         mine = client["per_rank"][0 if universal else self.rank]
         for name, component in self.per_rank.items():
-            component.load_state_dict(mine[name], strict=not universal)
+            component.load_state_dict(mine[name])

@@ -306,7 +306,15 @@ class DataConfig:
     sample counts).
     An epoch is ``epoch_samples`` samples over all ranks: 0 = the sum of the index.json counts, which shards without
     an index lack (``python -m data_prep index SPEC`` writes one). Validation reads every sample of ``val_shards``
-    once, whatever their count (``train.eval_batches`` can cap it). ``require`` lists
+    once, whatever their count (``train.eval_batches`` can cap it). Training samples come from ``streams`` logical
+    streams, each with its share of every dataset's shards and ``shuffle_buffer / streams`` samples of shuffle
+    buffer, interleaved into one global order: the global batches are the same on any number of processes, data-loader
+    workers and micro-batches whose readers (processes x ``num_workers``) divide ``streams``; 0 = the largest highly
+    composite number (1, 2, 4, 6, 12, 24, 36, 48, 60, 120, ...) not above the fewest shards of a training dataset
+    that the first start's readers divide (a resume keeps it). A resume whose order differs from the checkpoint's
+    (seed, streams, global batch, shuffle buffer, weights, shards) is refused unless ``new_order``: then the epoch
+    goes on from the same number of samples, in the new order.
+    ``require`` lists
     sample keys without which a sample is skipped. ``random_crop`` crops long text and audio at a random offset (else
     from the start). ``pixel_mean``/``pixel_std`` normalise image and video pixels scaled to [0, 1]. ``pin_memory``
     page-locks batches where CUDA is present (a copy from pageable memory makes the host wait for the work queued on
@@ -321,6 +329,8 @@ class DataConfig:
     val_shards: List[str] = field(default_factory=list)
     weights: List[float] = field(default_factory=list)
     epoch_samples: int = 0
+    streams: int = 0
+    new_order: bool = False
     seed: int = 0
     batch_size: int = 32
     num_workers: int = 2
@@ -356,7 +366,7 @@ def validate_data_config(cfg: DataConfig, model: ModelConfig, prefix: str = "dat
     """Fail early, naming the key, for any value the stream could not run with for this model."""
     for key in ("batch_size", "audio_sample_rate", "prefetch_factor"):
         _require(getattr(cfg, key) > 0, f"{prefix}.{key}", f"must be a positive integer, got {getattr(cfg, key)}")
-    for key in ("num_workers", "shuffle_buffer", "epoch_samples", "seed", "pipe_stall_timeout_s",
+    for key in ("num_workers", "shuffle_buffer", "epoch_samples", "streams", "seed", "pipe_stall_timeout_s",
                 "shard_retries"):
         _require(getattr(cfg, key) >= 0, f"{prefix}.{key}", f"must be >= 0, got {getattr(cfg, key)}")
     if cfg.weights:
@@ -643,3 +653,8 @@ def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:
     """Micro-steps per optimizer step, from ``train.global_batch_size`` (validated by :func:`validate_config`)."""
     micro = cfg.data.batch_size * world_size
     return max(1, cfg.train.global_batch_size // micro)
+
+
+def global_batch(cfg: Config, world_size: int) -> int:
+    """Samples per optimizer step over every rank: ``train.global_batch_size``, or one micro-batch per rank."""
+    return cfg.data.batch_size * world_size * gradient_accumulation_steps(cfg, world_size)

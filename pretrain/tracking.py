@@ -203,9 +203,8 @@ class Tracker:
         """The W&B run id, for the checkpoint's client state."""
         return {"run_id": self.run_id}
 
-    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
-        """Continue the checkpoint's W&B run; call it before the first :meth:`log`. (``strict``: the checkpoint
-        module's common signature; there is nothing optional here.)"""
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the checkpoint's W&B run; call it before the first :meth:`log`."""
         run_id = state.get("run_id")
         if not run_id or run_id == self.run_id:
             return

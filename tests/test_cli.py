@@ -26,7 +26,7 @@ def cli(*args: str, script: str = "") -> subprocess.CompletedProcess:
 
 BAD = [
     (["model.nope=1"], "model.nope"),
-    (["data.num_workers=5"], "data.train_shards[0]: 4 shards for 1 ranks x 5 data-loader workers"),
+    (["data.num_workers=5"], "data.num_workers: a global batch of 4 samples leaves some of the 1 processes x 5"),
     (["data.batch_size=200", "train.eval_every_steps=0"], "data.train_shards: an epoch of 96 samples is less than"),
     (["train.max_steps=many"], "train.max_steps"),
     (["train.global_batch_size=6"], "train.global_batch_size"),
@@ -189,8 +189,9 @@ def test_under_torchrun_a_mistake_is_printed_once_and_is_the_root_cause(tmp_path
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "pretrain", "train", "--config", str(config)], cwd=ROOT, capture_output=True,
                           text=True, timeout=240)
-    line = ("error: data.train_shards: an epoch of 96 samples is less than one batch per rank (world size 2 x "
-            "data.batch_size 64); lower data.batch_size or raise data.epoch_samples")
+    line = ("error: data.train_shards: an epoch of 96 samples is less than one global batch of 128 (data.batch_size "
+            "64 x processes x accumulation steps); lower data.batch_size or train.global_batch_size, or raise "
+            "data.epoch_samples")
     assert done.returncode == 1
     printed = [row for row in done.stderr.splitlines() if row.startswith("error: ")]
     assert printed == [line], done.stderr[-3000:]

@@ -8,6 +8,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 from test_data_shards import assert_batches_equal, data_config, multimodal_model, multimodal_sample, write_shards
 
 from pretrain.data import DataError, DataStream
@@ -54,31 +55,53 @@ def test_resume_yields_exactly_the_remaining_batches(tmp_path, rank):
         assert resumed.state_dict() == reference.state_dict()
 
 
-def test_resume_under_another_layout_is_refused(tmp_path):
+def _rows_by_key(batches: list) -> dict:
+    """Each sample's row (text ids, decoded positions and targets) by key: what a global batch holds, however split."""
+    return {key: (b["inputs"]["text"][i], b["decode"]["text"][i], b["targets"]["text"][i])
+            for b in batches for i, key in enumerate(b["keys"])}
+
+
+def _global_batches(cfg, world_size: int, steps: int, state: dict = None) -> list:
+    """The first ``steps`` global batches (from ``state`` on) of ``world_size`` ranks, as rows by key."""
+    streams = [DataStream(cfg, multimodal_model(), rank, world_size, 8) for rank in range(world_size)]
+    for stream in streams:
+        if state is not None:
+            stream.load_state_dict(copy.deepcopy(state))
+    per_rank = [_run(stream, steps * stream.accumulation)[0] for stream in streams]
+    return [_rows_by_key([b for rank in per_rank for b in rank[t * len(rank) // steps:(t + 1) * len(rank) // steps]])
+            for t in range(steps)]
+
+
+def _same(got: list, want: list) -> None:
+    assert [sorted(g) for g in got] == [sorted(w) for w in want]
+    for g, w in zip(got, want):
+        assert all(all(torch.equal(x, y) for x, y in zip(g[k], w[k])) for k in w)
+
+
+def test_any_shape_reads_the_same_global_batches_and_resumes_into_another(tmp_path):
+    """A global batch of 8 from 4 streams: 2 ranks x 2 workers x micro-batches of 4, 1 rank x 1 worker x 2
+    accumulated micro-batches of 4, 1 rank x 2 workers x one of 8 read the same samples with the same masks at every
+    step, across an epoch; a state saved by one resumes on another with the batches the first would have had."""
+    write_shards(tmp_path, [8] * 4, multimodal_sample)
+    shapes = [(2, dict(batch_size=4, num_workers=2)), (1, dict(batch_size=4, num_workers=1)),
+              (1, dict(batch_size=8, num_workers=2))]
+    runs = [_global_batches(data_config([str(tmp_path)], **shape), world, 6) for world, shape in shapes]
+    for other in runs[1:]:
+        _same(other, runs[0])
+    saved = DataStream(data_config([str(tmp_path)], batch_size=4, num_workers=2), multimodal_model(), 0, 2, 8)
+    _run(saved, 3)
+    assert (saved.epoch, saved.steps) == (0, 3)
+    resumed = _global_batches(data_config([str(tmp_path)], batch_size=4, num_workers=1), 1, 3, saved.state_dict())
+    _same(resumed, runs[0][3:])
+
+
+def test_resume_under_another_order_is_refused(tmp_path):
     write_shards(tmp_path, [8] * 4, multimodal_sample)
     stream = DataStream(data_config([str(tmp_path)]), multimodal_model())
     next(iter(stream))
-    state = stream.state_dict()
-    other = DataStream(data_config([str(tmp_path)], num_workers=1), multimodal_model())
-    with pytest.raises(DataError, match=r"num_workers: 2 -> 1.*strict=False"):
-        other.load_state_dict(state)
-    other.load_state_dict(state, strict=False)
-    assert (other.epoch, other.batches) == (0, 1)
-
-
-@pytest.mark.parametrize("saved_world,batches,new_world,expected", [(2, 3, 1, 6), (1, 5, 2, 2), (2, 7, 1, 14), (1, 16, 3, 5)])
-def test_resume_under_another_world_size_keeps_the_samples_seen(tmp_path, saved_world, batches, new_world, expected):
-    """Two ranks that each took 3 batches of 2 saw 12 samples: one rank continues after its 6th batch; the position
-    never passes the end of the epoch."""
-    write_shards(tmp_path, [8] * 4, multimodal_sample)
-    saved = DataStream(data_config([str(tmp_path)], batch_size=2, num_workers=1), multimodal_model(), 0, saved_world)
-    state = dict(saved.state_dict(), batches=batches)
-    resumed = DataStream(data_config([str(tmp_path)], batch_size=2, num_workers=1), multimodal_model(), 0, new_world)
-    resumed.load_state_dict(state, strict=False)
-    assert len(resumed) == 16 // new_world
-    assert (resumed.epoch, resumed.batches) == (0, expected)
-    remaining = len(resumed) - expected or len(resumed)  # a finished epoch goes on with the next one
-    assert len(list(resumed)) == remaining
+    other = DataStream(data_config([str(tmp_path)], seed=1), multimodal_model())
+    with pytest.raises(DataError, match=r"data.new_order: .*\(seed: 0 -> 1\).*set data.new_order=true"):
+        other.load_state_dict(stream.state_dict())
 
 
 def test_order_depends_on_the_seed(tmp_path):
@@ -87,3 +110,13 @@ def test_order_depends_on_the_seed(tmp_path):
             for s in (0, 0, 1)]
     assert keys[0] == keys[1] != keys[2]
     assert np.unique(keys[0]).size > 1
+
+
+def test_another_order_goes_on_with_new_order_from_the_same_samples(tmp_path):
+    """data.new_order: a resume under another global batch continues at the same number of samples into the epoch."""
+    write_shards(tmp_path, [8] * 4, multimodal_sample)
+    stream = DataStream(data_config([str(tmp_path)], batch_size=4), multimodal_model(), 0, 1, 8)
+    _run(stream, 6)  # 3 steps of 2 micro-batches
+    other = DataStream(data_config([str(tmp_path)], batch_size=4, new_order=True), multimodal_model(), 0, 1, 4)
+    other.load_state_dict(stream.state_dict())
+    assert (other.epoch, other.steps) == (0, 6)  # 3 steps of 8 samples: 6 of 4

@@ -143,29 +143,22 @@ def test_pixels_audio_and_video_transforms(tmp_path):
     assert torch.allclose(inputs["video"][0].mean(dim=(1, 2, 3)), torch.tensor(levels), atol=1e-6)
 
 
-def _reader_shards(batches, workers):
-    """Shards seen by each logical worker (batch i comes from worker i % workers)."""
-    seen = [set() for _ in range(workers)]
-    for i, batch in enumerate(batches):
-        seen[i % workers].update(shard_of(k) for k in batch["keys"])
-    return seen
-
-
 def test_two_ranks_two_workers_disjoint_shards_equal_batches(tmp_path):
+    """Eight shards of unequal sizes, four streams (the largest highly composite number not above 8 that the four
+    readers divide), one a reader: the readers' shards are disjoint and cover the dataset, each rank sees only its
+    own, and both ranks make the same number of batches although one loses most of a big shard."""
     paths = write_shards(tmp_path, [3, 40, 7, 25, 12, 9, 6, 18])
-    truncate_inside_sample(paths[1], 5)  # one rank loses most of a big shard: still the same batch count
+    truncate_inside_sample(paths[1], 5)
     cfg = data_config([str(tmp_path)], epoch_samples=96)
     streams = [DataStream(cfg, text_model(), rank=r, world_size=2) for r in range(2)]
+    assert [s.plan.streams for s in streams] == [4, 4]
     runs = [list(s) for s in streams]
     assert [len(run) for run in runs] == [12, 12] == [len(s) for s in streams]
-    readers = [seen for run in runs for seen in _reader_shards(run, 2)]
-    assert all(readers)
-    for i in range(4):
-        for j in range(i + 1, 4):
-            assert not readers[i] & readers[j], (i, j)
     planned = [{f"s{int(Path(u).stem[-6:]):02d}" for u in s.shards(0, w)} for s in streams for w in range(2)]
-    assert all(seen <= plan for seen, plan in zip(readers, planned))
-    assert set().union(*planned) == {f"s{i:02d}" for i in range(8)}
+    assert all(planned) and sum(map(len, planned)) == len(set().union(*planned)) == 8
+    for rank, run in enumerate(runs):
+        seen = {shard_of(k) for b in run for k in b["keys"]}
+        assert seen <= planned[2 * rank] | planned[2 * rank + 1]
     assert sum(s.skipped().get("corrupt_tar", 0) for s in streams) >= 1
 
 
@@ -180,7 +173,7 @@ def test_epochs_reshuffle_shards_with_the_seed(tmp_path):
 
 def test_too_few_shards_is_a_clear_error_unless_resampling(tmp_path):
     write_shards(tmp_path, [20, 20, 20])
-    with pytest.raises(DataError, match=r"3 shards for 2 ranks x 2 data-loader workers .*data.resample=true"):
+    with pytest.raises(DataError, match=r"3 shards for data.streams 4 .*data.resample=true"):
         DataStream(data_config([str(tmp_path)]), text_model(), rank=0, world_size=2)
     cfg = data_config([str(tmp_path)], resample=True)
     runs = [list(DataStream(cfg, text_model(), rank=r, world_size=2)) for r in range(2)]
@@ -236,7 +229,7 @@ def test_bad_config_values_name_their_key(tmp_path):
         DataStream(data_config([str(tmp_path)], masking=MaskingConfig(image=1.5)), text_model())
     with pytest.raises(DataError, match="data.train_shards is empty"):
         DataStream(data_config([]), text_model())
-    with pytest.raises(DataError, match="less than one batch per rank"):
+    with pytest.raises(DataError, match="less than one global batch of 64"):
         DataStream(data_config([str(tmp_path)], batch_size=64), text_model())
 
 
@@ -363,15 +356,18 @@ def test_workers_outlive_slurms_signals_but_not_the_trainer(tmp_path, end):
 
 
 def test_a_sample_is_cropped_and_masked_alike_in_any_batch_size(tmp_path):
-    """Each sample's random choices come from its place in its reader's stream, not from the batch that holds it: one
-    batch of 8 and two of 4 are the same rows, masks and targets (what gradient accumulation needs to be exact)."""
+    """Each sample's random choices come from its place in the global order, not from the batch that holds it:
+    batches of 8 and of 4 hold the same samples with the same crops, masks and targets (what makes gradient
+    accumulation and another number of processes exact)."""
     write_shards(tmp_path, [12, 12])
 
     def rows(batch_size: int) -> dict:
-        cfg = data_config([str(tmp_path)], num_workers=1, batch_size=batch_size, epoch_samples=16, random_crop=True)
-        batches = list(DataStream(cfg, text_model()))
-        return {part: torch.cat([b[part]["text"] for b in batches]) for part in ("inputs", "decode", "targets")}
+        cfg = data_config([str(tmp_path)], num_workers=1, batch_size=batch_size, epoch_samples=16, random_crop=True,
+                          shuffle_buffer=0)
+        return {key: tuple(b[part]["text"][i] for part in ("inputs", "decode", "targets"))
+                for b in DataStream(cfg, text_model()) for i, key in enumerate(b["keys"])}
 
     whole, halves = rows(8), rows(4)
-    assert all(torch.equal(whole[part], halves[part]) for part in whole)
-    assert (whole["targets"] != IGNORE_INDEX).any()
+    assert sorted(whole) == sorted(halves) and len(whole) == 16
+    assert all(torch.equal(x, y) for key in whole for x, y in zip(whole[key], halves[key]))
+    assert any((targets != IGNORE_INDEX).any() for _, _, targets in whole.values())

@@ -13,7 +13,7 @@ from test_data_shards import npy_bytes
 from pretrain.config import ConfigError, DataConfig, ImageConfig, ModelConfig, TextConfig, validate_data_config
 from pretrain.data.decode import DecodeError, decode
 from pretrain.data.masking import num_predicted, patch_positions, span_positions, text_positions
-from pretrain.data.plan import balanced_split, batches_before, first_batch
+from pretrain.data.plan import Dataset, balanced_split, first_of_stream, stream_count
 from pretrain.shards import Shard
 from pretrain.data.transforms import crop_or_pad, resample, to_pixels
 
@@ -125,12 +125,24 @@ def test_balanced_split_evens_out_sample_counts():
     assert all([s.url for s in p] == sorted((s.url for s in p), key=lambda u: int(u[1:])) for p in parts)
 
 
-def test_batch_index_arithmetic():
-    for start in range(7):
-        for worker in range(3):
-            mine = [i for i in range(20) if i % 3 == worker]
-            assert batches_before(start, worker, 3) == sum(i < start for i in mine)
-            assert first_batch(start, worker, 3) == min(i for i in mine if i >= start)
+def test_global_order_arithmetic():
+    """Global sample g is sample g // S of stream g % S: each stream's first place at or after a global index."""
+    for streams in (1, 4, 12):
+        for start in range(30):
+            for stream in range(streams):
+                place = first_of_stream(start, stream, streams)
+                assert place * streams + stream >= start and (place == 0 or (place - 1) * streams + stream < start)
+
+
+def test_stream_count_fits_the_data_and_the_first_start():
+    def datasets(*shards: int) -> list:
+        return [Dataset(f"d{i}", "", [Shard(f"s{j}", 1) for j in range(n)], 1.0) for i, n in enumerate(shards)]
+
+    assert stream_count(datasets(16, 30), DataConfig(), readers=2) == 12
+    assert stream_count(datasets(16), DataConfig(), readers=4) == 12
+    assert stream_count(datasets(7), DataConfig(), readers=4) == 4  # no highly composite number: a multiple of 4
+    assert stream_count(datasets(7), DataConfig(), readers=4, saved=6) == 6  # a resume keeps its streams
+    assert stream_count(datasets(7), DataConfig(streams=5), readers=4, saved=6) == 5
 
 
 def test_data_config_checks_name_the_key():

@@ -132,7 +132,8 @@ def test_index_and_validate_shards_on_a_web_server(corpus, tmp_path, capsys):
             (f"{url}/theirs/sw-{i:06d}.tar", 7, sizes[i]) for i in range(3)]
         assert data_prep(["validate", spec, "--workers", "2"]) == 0
         assert capsys.readouterr().out.splitlines()[-1] == f"{spec}: checked 3 shards, 21 samples: no problems"
-        stream = DataStream(data_config([str(tmp_path / "idx")], num_workers=1, batch_size=7, shuffle_buffer=0),
+        stream = DataStream(data_config([str(tmp_path / "idx")], num_workers=1, batch_size=7, shuffle_buffer=0,
+                                        streams=1),
                             multimodal_model())
         assert len(stream) == 3 and sorted(k for b in stream for k in b["keys"]) == [f"sw-{i:04d}" for i in range(21)]
 
@@ -144,7 +145,7 @@ def test_bad_addresses_are_one_line_naming_the_shard_before_start_and_skipped_du
                             ("http://127.0.0.1:1/shard-{0..1}.tar", "curl: (7) Failed to connect to 127.0.0.1 port 1")]:
             cfg = data_config([spec], epoch_samples=8)
             with pytest.raises(DataError) as error:
-                check_before_start(cfg, ["train"], world_size=1)
+                check_before_start(cfg, ["train"], world_size=1, global_batch=cfg.batch_size)
             first = spec.replace("{0..1}", "0")
             assert str(error.value).startswith(f"data.train_shards[0]: its first shard cannot be read: {first}: "
                                                f"{cause}")
@@ -217,7 +218,7 @@ def test_s3_mistakes_are_one_line_naming_the_shard(request, monkeypatch, server,
     for name, value in s3.env(**env).items():
         monkeypatch.setenv(name, value)
     with pytest.raises(DataError) as error:
-        check_before_start(data_config([spec], epoch_samples=8), ["train"], world_size=1)
+        check_before_start(data_config([spec], epoch_samples=8), ["train"], world_size=1, global_batch=4)
     assert str(error.value).startswith(f"data.train_shards[0]: its first shard cannot be read: {cause}")
     assert "\n" not in str(error.value) and s3.secret not in str(error.value)
 
@@ -285,4 +286,4 @@ def test_streams_index_and_errors_on_google_cloud_storage(corpus, monkeypatch, c
         capsys.readouterr()
         with pytest.raises(DataError, match=r"^data.train_shards\[0\]: its first shard cannot be read: "
                                             r"gs://nobucket/a-0.tar: not found \("):
-            check_before_start(data_config(["gs://nobucket/a-{0..1}.tar"], epoch_samples=8), ["train"], 1)
+            check_before_start(data_config(["gs://nobucket/a-{0..1}.tar"], epoch_samples=8), ["train"], 1, 4)

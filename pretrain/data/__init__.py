@@ -38,7 +38,7 @@ reads it: the model enables it and ``data.objective`` names it, or is empty; ``a
 from .collate import IGNORE_INDEX, BatchBuilder
 from ..shards import DataError, Shard, expand_spec, listed_classes
 from .plan import check_before_start
-from .stream import DataStream, ValidationPass
+from .stream import DataStream, ValidationPass, saved_streams
 
 __all__ = ["DataStream", "ValidationPass", "DataError", "BatchBuilder", "IGNORE_INDEX", "Shard", "check_before_start",
-           "expand_spec", "listed_classes"]
+           "expand_spec", "listed_classes", "saved_streams"]

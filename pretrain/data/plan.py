@@ -1,15 +1,22 @@
-"""Who reads what, and how much: shard assignment to (rank, worker), epoch length, and the seeds of every random
-choice. Everything here is a pure function of (seed, split, epoch, rank, worker), which is what makes the stream's
-order reproducible and a resumed run exact.
+"""Who reads what, and how much: the training data's logical streams and their shards, epoch length, shard
+assignment of validation readers, and the seeds of every random choice.
+
+Training samples come from ``data.streams`` logical streams, each a pure function of (seed, epoch, stream): its share
+of every dataset's shards, its own mixing and shuffle buffer. The global order interleaves them (global sample ``g``
+is sample ``g // S`` of stream ``g % S``) and step ``t`` trains on samples ``t*G .. (t+1)*G - 1`` (G the global batch),
+whatever the number of processes and workers that read the streams: reader ``r`` of ``R`` (R dividing S) reads the
+streams ``r, r + R, ...``. Validation is read per (rank, worker), every sample once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+import os
 import random
 import shlex
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -42,9 +49,11 @@ def python_rng(*parts: int) -> random.Random:
     return random.Random(seed_of(*parts))
 
 
-def sample_rng(*parts: int) -> np.random.Generator:
-    """The generator of one sample's random choices (crop, masks), from its place in its reader's stream."""
-    return np.random.default_rng(seed_of(*parts))
+def sample_rng(key: int, place: int) -> np.random.Generator:
+    """The generator of one sample's random choices (crop, masks): Philox keyed by its stream (``seed_of`` its ids),
+    counting from its place in it (each place owns 2^64 blocks of the counter; a third of the cost of a seeded
+    generator per sample)."""
+    return np.random.Generator(np.random.Philox(counter=[0, place, 0, 0], key=key))
 
 
 def load_datasets(cfg: DataConfig, split: str) -> List[Dataset]:
@@ -66,10 +75,10 @@ def load_datasets(cfg: DataConfig, split: str) -> List[Dataset]:
             for i, (spec, s, w) in enumerate(zip(specs, shards, weights)) if w > 0]
 
 
-def epoch_batches(datasets: List[Dataset], cfg: DataConfig, world_size: int) -> int:
-    """Training batches every rank yields per epoch: the epoch's samples (``data.epoch_samples``, else the index
-    counts) split evenly. (Validation has no such count: it reads every sample once, :class:`ValidationPass`.)"""
-    samples, batch_size = cfg.epoch_samples, cfg.batch_size
+def epoch_steps(datasets: List[Dataset], cfg: DataConfig, global_batch: int) -> int:
+    """Training steps per epoch: the epoch's samples (``data.epoch_samples``, else the index counts) in global
+    batches. (Validation has no such count: it reads every sample once, :class:`ValidationPass`.)"""
+    samples = cfg.epoch_samples
     if samples == 0:
         counts = [total_samples(d.shards) for d in datasets]
         unknown = [d for d, c in zip(datasets, counts) if c is None]
@@ -81,25 +90,56 @@ def epoch_batches(datasets: List[Dataset], cfg: DataConfig, world_size: int) -> 
                 f"every shard once, in parallel; into the shards' folder, or --out DIR for remote shards: then "
                 f"train on DIR), or set data.epoch_samples to the samples per epoch")
         samples = sum(counts)
-    batches = samples // (world_size * batch_size)
-    if batches == 0:
-        raise DataError(f"data.train_shards: an epoch of {samples} samples is less than one batch per rank (world "
-                        f"size {world_size} x data.batch_size {batch_size}); lower data.batch_size or raise "
-                        f"data.epoch_samples")
-    return batches
+    steps = samples // global_batch
+    if steps == 0:
+        raise DataError(f"data.train_shards: an epoch of {samples} samples is less than one global batch of "
+                        f"{global_batch} (data.batch_size {cfg.batch_size} x processes x accumulation steps); lower "
+                        f"data.batch_size or train.global_batch_size, or raise data.epoch_samples")
+    return steps
 
 
-def check_before_start(cfg: DataConfig, splits: Sequence[str], world_size: int) -> None:
+def data_order(datasets: List[Dataset], cfg: DataConfig, streams: int, global_batch: int) -> Dict[str, Any]:
+    """What the order of the training samples depends on besides the position (epoch, steps): a resume with other
+    values cannot give the same batches. The number of processes, workers and micro-batches is not among them."""
+    names = "\n".join(f"{os.path.basename(s.url)}:{s.samples}" for d in datasets for s in d.shards)
+    return {"seed": cfg.seed, "streams": streams, "global_batch": global_batch, "resample": cfg.resample,
+            "shuffle_buffer": cfg.shuffle_buffer, "weights": [d.weight for d in datasets],
+            "shards": hashlib.sha1(names.encode()).hexdigest()}
+
+
+def order_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """``"seed: 0 -> 1, ..."`` for what differs ("" for nothing)."""
+    return ", ".join(f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in now.items() if saved.get(key) != value)
+
+
+def check_order(saved: Mapping[str, Any], now: Mapping[str, Any], new_order: bool) -> str:
+    """The changes from the checkpoint's order, allowed only with ``data.new_order`` (else a :class:`DataError`)."""
+    changes = order_changes(saved, now)
+    if changes and not new_order:
+        raise DataError(f"data.new_order: the checkpoint's training data was ordered under other settings "
+                        f"({changes}), so its next steps would not get the samples they would have had; resume with "
+                        f"the saved values, or set data.new_order=true to go on from the same point of the epoch in "
+                        f"the new order")
+    return changes
+
+
+def check_before_start(cfg: DataConfig, splits: Sequence[str], world_size: int, global_batch: int,
+                       saved: Optional[Mapping[str, Any]] = None) -> None:
     """What would stop the stream once the job runs, found before it starts (each raises :class:`DataError` naming
-    the key): specs that name no shards, training epochs of unknown length or under one batch per rank, too few
-    training shards for the readers, and remote datasets whose first shard cannot be read (address, bucket,
+    the key): specs that name no shards, training epochs of unknown length or under one global batch, streams the
+    readers cannot share or that lack shards, and remote datasets whose first shard cannot be read (address, bucket,
     credentials). Validation reads each shard once, on whichever reader it falls to: any count of shards and
-    samples will do."""
+    samples will do. ``saved``: the training stream's state in the checkpoint a run resumes, whose order it must
+    keep (unless ``data.new_order``)."""
     for split in splits:
         datasets = load_datasets(cfg, split)
         if split == "train":
-            check_readers(datasets, world_size, max(1, cfg.num_workers), cfg.resample)
-            epoch_batches(datasets, cfg, world_size)
+            saved_order = (saved or {}).get("order") or {}
+            streams = check_streams(datasets, cfg, world_size, max(1, cfg.num_workers), global_batch,
+                                    int(saved_order.get("streams", 0)))
+            epoch_steps(datasets, cfg, global_batch)
+            if saved_order:
+                check_order(saved_order, data_order(datasets, cfg, streams, global_batch), cfg.new_order)
         for dataset in datasets:
             first = dataset.shards[0].url
             if by_command(first):
@@ -108,17 +148,51 @@ def check_before_start(cfg: DataConfig, splits: Sequence[str], world_size: int) 
                     raise DataError(f"{dataset.key}: its first shard cannot be read: {error}")
 
 
-def check_readers(datasets: List[Dataset], world_size: int, workers: int, resample: bool) -> None:
-    """Without resampling every (rank, worker) needs a shard of every dataset of its own: fail before starting."""
-    if resample:
-        return
-    for dataset in datasets:
-        if len(dataset.shards) < world_size * workers:
-            raise DataError(
-                f"{dataset.key}: {len(dataset.shards)} shards for {world_size} ranks x {workers} data-loader workers "
-                f"= {world_size * workers} readers; write more, smaller shards (data_prep shard "
-                f"--max-samples-per-shard), lower data.num_workers, or set data.resample=true"
-            )
+# Numbers with more divisors than any smaller one: as many (processes x workers) shapes as possible divide them.
+HIGHLY_COMPOSITE = (1, 2, 4, 6, 12, 24, 36, 48, 60, 120, 180, 240, 360, 720, 840, 1260, 1680, 2520, 5040, 7560, 10080,
+                    15120, 20160, 25200, 27720, 45360, 50400, 55440, 83160, 110880, 166320, 221760, 277200, 332640,
+                    498960, 554400, 665280, 720720)
+
+
+def stream_count(datasets: List[Dataset], cfg: DataConfig, readers: int, saved: int = 0) -> int:
+    """``data.streams``; else (0) those of the checkpoint resumed (``saved``); else, at a first start, the largest
+    highly composite number not above the fewest shards of a training dataset that the ``readers`` divide (16 shards:
+    12 streams, for 1, 2, 3, 4, 6 or 12 readers), or the largest multiple of them not above it: no stream without
+    shards, and many shapes to resume on."""
+    if cfg.streams or saved:
+        return cfg.streams or saved
+    fewest = min(len(dataset.shards) for dataset in datasets)
+    fitting = [n for n in HIGHLY_COMPOSITE if n <= fewest and n % readers == 0]
+    return max(fitting) if fitting else max(readers, fewest - fewest % readers)
+
+
+def check_streams(datasets: List[Dataset], cfg: DataConfig, world_size: int, workers: int, global_batch: int,
+                  saved: int = 0) -> int:
+    """The stream count (:func:`stream_count`), once it is known that the (rank, worker) readers share it evenly,
+    that each has a sample in every global batch and, without resampling, that every dataset has a shard for each
+    stream: else a :class:`DataError` with the numbers that would work."""
+    readers = world_size * workers
+    streams = stream_count(datasets, cfg, readers, saved)
+    if global_batch < readers:
+        raise DataError(f"data.num_workers: a global batch of {global_batch} samples leaves some of the {world_size} "
+                        f"processes x {workers} data-loader workers = {readers} readers without a sample; lower "
+                        f"data.num_workers or raise data.batch_size")
+    if streams % readers:
+        shapes = ", ".join(str(n) for n in range(1, streams + 1) if streams % n == 0)
+        whose = "the checkpoint's" if saved and not cfg.streams else "data.streams"
+        raise DataError(
+            f"data.streams: {world_size} processes x {workers} data-loader workers = {readers} readers cannot share "
+            f"{whose} {streams} training streams evenly; use processes x data.num_workers of {shapes}, or set "
+            f"data.streams to a multiple of {readers} (each dataset needs that many shards; the samples of each "
+            f"step then differ from those of {streams} streams)")
+    if not cfg.resample:
+        for dataset in datasets:
+            if len(dataset.shards) < streams:
+                raise DataError(
+                    f"{dataset.key}: {len(dataset.shards)} shards for data.streams {streams} (each stream reads "
+                    f"shards of its own); write more, smaller shards (data_prep shard --min-shards), lower "
+                    f"data.streams, or set data.resample=true")
+    return streams
 
 
 def balanced_split(shards: List[Shard], parts: int) -> List[List[Shard]]:
@@ -134,25 +208,23 @@ def balanced_split(shards: List[Shard], parts: int) -> List[List[Shard]]:
     return [[shard for i, shard in enumerate(shards) if owner[i] == part] for part in range(parts)]
 
 
-def worker_shards(
-    dataset: Dataset, dataset_index: int, seed: int, split: int, epoch: int, shuffle: bool,
-    rank: int, world_size: int, worker: int, workers: int, resample: bool,
-) -> List[Shard]:
-    """The shards one (rank, worker) reads this epoch: shuffled with a seed shared by all ranks, split by rank, then by
-    worker (all of them when resampling, which draws from the whole dataset)."""
+def stream_shards(dataset: Dataset, dataset_index: int, seed: int, epoch: int, stream: int, streams: int,
+                  resample: bool) -> List[Shard]:
+    """The shards a training stream reads this epoch: its share of the dataset's shards, shuffled by epoch (all of
+    them when resampling, which draws from the whole dataset)."""
     if resample:
         return list(dataset.shards)
     shards = list(dataset.shards)
-    if shuffle:
-        python_rng(seed, split, epoch, dataset_index).shuffle(shards)
-    return balanced_split(balanced_split(shards, world_size)[rank], workers)[worker]
+    python_rng(seed, SPLITS["train"], epoch, dataset_index).shuffle(shards)
+    return balanced_split(shards, streams)[stream]
 
 
-def batches_before(start: int, worker: int, workers: int) -> int:
-    """How many of the batches 0..start-1 come from ``worker`` (batch i comes from worker i % workers)."""
-    return len(range(worker, start, workers))
+def reader_shards(dataset: Dataset, rank: int, world_size: int, worker: int, workers: int) -> List[Shard]:
+    """The shards a validation reader (rank, worker) reads, in order: split by rank, then by worker."""
+    return balanced_split(balanced_split(list(dataset.shards), world_size)[rank], workers)[worker]
 
 
-def first_batch(start: int, worker: int, workers: int) -> int:
-    """The first batch index >= ``start`` that ``worker`` makes."""
-    return start + (worker - start) % workers
+def first_of_stream(global_index: int, stream: int, streams: int) -> int:
+    """The place in ``stream`` of its first sample at or after ``global_index`` of the global order (sample ``k`` of
+    stream ``s`` is global sample ``k * streams + s``)."""
+    return max(0, -(-(global_index - stream) // streams))

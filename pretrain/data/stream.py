@@ -1,14 +1,17 @@
-"""The stream: shards -> (rank, worker) split -> tar reading -> mixing -> shuffle buffer -> batches, with exact resume.
+"""The stream: shards -> logical streams (tar reading, mixing, shuffle buffer) -> global order -> micro-batches, with
+exact resume on any shape.
 
-Each DataLoader worker builds whole batches itself (``DataLoader(batch_size=None)``); batch ``i`` of an epoch comes
-from worker ``i % W``, and worker ``w``'s ``j``-th batch is made of raw samples ``j*B .. (j+1)*B-1`` of its own
-sample stream, which depends only on (seed, split, epoch, rank, w). The stream's position is therefore just
-(epoch, batches yielded): a restored worker replays its raw stream up to its next batch without decoding anything
-(tar reading only, cheap) and goes on exactly where the uninterrupted run was. Because the DataLoader always starts at
-its worker 0, physical worker ``p`` plays logical worker ``(p + start) % W``.
-
-Every rank yields ``epoch_samples // (world_size * batch_size)`` batches per epoch: readers never run dry (each cycles
-over its shards), so shard sizes and skipped samples cannot make ranks disagree on the step count.
+Training samples come from ``S`` logical streams (``pretrain.data.plan``), each a pure function of (seed, epoch,
+stream); step ``t`` trains on global samples ``t*G .. (t+1)*G - 1``, sample ``g`` being sample ``g // S`` of stream
+``g % S``, and every random choice of a sample (crop, masks) comes from its place (stream, place in it). Reader
+(rank ``r``, worker ``w``) of ``R`` reads streams ``r + world_size*w``, ``+ R``, ...: for each step it decodes its
+streams' samples of that step (``DataLoader(batch_size=None)``: one chunk per worker and step, taken in turn); the
+rank joins its workers' chunks and cuts them into the step's micro-batches (which one holds a sample changes no sum:
+the losses are divided by the whole step's targets, ``pretrain.train.loop``). The global
+batches, their samples' masks and so the losses are the same on any number of processes, workers and micro-batches.
+The position is (epoch, steps done): a restored worker replays its streams up to the step without decoding anything
+(tar reading only) and goes on exactly where the uninterrupted run was. Readers never run dry (each stream cycles over
+its shards), so shard sizes and skipped samples cannot make ranks disagree on the step count.
 
 Validation (:class:`ValidationPass`) reads every sample once instead: each reader's shards in order, its last batch
 padded with rows that hold nothing; ranks whose pass ends first are given empty batches by the evaluation, which
@@ -23,7 +26,6 @@ resumed run; the rank then waited for its batch forever.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import faulthandler
 import functools
 import itertools
@@ -48,8 +50,8 @@ from ..config import DataConfig, ModelConfig, data_roles, validate_data_config
 from ..shard_format import LABEL_FIELD, MODALITY_FIELDS, layout_fields, modalities
 from .collate import BatchBuilder
 from .plan import (
-    MIX, SAMPLE, SHUFFLE, SOURCE, SPLITS, Dataset, batches_before, check_readers, epoch_batches, first_batch,
-    load_datasets, python_rng, sample_rng, worker_shards,
+    MIX, SAMPLE, SHUFFLE, SOURCE, SPLITS, Dataset, check_order, check_streams, data_order, epoch_steps,
+    first_of_stream, load_datasets, python_rng, reader_shards, sample_rng, seed_of, stream_shards,
 )
 from ..shards import DataError, Shard, SkipCounter
 from ..shards.specs import unread_layouts
@@ -60,7 +62,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StreamPlan:
-    """Everything a worker needs to make its batches (plain data: it travels to worker processes)."""
+    """Everything a worker needs to make its part (plain data: it travels to worker processes). ``streams``,
+    ``global_batch`` and ``steps_per_epoch`` are the training order's; 0 for validation."""
 
     model: ModelConfig
     data: DataConfig
@@ -69,25 +72,25 @@ class StreamPlan:
     rank: int
     world_size: int
     workers: int
-    batches_per_epoch: Optional[int]  # None: one pass, every sample once (validation)
+    streams: int = 0
+    global_batch: int = 0
+    steps_per_epoch: int = 0
 
     @property
     def train(self) -> bool:
         return self.split == "train"
 
-    def rng_epoch(self, epoch: int) -> int:
-        """Validation sees the same shards, order and masks every pass, so its losses are comparable."""
-        return epoch if self.train else 0
+    def streams_of(self, worker: int) -> range:
+        """The training streams reader (rank, worker) reads: those whose number is its own modulo the readers."""
+        return range(self.rank + self.world_size * worker, self.streams, self.world_size * self.workers)
 
-    def ids(self, epoch: int, worker: int) -> Tuple[int, ...]:
-        """What every random choice of ``worker`` in ``epoch`` is seeded with (with its purpose after it)."""
-        return self.data.seed, SPLITS[self.split], self.rng_epoch(epoch), self.rank, worker
+    def stream_ids(self, epoch: int, stream: int) -> Tuple[int, ...]:
+        """What every random choice of a training stream in ``epoch`` is seeded with (its purpose after it)."""
+        return self.data.seed, SPLITS["train"], epoch, stream
 
-    def shards(self, epoch: int, worker: int, dataset_index: int) -> List[Shard]:
-        return worker_shards(
-            self.datasets[dataset_index], dataset_index, self.data.seed, SPLITS[self.split], self.rng_epoch(epoch),
-            self.train, self.rank, self.world_size, worker, self.workers, self.data.resample and self.train,
-        )
+    def reader_ids(self, worker: int) -> Tuple[int, ...]:
+        """The same for a validation reader: the same shards, order and masks every pass."""
+        return self.data.seed, SPLITS["val"], 0, self.rank, worker
 
 
 def mix(sources: Sequence[Iterator[Sample]], weights: Sequence[float], rng) -> Iterator[Sample]:
@@ -123,51 +126,78 @@ def announce_unread(datasets: List[Dataset], data: DataConfig, model: ModelConfi
                  list(data_roles(data, model)), "; ".join(kinds))
 
 
-def raw_samples(plan: StreamPlan, epoch: int, worker: int, counter: SkipCounter) -> Iterator[Sample]:
-    """One worker's endless, undecoded sample stream for this epoch: a pure function of its arguments."""
-    ids = plan.ids(epoch, worker)
+def _dataset_samples(plan: StreamPlan, shards: List[List[Shard]], ids: Tuple[int, ...], counter: SkipCounter,
+                     where: str, endless: bool) -> List[Iterator[Sample]]:
+    """Each dataset's kept samples from its ``shards`` (see ``pretrain.data.reader.shard_samples``)."""
     usable, label = read_keys(plan.data, plan.model)
     select = sample_selector(plan.data.require, usable, label)
-    sources = [
+    return [
         shard_samples(
-            plan.shards(epoch, worker, i), python_rng(*ids, SOURCE, i), plan.data.resample, select, counter,
-            where=f"{dataset.key} (rank {plan.rank}, worker {worker}, epoch {epoch})",
-            stall_timeout_s=plan.data.pipe_stall_timeout_s, retries=plan.data.shard_retries, endless=plan.train,
+            shards[i], python_rng(*ids, SOURCE, i), plan.data.resample and endless, select, counter,
+            where=f"{dataset.key} ({where})", stall_timeout_s=plan.data.pipe_stall_timeout_s,
+            retries=plan.data.shard_retries, endless=endless,
         )
         for i, dataset in enumerate(plan.datasets)
     ]
-    if not plan.train:  # every sample once, dataset after dataset
-        return itertools.chain.from_iterable(sources)
+
+
+def stream_samples(plan: StreamPlan, epoch: int, stream: int, counter: SkipCounter) -> Iterator[Sample]:
+    """A training stream's endless, undecoded samples in ``epoch``: its share of each dataset's shards, mixed by the
+    datasets' weights, through its share of ``data.shuffle_buffer``; a pure function of its arguments."""
+    ids = plan.stream_ids(epoch, stream)
+    shards = [stream_shards(d, i, plan.data.seed, epoch, stream, plan.streams, plan.data.resample)
+              for i, d in enumerate(plan.datasets)]
+    sources = _dataset_samples(plan, shards, ids, counter, f"stream {stream}, epoch {epoch}", endless=True)
     samples = mix(sources, [d.weight for d in plan.datasets], python_rng(*ids, MIX))
-    if plan.data.shuffle_buffer > 1:
-        buffer = plan.data.shuffle_buffer
+    buffer = plan.data.shuffle_buffer // plan.streams
+    if buffer > 1:
         samples = shuffle(buffer, buffer, rng=python_rng(*ids, SHUFFLE))(samples)
     return samples
 
 
-def worker_batches(plan: StreamPlan, epoch: int, worker: int, start: int) -> Iterator[Dict[str, object]]:
-    """Logical ``worker``'s batches of ``epoch`` from batch index ``start`` on; each carries its index and the skips
-    counted while making it (for the main process, which strips them). In a validation pass, the worker's batches
-    until its shards end, the last one padded."""
+def worker_steps(plan: StreamPlan, epoch: int, worker: int, start: int) -> Iterator[Dict[str, object]]:
+    """Reader ``worker``'s part of each step of ``epoch`` from step ``start`` on: the samples of its streams that
+    fall in the step's global batch, decoded, with the step and the skips counted while making it (for the main
+    process, which strips them)."""
     counter = SkipCounter()
-    samples = raw_samples(plan, epoch, worker, counter)
-    batch_size = plan.data.batch_size
-    deque(itertools.islice(samples, batches_before(start, worker, plan.workers) * batch_size), maxlen=0)
+    streams, count, size = list(plan.streams_of(worker)), plan.streams, plan.global_batch
+    sources = [stream_samples(plan, epoch, stream, counter) for stream in streams]
+    for stream, samples in zip(streams, sources):
+        deque(itertools.islice(samples, first_of_stream(start * size, stream, count)), maxlen=0)
     counter.drain()  # skips met while replaying were counted before the checkpoint
-    builder = BatchBuilder(plan.model, plan.data, random_crop=plan.train and plan.data.random_crop)
-    ids = plan.ids(epoch, worker)
-    indexes = (itertools.count(worker, plan.workers) if plan.batches_per_epoch is None
-               else range(first_batch(start, worker, plan.workers), plan.batches_per_epoch, plan.workers))
-    for index in indexes:
-        rows: List[Optional[Sample]] = list(itertools.islice(samples, batch_size))
-        if not rows:  # a validation reader's shards are all read
+    builder = BatchBuilder(plan.model, plan.data, random_crop=plan.data.random_crop)
+    keys = [seed_of(*plan.stream_ids(epoch, stream), SAMPLE) for stream in streams]
+    for step in range(start, plan.steps_per_epoch):
+        rows, rngs = [], []
+        for stream, samples, key in zip(streams, sources, keys):
+            for place in range(first_of_stream(step * size, stream, count),
+                               first_of_stream((step + 1) * size, stream, count)):
+                rows.append(next(samples))
+                rngs.append(sample_rng(key, place))
+        batch = builder(rows, rngs, counter)
+        batch.update(_step=step, _skipped=counter.drain(), _notes=builder.drain_notes())
+        yield batch
+
+
+def pass_batches(plan: StreamPlan, worker: int) -> Iterator[Dict[str, object]]:
+    """Validation reader ``worker``'s batches: its shards read once, in order, the last batch padded with rows that
+    hold nothing; each sample's random choices from its place in the reader's pass."""
+    counter = SkipCounter()
+    ids = plan.reader_ids(worker)
+    key = seed_of(*ids, SAMPLE)
+    shards = [reader_shards(d, plan.rank, plan.world_size, worker, plan.workers) for d in plan.datasets]
+    where = f"rank {plan.rank}, worker {worker}"
+    samples = itertools.chain.from_iterable(_dataset_samples(plan, shards, ids, counter, where, endless=False))
+    builder = BatchBuilder(plan.model, plan.data, random_crop=False)
+    size = plan.data.batch_size
+    for first in itertools.count(0, size):
+        rows: List[Optional[Sample]] = list(itertools.islice(samples, size))
+        if not rows:
             return
-        rows += [None] * (batch_size - len(rows))  # the end of a validation pass: rows that hold nothing
-        first = batches_before(index, worker, plan.workers) * batch_size  # the rows' places in the worker's stream
-        batch = builder(rows, [sample_rng(*ids, SAMPLE, first + row) for row in range(batch_size)], counter)
-        batch["_index"] = index
-        batch["_skipped"] = counter.drain()
-        batch["_notes"] = builder.drain_notes()
+        rngs = [sample_rng(key, first + row) for row in range(len(rows))]
+        padding = size - len(rows)
+        batch = builder(rows + [None] * padding, rngs + [None] * padding, counter)
+        batch.update(_skipped=counter.drain(), _notes=builder.drain_notes())
         yield batch
 
 
@@ -247,8 +277,9 @@ def _worker_init(trainer: int, _worker_id: int) -> None:
     faulthandler.register(signal.SIGUSR2, all_threads=True)
 
 
-class _EpochBatches(IterableDataset):
-    """What the DataLoader iterates: one epoch from ``start``, each worker playing its logical part."""
+class _Part(IterableDataset):
+    """What the DataLoader iterates: in training, each worker's part of the steps of ``epoch`` from ``start``; in
+    validation, each worker's pass."""
 
     def __init__(self, plan: StreamPlan, epoch: int, start: int):
         super().__init__()
@@ -256,40 +287,59 @@ class _EpochBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[Dict[str, object]]:
         info = get_worker_info()
-        physical = 0 if info is None else info.id
-        return worker_batches(self.plan, self.epoch, (physical + self.start) % self.plan.workers, self.start)
+        worker = 0 if info is None else info.id
+        if self.plan.train:
+            return worker_steps(self.plan, self.epoch, worker, self.start)
+        return pass_batches(self.plan, worker)
+
+
+def _joined(values: Sequence[object]) -> object:
+    """The workers' chunks of one step as one: tensors and key lists concatenated, leaf by leaf (one chunk as it
+    is)."""
+    first = values[0]
+    if len(values) == 1:
+        return first
+    if isinstance(first, dict):
+        return {key: _joined([value[key] for value in values]) for key in first}
+    if isinstance(first, torch.Tensor):
+        return torch.cat(values)
+    return [item for value in values for item in value]
+
+
+def _rows(tree: object, rows: slice) -> object:
+    """The ``rows`` of every leaf (views of the tensors)."""
+    if isinstance(tree, dict):
+        return {key: _rows(value, rows) for key, value in tree.items()}
+    return tree[rows]
 
 
 class _Stream:
-    """What training and validation streams share: the plan, the DataLoader over it, and the skips and notes that
-    come with the batches. ``rank``/``world_size`` are passed in (not read from torch.distributed) so the data layout
-    is explicit and several ranks can be simulated in one process."""
+    """What training and validation streams share: the datasets, the DataLoader over a plan, and the skips and notes
+    that come with the batches. ``rank``/``world_size`` are passed in (not read from torch.distributed) so the data
+    layout is explicit and several ranks can be simulated in one process."""
+
+    plan: StreamPlan
 
     def __init__(self, data: DataConfig, model: ModelConfig, rank: int, world_size: int, split: str):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         validate_data_config(data, model)
-        datasets = load_datasets(data, split)
-        workers = max(1, data.num_workers)
-        batches = None
-        if split == "train":
-            check_readers(datasets, world_size, workers, data.resample)
-            batches = epoch_batches(datasets, data, world_size)
+        self.datasets = load_datasets(data, split)
+        self.workers = max(1, data.num_workers)
         if rank == 0:
-            announce_unread(datasets, data, model, split)
-        self.plan = StreamPlan(model, data, split, datasets, rank, world_size, workers, batches)
+            announce_unread(self.datasets, data, model, split)
         self._skipped: Counter = Counter()
         self._noted: set = set()
 
-    def _batches(self, epoch: int, start: int) -> Iterator[Dict[str, object]]:
-        """The loader's batches with their index (which the caller checks), skips and notes taken off."""
-        for batch in self._loader(epoch, start):
-            self._skipped.update(batch.pop("_skipped"))
-            for note in batch.pop("_notes"):
+    def _parts(self, epoch: int, start: int) -> Iterator[Dict[str, object]]:
+        """The loader's items, skips and notes taken off."""
+        for part in self._loader(epoch, start):
+            self._skipped.update(part.pop("_skipped"))
+            for note in part.pop("_notes"):
                 if note not in self._noted and self.plan.rank == 0:
                     log.info("data (%s): %s", self.plan.split, note)
                 self._noted.add(note)
-            yield batch
+            yield part
 
     def _loader(self, epoch: int, start: int) -> DataLoader:
         data = self.plan.data
@@ -297,86 +347,119 @@ class _Stream:
         if workers:
             _start_worker_server()
         return DataLoader(
-            _EpochBatches(self.plan, epoch, start),
+            _Part(self.plan, epoch, start),
             batch_size=None,
             num_workers=workers,
             prefetch_factor=data.prefetch_factor if workers else None,
             multiprocessing_context=WORKER_START if workers else None,
             worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers else None,
-            pin_memory=data.pin_memory and torch.cuda.is_available(),
+            pin_memory=self._pinned() and not self.plan.train,  # training pins the micro-batches it joins
         )
+
+    def _pinned(self) -> bool:
+        return self.plan.data.pin_memory and torch.cuda.is_available()
 
     def skipped(self) -> Dict[str, int]:
         """Skipped data by reason (see ``pretrain.shards.read`` and ``pretrain.data.reader``) since the run began,
         this rank only."""
         return dict(self._skipped)
 
-    def shards(self, epoch: int, worker: int) -> List[str]:
-        """The shard URLs this rank's ``worker`` reads in ``epoch``, over all datasets (for logs and tests)."""
-        return [s.url for i in range(len(self.plan.datasets)) for s in self.plan.shards(epoch, worker, i)]
-
 
 class DataStream(_Stream):
-    """The trainer's data: ``for batch in stream`` yields the rest of the current epoch (``len(stream)`` batches per
-    epoch, the same on every rank), then the next iteration starts the next epoch.
+    """The trainer's data: ``for batch in stream`` yields the micro-batches of the rest of the current epoch
+    (``len(stream)`` per epoch, the same on every rank: ``global_batch // (batch_size * world_size)`` per step, 0
+    meaning one), then the next iteration starts the next epoch.
 
-    ``skipped()`` gives the skip counts of this rank by reason; ``state_dict()``/``load_state_dict()`` save and
-    restore the position exactly. The position (epoch, batches) is the same on every rank at a given step, so any
-    rank's state resumes any rank; only the skip counts are per rank. Iterate one epoch at a time: two live
-    iterators would both advance the position.
+    ``saved_streams``: the stream count of the state to be loaded (:func:`saved_streams`), kept where
+    ``data.streams`` is 0. ``skipped()`` gives the skip counts of this rank by reason;
+    ``state_dict()``/``load_state_dict()`` save and restore the position, (epoch, steps), which is the same on every
+    rank and means the same on any shape: a state resumes any rank of any number of processes, workers and
+    micro-batches with the same global batch. Iterate one epoch at a time: two live iterators would both advance the
+    position.
     """
 
-    def __init__(self, data: DataConfig, model: ModelConfig, rank: int = 0, world_size: int = 1):
+    def __init__(self, data: DataConfig, model: ModelConfig, rank: int = 0, world_size: int = 1,
+                 global_batch: int = 0, saved_streams: int = 0):
         super().__init__(data, model, rank, world_size, "train")
+        micro = data.batch_size * world_size
+        global_batch = global_batch or micro
+        if global_batch % micro:
+            raise ValueError(f"global batch {global_batch} is no multiple of data.batch_size x world size {micro}")
+        streams = check_streams(self.datasets, data, world_size, self.workers, global_batch, saved_streams)
+        self.accumulation = global_batch // micro
+        self.plan = StreamPlan(model, data, "train", self.datasets, rank, world_size, self.workers, streams,
+                               global_batch, epoch_steps(self.datasets, data, global_batch))
         self.epoch = 0
-        self.batches = 0
+        self.steps = 0
 
     def __len__(self) -> int:
-        return self.plan.batches_per_epoch
+        return self.plan.steps_per_epoch * self.accumulation
 
     def __iter__(self) -> Iterator[Dict[str, object]]:
-        if self.batches >= len(self):
-            self.epoch, self.batches = self.epoch + 1, 0
-        for batch in self._batches(self.epoch, self.batches):
-            index = batch.pop("_index")
-            if index != self.batches:
-                raise RuntimeError(f"data stream out of order: got batch {index}, expected {self.batches}")
-            self.batches += 1
-            yield batch
-        if self.batches != len(self):
-            raise RuntimeError(f"data stream ended after {self.batches} of {len(self)} batches of epoch {self.epoch}")
+        if self.steps >= self.plan.steps_per_epoch:
+            self.epoch, self.steps = self.epoch + 1, 0
+        parts = self._parts(self.epoch, self.steps)
+        for step in range(self.steps, self.plan.steps_per_epoch):
+            chunks = [next(parts) for _ in range(self.workers)]
+            if any(chunk.pop("_step") != step for chunk in chunks):
+                raise RuntimeError(f"data stream out of order at step {step} of epoch {self.epoch}")
+            rows = _joined(chunks)  # which micro-batch holds a sample changes no sum: the losses are the step's
+            size = self.plan.data.batch_size
+            micro = [_rows(rows, slice(m * size, (m + 1) * size)) for m in range(self.accumulation)]
+            self.steps += 1  # before the step's micro-batches: a checkpoint after them is at the next step
+            for batch in micro:
+                yield _pin(batch) if self._pinned() else batch
 
-    def _layout(self) -> Dict[str, object]:
-        """What the order depends on besides (epoch, batches); a resume with other values cannot be exact."""
-        names = "\n".join(f"{os.path.basename(s.url)}:{s.samples}" for d in self.plan.datasets for s in d.shards)
-        data = self.plan.data
-        return {
-            "split": self.plan.split, "seed": data.seed, "world_size": self.plan.world_size,
-            "num_workers": self.plan.workers, "batch_size": data.batch_size, "resample": data.resample,
-            "shuffle_buffer": data.shuffle_buffer, "weights": [d.weight for d in self.plan.datasets],
-            "shards": hashlib.sha1(names.encode()).hexdigest(),
-        }
+    def shards(self, epoch: int, worker: int) -> List[str]:
+        """The shard URLs this rank's ``worker`` reads in ``epoch``, over its streams and all datasets (for logs and
+        tests)."""
+        return [s.url for stream in self.plan.streams_of(worker) for i, d in enumerate(self.plan.datasets)
+                for s in stream_shards(d, i, self.plan.data.seed, epoch, stream, self.plan.streams,
+                                       self.plan.data.resample)]
+
+    def _order(self) -> Dict[str, object]:
+        return data_order(self.plan.datasets, self.plan.data, self.plan.streams, self.plan.global_batch)
+
+    def _shape(self) -> Dict[str, int]:
+        return {"processes": self.plan.world_size, "workers": self.workers, "batch_size": self.plan.data.batch_size}
 
     def state_dict(self) -> Dict[str, object]:
-        return {"epoch": self.epoch, "batches": self.batches, "skipped": self.skipped(), "layout": self._layout()}
+        return {"epoch": self.epoch, "steps": self.steps, "skipped": self.skipped(), "order": self._order(),
+                "shape": self._shape()}
 
-    def load_state_dict(self, state: Dict[str, object], strict: bool = True) -> None:
-        """Continue from ``state``. ``strict`` refuses a state saved under another data layout (world size, workers,
-        batch size, seed, shards, ...), where the same position would not give the same samples. Without it, a state
-        of one rank of another world size or batch size continues at the same number of samples into the epoch (all
-        ranks together), so the epoch still ends after the samples it has left."""
-        saved: Optional[dict] = state.get("layout")
-        changed = {k: (saved.get(k), v) for k, v in self._layout().items() if saved and saved.get(k) != v}
-        if strict and changed:
-            details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise DataError(f"data stream state was saved under another layout ({details}); resume with the saved "
-                            f"values for an exact resume, or load with strict=False to continue from the same "
-                            f"position in a different order")
-        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
-        if changed and {"world_size", "batch_size"} <= saved.keys():
-            seen = self.batches * saved["world_size"] * saved["batch_size"]
-            self.batches = min(len(self), seen // (self.plan.world_size * self.plan.data.batch_size))
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        """Continue from ``state``, on any number of processes, workers and micro-batches: the batches stay the same.
+        A state saved under another order (seed, streams, global batch, shards, ...) raises :class:`DataError`
+        naming what changed, unless ``data.new_order``: then the epoch goes on from the same number of samples, in
+        the new order."""
+        saved: Dict[str, object] = state.get("order") or {}
+        changes = check_order(saved, self._order(), self.plan.data.new_order)
+        self.epoch, self.steps = int(state["epoch"]), int(state["steps"])
+        if changes:
+            seen = self.steps * int(saved.get("global_batch") or self.plan.global_batch)
+            self.steps = min(self.plan.steps_per_epoch, seen // self.plan.global_batch)
+            if self.plan.rank == 0:
+                log.warning("data.new_order: the training data's order changed (%s): going on from step %d of epoch "
+                            "%d in the new order; the samples of the steps to come are not those the saved run would "
+                            "have had", changes, self.steps, self.epoch)
         self._skipped = Counter(state.get("skipped", {}))
+        shape, now = state.get("shape") or {}, self._shape()
+        if shape and shape != now and self.plan.rank == 0:
+            log.info("data: resuming on %d processes x %d workers, micro-batches of %d (saved: %d x %d, %d): the "
+                     "global batches and their samples stay the same", now["processes"], now["workers"],
+                     now["batch_size"], shape["processes"], shape["workers"], shape["batch_size"])
+
+
+def saved_streams(state: Optional[Dict[str, object]]) -> int:
+    """The stream count a :meth:`DataStream.state_dict` was saved with (0 for none)."""
+    return int((state or {}).get("order", {}).get("streams", 0))
+
+
+def _pin(tree: object) -> object:
+    """Tensors in page-locked memory (a copy from pageable memory makes the host wait for the GPU's queued work)."""
+    if isinstance(tree, dict):
+        return {key: _pin(value) for key, value in tree.items()}
+    return tree.pin_memory() if isinstance(tree, torch.Tensor) else tree
 
 
 class ValidationPass(_Stream):
@@ -388,11 +471,10 @@ class ValidationPass(_Stream):
 
     def __init__(self, data: DataConfig, model: ModelConfig, rank: int = 0, world_size: int = 1):
         super().__init__(data, model, rank, world_size, "val")
+        self.plan = StreamPlan(model, data, "val", self.datasets, rank, world_size, self.workers)
 
     def __iter__(self) -> Iterator[Dict[str, object]]:
-        for batch in self._batches(0, 0):
-            batch.pop("_index")
-            yield batch
+        return self._parts(0, 0)
 
     def padding(self) -> Dict[str, object]:
         """A batch of ``data.batch_size`` rows that hold nothing."""

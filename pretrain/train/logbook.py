@@ -9,7 +9,7 @@ from typing import Dict, Mapping
 
 import torch
 
-from ..config import gradient_accumulation_steps
+from ..config import global_batch, gradient_accumulation_steps
 from ..perf import first_step_flops
 from ..tracking import format_metrics
 from .batches import forever, to_device
@@ -32,7 +32,7 @@ class Logbook:
         self.run = run
         self.world = run.env.world_size
         self.gas = gradient_accumulation_steps(run.cfg, self.world)
-        self.step_samples = run.cfg.data.batch_size * self.gas * self.world
+        self.step_samples = global_batch(run.cfg, self.world)
         self.batches = forever(run.stream)
         self.window, self.skip_summary = Window(), SkipSummary()
         self.flops = None

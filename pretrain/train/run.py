@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 
 from launch.env import DistEnv
 from ..checkpoint import CHECKPOINTS, Checkpointer, RngState, peek_client_state
-from ..config import Config, config_to_dict
-from ..data import DataStream, ValidationPass, expand_spec, listed_classes
+from ..config import Config, config_to_dict, global_batch
+from ..data import DataStream, ValidationPass, expand_spec, listed_classes, saved_streams
 from ..model import PerceiverIO
 from ..model.hf import export_refusal
 from ..tracking import Tracker
@@ -38,7 +38,7 @@ class Progress:
     def state_dict(self) -> Dict[str, int]:
         return {"step": self.step, "samples": self.samples}
 
-    def load_state_dict(self, state: Dict[str, Any], strict: bool = True) -> None:
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.step, self.samples = int(state["step"]), int(state["samples"])
 
 
@@ -56,6 +56,11 @@ class Run:
     tracker: Tracker
     checkpointer: Checkpointer
     class_names: List[str]
+
+
+def saved_data_streams(saved: Optional[Dict[str, Any]]) -> int:
+    """The training streams of a checkpoint's client state (``peek_client_state``; 0 for none)."""
+    return saved_streams(saved["per_rank"][0].get("data")) if saved else 0
 
 
 def checkpoint_dir(cfg: Config) -> Path:
@@ -102,7 +107,8 @@ def build_run(cfg: Config, env: DistEnv, device: torch.device, resume_from: Opti
                  len(frozen), len(trainable), f"{sum(p.numel() for p in trainable):,}")
     pretrained = init.pretrained.loaded
     engine = build_engine(cfg, model, env.world_size, device, run_dir, universal, pretrained)
-    stream = DataStream(cfg.data, cfg.model, env.rank, env.world_size)
+    stream = DataStream(cfg.data, cfg.model, env.rank, env.world_size, global_batch(cfg, env.world_size),
+                        saved_data_streams(saved))
     val = None
     if cfg.data.val_shards and cfg.train.eval_every_steps:
         val = ValidationPass(cfg.data, cfg.model, env.rank, env.world_size)

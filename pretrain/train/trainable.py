@@ -68,7 +68,7 @@ class Pretrained:
     def state_dict(self) -> Dict[str, Any]:
         return {"source": self.source, "loaded": list(self.loaded)}
 
-    def load_state_dict(self, state: Dict[str, Any], strict: bool = True) -> None:
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.source, self.loaded = state["source"], list(state["loaded"])
 
     @classmethod

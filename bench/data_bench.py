@@ -5,7 +5,11 @@ Not a test. Generates demo-like shards itself (text passages; 28x28 grey PNG + c
 speech stand-ins + transcript; a few npy clips), or reads ``--text DIR`` / ``--multimodal DIR`` (data_prep output).
 Targets on 2 cores: text-only >= 5,000 samples/s, multimodal >= 1,000 samples/s.
 
-    python bench/data_bench.py [--samples 20000] [--workers 1 2] [--repeat 2] [--json out.json]
+    python bench/data_bench.py [--samples 20000] [--workers 1 2] [--repeat 2] [--read] [--json out.json]
+
+``--read``: the loop copies every tensor of each batch, as a trainer's copy to the device does; batches from
+DataLoader workers arrive in shared memory, whose pages the first read maps, so a loop that reads nothing leaves that
+cost out (and a stream that copies its batches in the process pays it inside ``stream/s``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Callable, Dict, List
 
 import numpy as np
 import soundfile
+import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -114,15 +119,25 @@ def plain_rate(urls: List[str], workers: int, batch_size: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def stream_rate(spec: Path | str, kind: str, workers: int, batch_size: int) -> float:
+def _copy(tree: object) -> None:
+    if isinstance(tree, dict):
+        for value in tree.values():
+            _copy(value)
+    elif isinstance(tree, torch.Tensor):
+        tree.clone()
+
+
+def stream_rate(spec: Path | str, kind: str, workers: int, batch_size: int, read: bool = False) -> float:
     """Samples/s of one epoch of the full stream over every sample once (its shuffle buffer included); ``spec``: a
-    shard directory, or any other ``data.train_shards`` entry."""
+    shard directory, or any other ``data.train_shards`` entry; ``read``: each batch's tensors copied."""
     cfg = DataConfig(train_shards=[str(spec)], batch_size=batch_size, num_workers=workers,
                      pixel_mean=[0.5], pixel_std=[0.5])
     stream = DataStream(cfg, model_config(kind))
     start, count = time.perf_counter(), 0
     for batch in stream:
         count += len(batch["keys"])
+        if read:
+            _copy(batch)
     return count / (time.perf_counter() - start)
 
 
@@ -134,6 +149,7 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=2, help="runs per cell; the best is reported")
+    parser.add_argument("--read", action="store_true", help="copy every tensor of each batch, as a trainer does")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
 
@@ -150,7 +166,8 @@ def main(argv: List[str] | None = None) -> None:
             for workers in args.workers:
                 urls = sorted(str(p) for p in directory.glob("*.tar"))
                 plain = max(plain_rate(urls, workers, args.batch_size) for _ in range(args.repeat))
-                ours = max(stream_rate(directory, kind, workers, args.batch_size) for _ in range(args.repeat))
+                ours = max(stream_rate(directory, kind, workers, args.batch_size, args.read)
+                           for _ in range(args.repeat))
                 rows.append({"shards": kind, "workers": workers, "plain": plain, "stream": ours,
                              "ratio": ours / plain, "target": TARGETS[kind]})
                 print(f"{kind:<11} {workers:>7} {plain:>9.0f} {ours:>9.0f} {ours / plain:>6.2f} {TARGETS[kind]:>7}",

@@ -190,9 +190,9 @@ def _shard_folder(args: argparse.Namespace, options: ShardOptions) -> list[tuple
     for out, _ in outputs:
         prepare_output(out, options.overwrite)
     with worker_pool(args.workers) as pool:
-        indexes = [(out, shard_folder(args.input_dir, out, replace(options, split=split), args.label_from_folder,
-                                      pool)) for out, split in outputs]
-    return [(_summarise(out, index), index) for out, index in indexes]
+        indexes = shard_folder(args.input_dir, [(out, replace(options, split=split)) for out, split in outputs],
+                               args.label_from_folder, pool)
+    return [(_summarise(out, index), index) for (out, _), index in zip(outputs, indexes)]
 
 
 def _shard_manifests(args: argparse.Namespace, options: ShardOptions) -> list[tuple[int, ShardIndex | None]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,11 +181,12 @@ def read_folder(root: Path, audio_rate: int, classes: list[str] | None = None) -
             yield Rejection(stem, key, e.field, e.reason)
 
 
-def shard_folder(root: Path, out: Path, options: ShardOptions = ShardOptions(), label_from_folder: bool = False,
-                 pool: Executor | None = None) -> ShardIndex:
-    """The folder's samples as shards in ``out`` (outside ``root``, else its shards would be samples of a next run);
-    with ``label_from_folder`` the top folder names the class (sorted: 0, 1, ...). Encoding runs in ``pool``
-    (``None``: this process)."""
+def shard_folder(root: Path, outputs: Sequence[tuple[Path, ShardOptions]], label_from_folder: bool = False,
+                 pool: Executor | None = None) -> list[ShardIndex]:
+    """The folder's samples as shards in each output directory (outside ``root``, else its shards would be samples
+    of a next run), written with that output's options (its side of a ``--val-fraction`` split); with
+    ``label_from_folder`` the top folder names the class (sorted: 0, 1, ...), the same classes in every output.
+    The classes and what is passed over are found once. Encoding runs in ``pool`` (``None``: this process)."""
     classes = class_names(root) if label_from_folder else None
     info: dict[str, Any] = {"input_dir": root.name}
     if classes is not None:
@@ -193,5 +194,5 @@ def shard_folder(root: Path, out: Path, options: ShardOptions = ShardOptions(), 
     skipped = passed_over(root)
     if skipped["count"]:
         info["passed_over"] = skipped
-    return shuffle_into_shards(read_folder(root, options.audio_rate, classes), out, options, info, pool,
-                               settle=hash_the_others)
+    return [shuffle_into_shards(read_folder(root, options.audio_rate, classes), out, options, info, pool,
+                                settle=hash_the_others) for out, options in outputs]

@@ -124,6 +124,7 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
     from pretrain.model.hf import export_refusal
     from pretrain.model import PerceiverIO
     from pretrain.train import checkpoint_dir
+    from pretrain.train.run import saved_data_state
 
     try:
         cfg = load_config(config, overrides)
@@ -135,7 +136,7 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
             return 0
         resume_from: Optional[Path] = resolve_resume(resume, checkpoint_dir(cfg))
         saved = peek_client_state(resume_from) if resume_from is not None else None
-        check_data_paths(cfg, env.world_size, saved["per_rank"][0].get("data") if saved else None)
+        check_data_paths(cfg, env.world_size, saved_data_state(saved))
         with torch.device("meta"):  # names and shapes only, no memory
             model = PerceiverIO(cfg.model)
         if resume_from is not None:

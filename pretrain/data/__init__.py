@@ -37,8 +37,8 @@ reads it: the model enables it and ``data.objective`` names it, or is empty; ``a
 
 from .collate import IGNORE_INDEX, BatchBuilder
 from ..shards import DataError, Shard, expand_spec, listed_classes
-from .plan import check_before_start
-from .stream import DataStream, ValidationPass, saved_streams
+from .plan import check_before_start, saved_streams
+from .stream import DataStream, ValidationPass
 
 __all__ = ["DataStream", "ValidationPass", "DataError", "BatchBuilder", "IGNORE_INDEX", "Shard", "check_before_start",
            "expand_spec", "listed_classes", "saved_streams"]

@@ -123,6 +123,11 @@ def check_order(saved: Mapping[str, Any], now: Mapping[str, Any], new_order: boo
     return changes
 
 
+def saved_streams(state: Optional[Mapping[str, Any]]) -> int:
+    """The stream count a training stream's state (``DataStream.state_dict``) was saved with (0 for none)."""
+    return int((state or {}).get("order", {}).get("streams", 0))
+
+
 def check_before_start(cfg: DataConfig, splits: Sequence[str], world_size: int, global_batch: int,
                        saved: Optional[Mapping[str, Any]] = None) -> None:
     """What would stop the stream once the job runs, found before it starts (each raises :class:`DataError` naming
@@ -134,12 +139,11 @@ def check_before_start(cfg: DataConfig, splits: Sequence[str], world_size: int, 
     for split in splits:
         datasets = load_datasets(cfg, split)
         if split == "train":
-            saved_order = (saved or {}).get("order") or {}
             streams = check_streams(datasets, cfg, world_size, max(1, cfg.num_workers), global_batch,
-                                    int(saved_order.get("streams", 0)))
+                                    saved_streams(saved))
             epoch_steps(datasets, cfg, global_batch)
-            if saved_order:
-                check_order(saved_order, data_order(datasets, cfg, streams, global_batch), cfg.new_order)
+            if saved:
+                check_order(saved["order"], data_order(datasets, cfg, streams, global_batch), cfg.new_order)
         for dataset in datasets:
             first = dataset.shards[0].url
             if by_command(first):

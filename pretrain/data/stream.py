@@ -53,7 +53,7 @@ from .plan import (
     MIX, SAMPLE, SHUFFLE, SOURCE, SPLITS, Dataset, check_order, check_streams, data_order, epoch_steps,
     first_of_stream, load_datasets, python_rng, reader_shards, sample_rng, seed_of, stream_shards,
 )
-from ..shards import DataError, Shard, SkipCounter
+from ..shards import Shard, SkipCounter
 from ..shards.specs import unread_layouts
 from .reader import MEDIA_KEYS, Sample, sample_selector, shard_samples
 
@@ -83,6 +83,11 @@ class StreamPlan:
     def streams_of(self, worker: int) -> range:
         """The training streams reader (rank, worker) reads: those whose number is its own modulo the readers."""
         return range(self.rank + self.world_size * worker, self.streams, self.world_size * self.workers)
+
+    def stream_shards(self, epoch: int, stream: int) -> List[List[Shard]]:
+        """The shards a training stream reads in ``epoch``, per dataset."""
+        return [stream_shards(d, i, self.data.seed, epoch, stream, self.streams, self.data.resample)
+                for i, d in enumerate(self.datasets)]
 
     def stream_ids(self, epoch: int, stream: int) -> Tuple[int, ...]:
         """What every random choice of a training stream in ``epoch`` is seeded with (its purpose after it)."""
@@ -145,9 +150,8 @@ def stream_samples(plan: StreamPlan, epoch: int, stream: int, counter: SkipCount
     """A training stream's endless, undecoded samples in ``epoch``: its share of each dataset's shards, mixed by the
     datasets' weights, through its share of ``data.shuffle_buffer``; a pure function of its arguments."""
     ids = plan.stream_ids(epoch, stream)
-    shards = [stream_shards(d, i, plan.data.seed, epoch, stream, plan.streams, plan.data.resample)
-              for i, d in enumerate(plan.datasets)]
-    sources = _dataset_samples(plan, shards, ids, counter, f"stream {stream}, epoch {epoch}", endless=True)
+    sources = _dataset_samples(plan, plan.stream_shards(epoch, stream), ids, counter, f"stream {stream}, epoch {epoch}",
+                               endless=True)
     samples = mix(sources, [d.weight for d in plan.datasets], python_rng(*ids, MIX))
     buffer = plan.data.shuffle_buffer // plan.streams
     if buffer > 1:
@@ -370,7 +374,7 @@ class DataStream(_Stream):
     (``len(stream)`` per epoch, the same on every rank: ``global_batch // (batch_size * world_size)`` per step, 0
     meaning one), then the next iteration starts the next epoch.
 
-    ``saved_streams``: the stream count of the state to be loaded (:func:`saved_streams`), kept where
+    ``saved_streams``: the stream count of the state to be loaded (``plan.saved_streams``), kept where
     ``data.streams`` is 0. ``skipped()`` gives the skip counts of this rank by reason;
     ``state_dict()``/``load_state_dict()`` save and restore the position, (epoch, steps), which is the same on every
     rank and means the same on any shape: a state resumes any rank of any number of processes, workers and
@@ -398,13 +402,12 @@ class DataStream(_Stream):
     def __iter__(self) -> Iterator[Dict[str, object]]:
         if self.steps >= self.plan.steps_per_epoch:
             self.epoch, self.steps = self.epoch + 1, 0
-        parts = self._parts(self.epoch, self.steps)
+        parts, size = self._parts(self.epoch, self.steps), self.plan.data.batch_size
         for step in range(self.steps, self.plan.steps_per_epoch):
             chunks = [next(parts) for _ in range(self.workers)]
             if any(chunk.pop("_step") != step for chunk in chunks):
                 raise RuntimeError(f"data stream out of order at step {step} of epoch {self.epoch}")
             rows = _joined(chunks)  # which micro-batch holds a sample changes no sum: the losses are the step's
-            size = self.plan.data.batch_size
             micro = [_rows(rows, slice(m * size, (m + 1) * size)) for m in range(self.accumulation)]
             self.steps += 1  # before the step's micro-batches: a checkpoint after them is at the next step
             for batch in micro:
@@ -413,9 +416,8 @@ class DataStream(_Stream):
     def shards(self, epoch: int, worker: int) -> List[str]:
         """The shard URLs this rank's ``worker`` reads in ``epoch``, over its streams and all datasets (for logs and
         tests)."""
-        return [s.url for stream in self.plan.streams_of(worker) for i, d in enumerate(self.plan.datasets)
-                for s in stream_shards(d, i, self.plan.data.seed, epoch, stream, self.plan.streams,
-                                       self.plan.data.resample)]
+        return [s.url for stream in self.plan.streams_of(worker) for shards in self.plan.stream_shards(epoch, stream)
+                for s in shards]
 
     def _order(self) -> Dict[str, object]:
         return data_order(self.plan.datasets, self.plan.data, self.plan.streams, self.plan.global_batch)
@@ -448,11 +450,6 @@ class DataStream(_Stream):
             log.info("data: resuming on %d processes x %d workers, micro-batches of %d (saved: %d x %d, %d): the "
                      "global batches and their samples stay the same", now["processes"], now["workers"],
                      now["batch_size"], shape["processes"], shape["workers"], shape["batch_size"])
-
-
-def saved_streams(state: Optional[Dict[str, object]]) -> int:
-    """The stream count a :meth:`DataStream.state_dict` was saved with (0 for none)."""
-    return int((state or {}).get("order", {}).get("streams", 0))
 
 
 def _pin(tree: object) -> object:

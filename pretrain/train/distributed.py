@@ -123,6 +123,13 @@ def mean_over_ranks(values: dict, device: torch.device) -> dict:
     return dict(zip(keys, (sum_over_ranks(tensor) / dist.get_world_size()).tolist()))
 
 
+def any_over_ranks(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank (a collective read back at once: the host waits for it)."""
+    tensor = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """The element-wise sum over ranks of a tensor of the same shape on every rank (in place)."""
     dist.all_reduce(tensor)

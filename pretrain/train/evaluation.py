@@ -13,18 +13,11 @@ import itertools
 from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
 
 from .batches import to_device
-from .distributed import sum_over_ranks
+from .distributed import any_over_ranks, sum_over_ranks
 from .objective import accuracy_metrics, label_counts, predict, target_counts, weighted_total
 from .run import Run
-
-
-def _any_rank(has_batch: bool, device: torch.device) -> bool:
-    flag = torch.tensor([float(has_batch)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
 
 
 @torch.no_grad()
@@ -42,11 +35,11 @@ def evaluate(run: Run) -> Dict[str, float]:
     with contextlib.closing(iter(run.val)) as batches:
         for _ in range(limit) if limit else itertools.count():
             batch = next(batches, None)
-            if not _any_rank(batch is not None, run.device):
+            if not any_over_ranks(batch is not None, run.device):
                 break
-            if batch is None:
-                batch = padding = padding or run.val.padding()
-            batch = to_device(batch, run.device, run.dtype)
+            if batch is None:  # moved to the device once, as it is the same every time
+                padding = padding or to_device(run.val.padding(), run.device, run.dtype)
+            batch = padding if batch is None else to_device(batch, run.device, run.dtype)
             summed, out = predict(run.engine, batch)
             counts = target_counts(batch)
             names = names or sorted(counts)

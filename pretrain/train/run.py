@@ -58,9 +58,9 @@ class Run:
     class_names: List[str]
 
 
-def saved_data_streams(saved: Optional[Dict[str, Any]]) -> int:
-    """The training streams of a checkpoint's client state (``peek_client_state``; 0 for none)."""
-    return saved_streams(saved["per_rank"][0].get("data")) if saved else 0
+def saved_data_state(saved: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The training stream's state in a checkpoint's client state (``peek_client_state``), or None."""
+    return saved["per_rank"][0].get("data") if saved else None
 
 
 def checkpoint_dir(cfg: Config) -> Path:
@@ -108,7 +108,7 @@ def build_run(cfg: Config, env: DistEnv, device: torch.device, resume_from: Opti
     pretrained = init.pretrained.loaded
     engine = build_engine(cfg, model, env.world_size, device, run_dir, universal, pretrained)
     stream = DataStream(cfg.data, cfg.model, env.rank, env.world_size, global_batch(cfg, env.world_size),
-                        saved_data_streams(saved))
+                        saved_streams(saved_data_state(saved)))
     val = None
     if cfg.data.val_shards and cfg.train.eval_every_steps:
         val = ValidationPass(cfg.data, cfg.model, env.rank, env.world_size)

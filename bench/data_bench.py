@@ -7,9 +7,10 @@ Targets on 2 cores: text-only >= 5,000 samples/s, multimodal >= 1,000 samples/s.
 
     python bench/data_bench.py [--samples 20000] [--workers 1 2] [--repeat 2] [--read] [--json out.json]
 
-``--read``: the loop copies every tensor of each batch, as a trainer's copy to the device does; batches from
-DataLoader workers arrive in shared memory, whose pages the first read maps, so a loop that reads nothing leaves that
-cost out (and a stream that copies its batches in the process pays it inside ``stream/s``).
+The loop's process takes the torch threads a trainer's would (``share_cores``). ``--read``: the loop copies every
+tensor of each batch, as a trainer's copy to the device does; batches from DataLoader workers arrive in shared memory,
+whose pages the first read maps, so a loop that reads nothing leaves that cost out (and a stream that copies its
+batches in the process pays it inside ``stream/s``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.config import AudioConfig, DataConfig, ImageConfig, ModelConfig, TextConfig, VideoConfig  # noqa: E402
 from pretrain.data import DataStream  # noqa: E402
+from pretrain.train.distributed import share_cores  # noqa: E402
 
 TARGETS = {"text-only": 5000, "multimodal": 1000}
 WORDS = ("the of and to in a that is be it for not on with as by this we have are which our government people "
@@ -132,6 +134,7 @@ def stream_rate(spec: Path | str, kind: str, workers: int, batch_size: int, read
     shard directory, or any other ``data.train_shards`` entry; ``read``: each batch's tensors copied."""
     cfg = DataConfig(train_shards=[str(spec)], batch_size=batch_size, num_workers=workers,
                      pixel_mean=[0.5], pixel_std=[0.5])
+    share_cores(workers, 1)  # as a trainer's process on CPU
     stream = DataStream(cfg, model_config(kind))
     start, count = time.perf_counter(), 0
     for batch in stream:

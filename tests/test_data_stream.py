@@ -208,17 +208,22 @@ def test_validation_repeats_the_same_batches(tmp_path):
     assert not last["inputs"]["text_mask"][1:].any() and (last["targets"]["text"][1:] == IGNORE_INDEX).all()
 
 
-@pytest.mark.parametrize("world_size,workers", [(1, 0), (2, 2), (3, 1)])
-def test_validation_reads_every_sample_once_on_any_layout(tmp_path, world_size, workers):
+def test_validation_reads_every_sample_once_and_masks_it_alike_on_any_layout(tmp_path):
     """Uneven shards (and fewer shards than readers) on any number of ranks and workers: every sample of the split
-    is in exactly one rank's batches, once; no shard count or sample count is too small."""
+    is in exactly one rank's batches, once, with the same masks on every layout; no shard count or sample count is
+    too small."""
     write_shards(tmp_path, [7, 2, 11])
-    cfg = data_config([str(tmp_path)], num_workers=workers, batch_size=4)
-    keys = [k for rank in range(world_size) for b in ValidationPass(cfg, text_model(), rank, world_size)
-            for k in b["keys"] if k]
-    assert sorted(keys) == sorted(f"s{s:02d}-{i:04d}" for s, n in enumerate([7, 2, 11]) for i in range(n))
-    padding = ValidationPass(cfg, text_model(), 0, world_size).padding()
-    assert padding["keys"] == [""] * 4 and not padding["valid"].any() and not padding["inputs"]["text_mask"].any()
+    masks = []
+    for world_size, workers in [(1, 0), (2, 2), (3, 1)]:
+        cfg = data_config([str(tmp_path)], num_workers=workers, batch_size=4)
+        batches = [b for rank in range(world_size) for b in ValidationPass(cfg, text_model(), rank, world_size)]
+        masks.append({key: b["decode"]["text"][row].tolist() for b in batches for row, key in enumerate(b["keys"])
+                      if key})
+        assert sum(len(b["keys"]) - b["keys"].count("") for b in batches) == len(masks[-1])
+        assert sorted(masks[-1]) == sorted(f"s{s:02d}-{i:04d}" for s, n in enumerate([7, 2, 11]) for i in range(n))
+        padding = ValidationPass(cfg, text_model(), 0, world_size).padding()
+        assert padding["keys"] == [""] * 4 and not padding["valid"].any() and not padding["inputs"]["text_mask"].any()
+    assert masks[0] == masks[1] == masks[2]
 
 
 def test_bad_config_values_name_their_key(tmp_path):

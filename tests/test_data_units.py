@@ -7,11 +7,13 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_data_shards import npy_bytes
 
 from pretrain.config import ConfigError, DataConfig, ImageConfig, ModelConfig, TextConfig, validate_data_config
 from pretrain.data.decode import DecodeError, decode
+from pretrain.data.parts import micro_batches, packed, unpacked
 from pretrain.data.masking import num_predicted, patch_positions, span_positions, text_positions
 from pretrain.data.plan import Dataset, balanced_split, first_of_stream, stream_count
 from pretrain.shards import Shard
@@ -143,6 +145,47 @@ def test_stream_count_fits_the_data_and_the_first_start():
     assert stream_count(datasets(7), DataConfig(), readers=4) == 4  # no highly composite number: a multiple of 4
     assert stream_count(datasets(7), DataConfig(), readers=4, saved=6) == 6  # a resume keeps its streams
     assert stream_count(datasets(7), DataConfig(streams=5), readers=4, saved=6) == 5
+
+
+def _part(rows: int, first: int) -> dict:
+    ids = torch.arange(first, first + rows)
+    return {"inputs": {"text": ids[:, None] * torch.ones(3, dtype=torch.long), "text_mask": ids % 2 == 0,
+                       "audio": ids[:, None] / torch.tensor([1.0, 2.0])},
+            "decode": {"none": torch.zeros(rows, 0, dtype=torch.int16)}, "keys": [str(i) for i in ids.tolist()],
+            "_skipped": {"undecodable:png": 1}}
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+def test_a_part_travels_in_one_buffer_and_is_cut_into_micro_batches():
+    """A worker's part crosses as one shared-memory buffer (the tensors views of it on arrival); a micro-batch within
+    one part is a view of it, one across parts a copy of the rows it spans: the same rows either way."""
+    parts = []
+    for rows, first in ((6, 0), (2, 6)):
+        buffer, layout = packed(_part(rows, first))
+        assert buffer.is_shared() and buffer.dtype == torch.uint8
+        part = unpacked((buffer, layout))
+        assert _same(part, _part(rows, first))
+        assert part["inputs"]["audio"].untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        part.pop("_skipped")  # as the stream does: what is not rows leaves before the cut
+        parts.append(part)
+    whole = _part(8, 0)
+    whole.pop("_skipped")
+    first, second = micro_batches(parts, 4, 2, pin=False)
+    storage = [p["inputs"]["text"].untyped_storage().data_ptr() for p in parts]
+    assert first["inputs"]["text"].untyped_storage().data_ptr() == storage[0]
+    assert second["inputs"]["text"].untyped_storage().data_ptr() not in storage
+    for batch, rows in ((first, slice(0, 4)), (second, slice(4, 8))):
+        assert _same(batch, {"inputs": {k: v[rows] for k, v in whole["inputs"].items()},
+                             "decode": {k: v[rows] for k, v in whole["decode"].items()}, "keys": whole["keys"][rows]})
+    with pytest.raises(RuntimeError, match="hold 8 rows, not 3 micro-batches of 4"):
+        micro_batches(parts, 4, 3, pin=False)
 
 
 def test_data_config_checks_name_the_key():

@@ -5,9 +5,8 @@ Training samples come from ``S`` logical streams (``pretrain.data.plan``), each 
 stream); step ``t`` trains on global samples ``t*G .. (t+1)*G - 1``, sample ``g`` being sample ``g // S`` of stream
 ``g % S``, and every random choice of a sample (crop, masks) comes from its place (stream, place in it). Reader
 (rank ``r``, worker ``w``) of ``R`` reads streams ``r + world_size*w``, ``+ R``, ...: for each step it decodes its
-streams' samples of that step (``DataLoader(batch_size=None)``: one chunk per worker and step, taken in turn); the
-rank joins its workers' chunks and cuts them into the step's micro-batches (which one holds a sample changes no sum:
-the losses are divided by the whole step's targets, ``pretrain.train.loop``). The global
+streams' samples of that step (``DataLoader(batch_size=None)``: one part per worker and step, taken in turn); the
+rank cuts its workers' parts into the step's micro-batches (``pretrain.data.parts``). The global
 batches, their samples' masks and so the losses are the same on any number of processes, workers and micro-batches.
 The position is (epoch, steps done): a restored worker replays its streams up to the step without decoding anything
 (tar reading only) and goes on exactly where the uninterrupted run was. Readers never run dry (each stream cycles over
@@ -49,6 +48,7 @@ from webdataset.filters import shuffle
 from ..config import DataConfig, ModelConfig, data_roles, validate_data_config
 from ..shard_format import LABEL_FIELD, MODALITY_FIELDS, layout_fields, modalities
 from .collate import BatchBuilder
+from .parts import micro_batches, packed, unpacked
 from .plan import (
     MIX, SAMPLE, SHUFFLE, SOURCE, SPLITS, Dataset, check_order, check_streams, data_order, epoch_steps,
     first_of_stream, load_datasets, python_rng, reader_shards, sample_rng, seed_of, stream_shards,
@@ -92,10 +92,6 @@ class StreamPlan:
     def stream_ids(self, epoch: int, stream: int) -> Tuple[int, ...]:
         """What every random choice of a training stream in ``epoch`` is seeded with (its purpose after it)."""
         return self.data.seed, SPLITS["train"], epoch, stream
-
-    def reader_ids(self, worker: int) -> Tuple[int, ...]:
-        """The same for a validation reader: the same shards, order and masks every pass."""
-        return self.data.seed, SPLITS["val"], 0, self.rank, worker
 
 
 def mix(sources: Sequence[Iterator[Sample]], weights: Sequence[float], rng) -> Iterator[Sample]:
@@ -185,20 +181,23 @@ def worker_steps(plan: StreamPlan, epoch: int, worker: int, start: int) -> Itera
 
 def pass_batches(plan: StreamPlan, worker: int) -> Iterator[Dict[str, object]]:
     """Validation reader ``worker``'s batches: its shards read once, in order, the last batch padded with rows that
-    hold nothing; each sample's random choices from its place in the reader's pass."""
+    hold nothing; each sample's random choices from its place in its shard, so a sample is masked alike whichever
+    reader reads it."""
     counter = SkipCounter()
-    ids = plan.reader_ids(worker)
-    key = seed_of(*ids, SAMPLE)
+    ids = plan.data.seed, SPLITS["val"]
+    keys = {shard.url: seed_of(*ids, i, j, SAMPLE)
+            for i, dataset in enumerate(plan.datasets) for j, shard in enumerate(dataset.shards)}
+    places: Counter = Counter()
     shards = [reader_shards(d, plan.rank, plan.world_size, worker, plan.workers) for d in plan.datasets]
     where = f"rank {plan.rank}, worker {worker}"
     samples = itertools.chain.from_iterable(_dataset_samples(plan, shards, ids, counter, where, endless=False))
     builder = BatchBuilder(plan.model, plan.data, random_crop=False)
     size = plan.data.batch_size
-    for first in itertools.count(0, size):
-        rows: List[Optional[Sample]] = list(itertools.islice(samples, size))
-        if not rows:
-            return
-        rngs = [sample_rng(key, first + row) for row in range(len(rows))]
+    while rows := list(itertools.islice(samples, size)):
+        rngs = []
+        for row in rows:
+            rngs.append(sample_rng(keys[row["__url__"]], places[row["__url__"]]))
+            places[row["__url__"]] += 1
         padding = size - len(rows)
         batch = builder(rows + [None] * padding, rngs + [None] * padding, counter)
         batch.update(_skipped=counter.drain(), _notes=builder.drain_notes())
@@ -291,30 +290,14 @@ class _Part(IterableDataset):
 
     def __iter__(self) -> Iterator[Dict[str, object]]:
         info = get_worker_info()
-        worker = 0 if info is None else info.id
+        if info is None:
+            return self._items(0)
+        return map(packed, self._items(info.id))
+
+    def _items(self, worker: int) -> Iterator[Dict[str, object]]:
         if self.plan.train:
             return worker_steps(self.plan, self.epoch, worker, self.start)
         return pass_batches(self.plan, worker)
-
-
-def _joined(values: Sequence[object]) -> object:
-    """The workers' chunks of one step as one: tensors and key lists concatenated, leaf by leaf (one chunk as it
-    is)."""
-    first = values[0]
-    if len(values) == 1:
-        return first
-    if isinstance(first, dict):
-        return {key: _joined([value[key] for value in values]) for key in first}
-    if isinstance(first, torch.Tensor):
-        return torch.cat(values)
-    return [item for value in values for item in value]
-
-
-def _rows(tree: object, rows: slice) -> object:
-    """The ``rows`` of every leaf (views of the tensors)."""
-    if isinstance(tree, dict):
-        return {key: _rows(value, rows) for key, value in tree.items()}
-    return tree[rows]
 
 
 class _Stream:
@@ -338,6 +321,8 @@ class _Stream:
     def _parts(self, epoch: int, start: int) -> Iterator[Dict[str, object]]:
         """The loader's items, skips and notes taken off."""
         for part in self._loader(epoch, start):
+            if self.plan.data.num_workers:
+                part = unpacked(part)
             self._skipped.update(part.pop("_skipped"))
             for note in part.pop("_notes"):
                 if note not in self._noted and self.plan.rank == 0:
@@ -402,16 +387,14 @@ class DataStream(_Stream):
     def __iter__(self) -> Iterator[Dict[str, object]]:
         if self.steps >= self.plan.steps_per_epoch:
             self.epoch, self.steps = self.epoch + 1, 0
-        parts, size = self._parts(self.epoch, self.steps), self.plan.data.batch_size
+        loader, size = self._parts(self.epoch, self.steps), self.plan.data.batch_size
         for step in range(self.steps, self.plan.steps_per_epoch):
-            chunks = [next(parts) for _ in range(self.workers)]
-            if any(chunk.pop("_step") != step for chunk in chunks):
+            parts = [next(loader) for _ in range(self.workers)]
+            if any(part.pop("_step") != step for part in parts):
                 raise RuntimeError(f"data stream out of order at step {step} of epoch {self.epoch}")
-            rows = _joined(chunks)  # which micro-batch holds a sample changes no sum: the losses are the step's
-            micro = [_rows(rows, slice(m * size, (m + 1) * size)) for m in range(self.accumulation)]
+            micro = micro_batches(parts, size, self.accumulation, self._pinned())
             self.steps += 1  # before the step's micro-batches: a checkpoint after them is at the next step
-            for batch in micro:
-                yield _pin(batch) if self._pinned() else batch
+            yield from micro
 
     def shards(self, epoch: int, worker: int) -> List[str]:
         """The shard URLs this rank's ``worker`` reads in ``epoch``, over its streams and all datasets (for logs and
@@ -450,13 +433,6 @@ class DataStream(_Stream):
             log.info("data: resuming on %d processes x %d workers, micro-batches of %d (saved: %d x %d, %d): the "
                      "global batches and their samples stay the same", now["processes"], now["workers"],
                      now["batch_size"], shape["processes"], shape["workers"], shape["batch_size"])
-
-
-def _pin(tree: object) -> object:
-    """Tensors in page-locked memory (a copy from pageable memory makes the host wait for the GPU's queued work)."""
-    if isinstance(tree, dict):
-        return {key: _pin(value) for key, value in tree.items()}
-    return tree.pin_memory() if isinstance(tree, torch.Tensor) else tree
 
 
 class ValidationPass(_Stream):

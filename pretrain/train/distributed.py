@@ -18,16 +18,22 @@ from ..config import TrainConfig
 
 
 def device_of(env: DistEnv, data_workers: int) -> torch.device:
-    """This process's device (``launch.env.device_for``), made the current CUDA device on GPU. On CPU, unless
-    OMP_NUM_THREADS says otherwise, the process takes its share of the cores less one per DataLoader worker: more
-    threads than cores makes OpenMP's spinning threads and the workers starve each other (``bench/README.md``)."""
+    """This process's device (``launch.env.device_for``), made the current CUDA device on GPU; on CPU the process
+    takes its share of the cores (``share_cores``)."""
     device = device_for(env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes - data_workers))
+    else:
+        share_cores(data_workers, int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
     return device
+
+
+def share_cores(data_workers: int, local_processes: int) -> None:
+    """Unless OMP_NUM_THREADS says otherwise, this process's torch threads are its share of the cores less one per
+    DataLoader worker: more threads than cores makes OpenMP's spinning threads and the workers starve each other
+    (``bench/README.md``)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes - data_workers))
 
 
 @contextmanager

@@ -24,7 +24,8 @@ def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
     return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig,
+                    max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR (its state -- the step count -- is saved in checkpoints; the curve comes from the config)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, optim=optim, max_steps=max_steps))
 

@@ -5,30 +5,40 @@ images as the model sees them (resized and normalised by the fine-tuning config)
 regression and k-nearest neighbours on the raw pixels (scikit-learn). A benchmark, not a test: nothing is asserted.
 
     PYTHONPATH=. python bench/finetune_gain.py                 # reuses runs/demo (bash scripts/main.sh) if it is done
-    PYTHONPATH=. python bench/finetune_gain.py --seeds 5 --steps 300
+    PYTHONPATH=. python bench/finetune_gain.py --models fine-tuned probe --pretrain-seeds 1 \
+        --pretrained runs/masked75 --pretrain-set data.masking.image=0.75     # an ablation of the pretraining
     PYTHONPATH=. python bench/finetune_gain.py --train-shards mine/train --eval-shards mine/eval   # a task of one's own
 
-Each run is ``python -m torch.distributed.run -m pretrain train --config configs/finetune_demo.yaml`` as a user
-would start it (``--nproc`` processes), evaluated once at its last step on every image of ``--eval-shards``. The
-pretraining must be self-supervised (no label head): a run of another config is refused. A missing pretraining run
-is trained (and resumed) with configs/demo.yaml on ``--pretrain-shards``, and exported; the demo corpus is built
-only where every split given is a default one and missing, and nothing a user gave is ever written.
+Every Perceiver run trains to convergence, not to a budget: ``--steps`` (generous) steps, its accuracy on
+``--held-out`` labelled images per class (kept out of its training labels) measured every ``--every`` steps, and the
+checkpoint of its best step scored on every image of ``--eval-shards``; the checkpoint at ``--short`` steps is scored
+too (sample efficiency, a second column). Each run is ``python -m torch.distributed.run -m pretrain train --config
+configs/finetune_demo.yaml`` as a user would start it (``--nproc`` processes). The pretrained variants run once per
+pretraining seed (``--pretrain-seeds``) and fine-tuning seed (``--seeds``), scratch once per fine-tuning seed.
 
-The table gives per variant the steps, the mean wall time of a run (process start to end), the final training loss
-(the mean of the last logged window) and the evaluation top-1 (mean, standard deviation and range over the seeds;
-the references have no seed). The last line is ``gain_points=<fine-tuned minus scratch> vs_best_baseline_points=<
-fine-tuned minus the best classical reference>`` (top-1, means over seeds, in points).
+A missing pretraining is trained (and resumed) with configs/demo.yaml on ``--pretrain-shards``, and exported; one
+pretrained with a label head, on other shards or with another seed, is refused. The demo corpus is built only where
+every split given is a default one and missing, and nothing a user gave is ever written.
+
+The table gives per model the runs, the chosen step, top-1 at ``--short`` steps and at the chosen step (mean,
+standard deviation and range over all runs, and the mean per pretraining seed), the final training loss and the wall
+time of a run; the references have no seed. The last line is ``gain_points=<fine-tuned minus scratch>
+vs_best_baseline_points=<fine-tuned minus the best classical reference>`` (top-1 at the chosen step, means, points).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import io
 import json
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -40,10 +50,10 @@ DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 FINETUNE_CONFIG = ROOT / "configs" / "finetune_demo.yaml"
 DEMO = Path("data/demo")
 SPLITS = ("train", "val", "downstream_train", "downstream_eval")
-VARIANTS = {  # name: (starts from the pretrained export, extra overrides)
-    "fine-tuned from the pretrained export": (True, []),
-    "from scratch": (False, []),
-    "linear probe (pretrained frozen)": (True, ["train.freeze=[pretrained]"]),
+VARIANTS = {  # --models name: (row name, starts from the pretrained export, extra overrides)
+    "fine-tuned": ("fine-tuned from the pretrained export", True, []),
+    "scratch": ("from scratch", False, []),
+    "probe": ("linear probe (pretrained frozen)", True, ["train.freeze=[pretrained]"]),
 }
 
 
@@ -77,49 +87,128 @@ def ensure_corpus(specs: Sequence[str], out: Path) -> None:
          out / "build-demo.log")
 
 
-def ensure_pretrained(run_dir: Path, shards: str, nproc: int, out: Path) -> Path:
-    """The export of ``run_dir``'s checkpoint at ``train.max_steps`` of configs/demo.yaml, trained on ``shards`` and
-    exported where missing; a run pretrained with labels, or on other shards, is refused."""
-    demo = yaml.safe_load(DEMO_CONFIG.read_text())
+def _flat(values: dict, prefix: str = "") -> Dict[str, object]:
+    flat: Dict[str, object] = {}
+    for key, value in values.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def config_changes(saved: Path, overrides: Sequence[str]) -> List[str]:
+    """How the run config ``saved`` differs from configs/demo.yaml with ``overrides`` (``run`` and ``wandb`` apart)."""
+    from pretrain.config import ConfigError, config_to_dict, load_config
+
+    want = _flat(config_to_dict(load_config(str(DEMO_CONFIG), overrides)))
+    try:
+        have = _flat(config_to_dict(load_config(str(saved))))
+    except ConfigError as exc:
+        return [str(exc)]
+    return [f"{key}: {have.get(key)} there, {want.get(key)} wanted" for key in sorted(set(want) | set(have))
+            if not key.startswith(("run.", "wandb.")) and have.get(key) != want.get(key)]
+
+
+def ensure_pretrained(run_dir: Path, shards: str, seed: int, settings: Sequence[str], nproc: int, out: Path) -> Path:
+    """The export of ``run_dir``'s checkpoint at ``train.max_steps`` of configs/demo.yaml with ``settings``, trained
+    with ``seed`` on ``shards`` and exported where missing; a run of another config is refused."""
     given = shards != str(DEMO / "train")
-    overrides = [f"data.train_shards=[{shards}]", *(["data.val_shards=[]", "train.eval_every_steps=0"] * given)]
+    overrides = [f"data.train_shards=[{shards}]", f"train.seed={seed}", f"data.seed={seed}",
+                 *(["data.val_shards=[]", "train.eval_every_steps=0"] * given), *settings]
     saved = run_dir / "config.yaml"
-    if saved.is_file():
-        config = yaml.safe_load(saved.read_text())
-        if config["model"].get("num_classes"):
-            sys.exit(f"{run_dir} was pretrained with a {config['model']['num_classes']}-class label head (an older "
-                     f"configs/demo.yaml): its pretraining saw the labels. Remove it (bash scripts/main.sh trains it "
-                     f"anew) or give --pretrained another run")
-        if [(ROOT / spec).resolve() for spec in config["data"]["train_shards"]] != [(ROOT / shards).resolve()]:
-            sys.exit(f"{run_dir} was pretrained on {config['data']['train_shards']}, not {shards}: give --pretrained "
-                     f"a new run directory")
-    tag = f"step_{demo['train']['max_steps']:08d}"
+    changes = config_changes(saved, overrides) if saved.is_file() else []
+    if changes:
+        sys.exit(f"{run_dir} was pretrained with another config ({'; '.join(changes)}): give --pretrained a new run "
+                 f"directory, or remove it")
+    tag = f"step_{yaml.safe_load(DEMO_CONFIG.read_text())['train']['max_steps']:08d}"
+    for setting in settings:
+        if setting.startswith("train.max_steps="):
+            tag = f"step_{int(setting.split('=', 1)[1]):08d}"
     if not (run_dir / "checkpoints" / tag).is_dir():
-        print(f"pretraining {run_dir} with {DEMO_CONFIG.name} on {shards} (continuing its checkpoints, if any)",
-              flush=True)
+        print(f"pretraining {run_dir} with {DEMO_CONFIG.name} {' '.join(overrides)} (continuing its checkpoints, if "
+              f"any)", flush=True)
         seconds = call(train_command(nproc, DEMO_CONFIG, [f"run.dir={run_dir}", "run.progress_bar=false", *overrides]),
-                       out / "pretrain.log")
+                       out / f"pretrain_seed{seed}.log")
         print(f"  pretrained in {seconds:.0f} s", flush=True)
     exported = run_dir / "exported" / tag
     if not exported.is_dir():
         call([sys.executable, "-m", "pretrain", "export", str(run_dir / "checkpoints" / tag), "--out", str(exported)],
-             out / "export.log")
+             out / f"export_seed{seed}.log")
     return exported
+
+
+def split_labels(spec: str, per_class: int, out: Path, shards: int = 16) -> Tuple[Path, Path]:
+    """``spec``'s labelled samples as two shard directories: ``per_class`` samples of each class (the first by a hash
+    of their key) to choose each run's step by, the rest to train on (in ``shards`` shards); bytes unchanged."""
+    import webdataset as wds
+
+    from pretrain.data import expand_spec
+    from pretrain.shards import SkipCounter
+    from pretrain.shards.read import read_shards
+
+    urls = [shard.url for shard in expand_spec(spec, "--train-shards")]
+    samples = [{k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+               for _, read in read_shards(urls, SkipCounter(), stall_timeout_s=600) for sample in read
+               if "cls" in sample]
+    samples.sort(key=lambda sample: hashlib.sha256(sample["__key__"].encode()).hexdigest())
+    taken: Counter = Counter()
+    parts: Dict[str, List[dict]] = {"fit": [], "select": []}
+    for sample in samples:
+        label = int(sample["cls"])
+        taken[label] += 1
+        parts["select" if taken[label] <= per_class else "fit"].append(sample)
+    directories = []
+    for name, rows in parts.items():
+        directory = out / name
+        directory.mkdir()
+        count = shards if name == "fit" else 1
+        writers = [wds.TarWriter(str(directory / f"shard-{i:06d}.tar")) for i in range(count)]
+        for i, sample in enumerate(rows):
+            writers[i % count].write(sample)
+        for writer in writers:
+            writer.close()
+        call([sys.executable, "-m", "data_prep", "index", str(directory)], out / f"index_{name}.log")
+        directories.append(directory)
+    return directories[0], directories[1]
+
+
+def eval_config(spec: str, task: Sequence[str]):
+    """The fine-tuning runs' config with ``spec`` as the validation split, read in the process."""
+    from pretrain.config import load_config
+
+    return load_config(str(FINETUNE_CONFIG), [*task, f"data.val_shards=[{spec}]", "data.num_workers=0"])
 
 
 def labelled_images(spec: str, task: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
     """Every labelled image of ``spec`` as the fine-tuning runs give it to the model (resized and normalised by
     configs/finetune_demo.yaml), flattened, and the labels."""
-    from pretrain.config import load_config
     from pretrain.data import IGNORE_INDEX, ValidationPass
 
-    cfg = load_config(str(FINETUNE_CONFIG), [*task, f"data.val_shards=[{spec}]", "data.num_workers=0"])
+    cfg = eval_config(spec, task)
     pixels, labels = [], []
     for batch in ValidationPass(cfg.data, cfg.model):
         kept = batch["targets"]["label"] != IGNORE_INDEX
         pixels.append(batch["inputs"]["image"][kept].flatten(1).numpy())
         labels.append(batch["targets"]["label"][kept].numpy())
     return np.concatenate(pixels), np.concatenate(labels)
+
+
+def checkpoint_top1(checkpoint: Path, spec: str, task: Sequence[str]) -> Tuple[float, int]:
+    """Top-1 % of a training checkpoint's model on every labelled sample of ``spec``, and how many it scored."""
+    import torch
+
+    from pretrain.data import ValidationPass
+    from pretrain.init_from import load_pretrained
+    from pretrain.train.objective import label_counts
+
+    cfg = eval_config(spec, task)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # DeepSpeed's chatter
+        model = load_pretrained(checkpoint)
+    counts = None
+    with torch.no_grad():
+        for batch in ValidationPass(cfg.data, cfg.model):
+            found = label_counts(model(batch["inputs"], batch["decode"])["label"], batch["targets"]["label"])
+            counts = found if counts is None else counts + found
+    right, total = counts.sum(dim=1).tolist()
+    return 100 * right / total, total
 
 
 def references() -> Dict[str, Callable[[], object]]:
@@ -144,9 +233,21 @@ def class_count(spec: str, given: int) -> int:
         yaml.safe_load(FINETUNE_CONFIG.read_text())["model"]["num_classes"]
 
 
-def result(run_dir: Path) -> Dict[str, float]:
+def run_variant(run_dir: Path, command: List[str], task: Sequence[str], eval_shards: str, short: int,
+                out: Path) -> Dict[str, float]:
+    """Train, then score on ``eval_shards`` the checkpoint of the step whose held-out accuracy is best (the earliest
+    on a tie) and the one at ``short`` steps; the checkpoints are removed afterwards."""
+    seconds = call(command, out / f"{run_dir.name}.log")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"loss": rows[-1]["loss"], "top1": 100 * rows[-1]["val/accuracy"], "scored": rows[-1]["val/samples"]}
+    held_out = {row["step"]: row["val/accuracy"] for row in rows if "val/accuracy" in row}
+    best = max(held_out, key=lambda step: (held_out[step], -step))
+    tags = run_dir / "checkpoints"
+    (top1, scored), (early, _) = (checkpoint_top1(tags / f"step_{step:08d}", eval_shards, task)
+                                  for step in (best, short))
+    found = {"wall": seconds, "loss": rows[-1]["loss"], "step": best, "held_out": 100 * held_out[best],
+             "top1": top1, "short": early, "scored": scored}
+    shutil.rmtree(tags)
+    return found
 
 
 def spread(values: List[float]) -> str:
@@ -156,61 +257,90 @@ def spread(values: List[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pretrained", type=Path, default=Path("runs/demo"), help="the pretraining run directory")
+    parser.add_argument("--pretrained", type=Path, default=Path("runs/demo"),
+                        help="the pretraining run directory (seed s > 0: <dir>_seed<s>)")
     parser.add_argument("--pretrain-shards", default=str(DEMO / "train"), help="what a missing pretraining reads")
+    parser.add_argument("--pretrain-seeds", type=int, default=2, help="pretraining runs, seeds 0, 1, ...")
+    parser.add_argument("--pretrain-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of configs/demo.yaml for the pretraining (e.g. data.masking.image=0.75)")
     parser.add_argument("--train-shards", default=str(DEMO / "downstream_train"), help="labelled images to learn from")
     parser.add_argument("--eval-shards", default=str(DEMO / "downstream_eval"), help="labelled images to score")
     parser.add_argument("--num-classes", type=int, default=0,
                         help="0: the classes listed in --train-shards' index.json, else the config's")
+    parser.add_argument("--held-out", type=int, default=5,
+                        help="labelled images per class kept out of training to choose each run's step by")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds (train.seed and data.seed)")
-    parser.add_argument("--steps", type=int, default=0, help="train.max_steps of every run (0: the config's)")
+    parser.add_argument("--models", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="the Perceiver runs (an ablation of the pretraining need not train from scratch again)")
+    parser.add_argument("--steps", type=int, default=800, help="train.max_steps of every run")
+    parser.add_argument("--every", type=int, default=100, help="steps between held-out evaluations (checkpoints)")
+    parser.add_argument("--short", type=int, default=200, help="the short budget also reported (a multiple of --every)")
     parser.add_argument("--nproc", type=int, default=2, help="processes per run")
     parser.add_argument("--out", type=Path, default=Path("bench/out/finetune_gain"), help="the runs (replaced)")
     args = parser.parse_args()
+    if args.short % args.every or args.steps % args.every or args.short > args.steps:
+        sys.exit("--short and --steps must be multiples of --every, --short at most --steps")
     started = time.perf_counter()
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     ensure_corpus([args.pretrain_shards, args.train_shards, args.eval_shards], args.out)
-    exported = ensure_pretrained(args.pretrained, args.pretrain_shards, args.nproc, args.out)
-    steps = args.steps or yaml.safe_load(FINETUNE_CONFIG.read_text())["train"]["max_steps"]
+    exports = [ensure_pretrained(args.pretrained if seed == 0 else Path(f"{args.pretrained}_seed{seed}"),
+                                 args.pretrain_shards, seed, args.pretrain_set, args.nproc, args.out)
+               for seed in range(args.pretrain_seeds)]
     classes = class_count(args.train_shards, args.num_classes)
-    task = [f"data.train_shards=[{args.train_shards}]", f"data.val_shards=[{args.eval_shards}]",
-            f"model.num_classes={classes}"]
+    fit, held_out = split_labels(args.train_shards, args.held_out, args.out)
+    task = [f"data.train_shards=[{fit}]", f"data.val_shards=[{held_out}]", f"model.num_classes={classes}"]
     (train_x, train_y), (eval_x, eval_y) = (labelled_images(spec, task) for spec in (args.train_shards,
                                                                                      args.eval_shards))
     classical = {name: 100 * make().fit(train_x, train_y).score(eval_x, eval_y) for name, make in references().items()}
     for name, top1 in classical.items():
         print(f"  {name}: top-1 {top1:.2f}", flush=True)
-    found: Dict[str, List[Dict[str, float]]] = {name: [] for name in VARIANTS}
-    for seed in range(args.seeds):
-        for name, (pretrained, extra) in VARIANTS.items():
-            run_dir = args.out / f"{list(VARIANTS).index(name)}_seed{seed}"
-            overrides = [f"model.init_from={exported if pretrained else ''}", f"train.seed={seed}",
-                         f"data.seed={seed}", f"train.max_steps={steps}", f"train.eval_every_steps={steps}",
-                         f"run.dir={run_dir}", "run.progress_bar=false", "wandb.mode=disabled", *task, *extra]
-            seconds = call(train_command(args.nproc, FINETUNE_CONFIG, overrides), args.out / f"{run_dir.name}.log")
-            found[name].append({**result(run_dir), "wall": seconds})
-            print(f"  seed {seed}, {name}: top-1 {found[name][-1]['top1']:.2f} in {seconds:.0f} s", flush=True)
-    scored = {int(r["scored"]) for rows in found.values() for r in rows}
+    found: Dict[str, List[Dict[str, float]]] = {name: [] for name in args.models}
+    for name in args.models:
+        _, pretrained, extra = VARIANTS[name]
+        for source in range(len(exports) if pretrained else 1):
+            for seed in range(args.seeds):
+                run_dir = args.out / f"{name}_pretrained{source}_seed{seed}"
+                overrides = [f"model.init_from={exports[source] if pretrained else ''}", f"train.seed={seed}",
+                             f"data.seed={seed}", f"train.max_steps={args.steps}",
+                             f"train.eval_every_steps={args.every}",
+                             f"checkpoint.every_steps={args.every}", f"checkpoint.keep_last={args.steps // args.every}",
+                             f"run.dir={run_dir}", "run.progress_bar=false", "wandb.mode=disabled", *task, *extra]
+                row = run_variant(run_dir, train_command(args.nproc, FINETUNE_CONFIG, overrides), task,
+                                  args.eval_shards, args.short, args.out)
+                found[name].append({**row, "source": source})
+                print(f"  {name}, pretraining {source if pretrained else '-'}, seed {seed}: top-1 {row['top1']:.2f} "
+                      f"at step {row['step']} (held out {row['held_out']:.0f}%), {row['short']:.2f} at step "
+                      f"{args.short}; {row['wall']:.0f} s", flush=True)
+    scored = sorted({int(r["scored"]) for rows in found.values() for r in rows})
     print(f"\ntask: {len(train_y)} labelled images ({args.train_shards}, {classes} classes, "
           f"{np.bincount(train_y, minlength=classes).min()}-{np.bincount(train_y, minlength=classes).max()} per "
-          f"class) -> top-1 on the {len(eval_y)} images of {args.eval_shards} (the runs scored {sorted(scored)}); "
-          f"{args.seeds} seeds, {args.nproc} processes per run, {steps} steps, pretrained model {exported}\n")
-    print("| model | steps | wall s per run | final train loss | eval top-1 % (mean ± std [range]) |")
-    print("|---|---|---|---|---|")
+          f"class); the Perceiver trains on {len(train_y) - args.held_out * classes} of them and chooses its step "
+          f"by the {args.held_out * classes} others, the classical references fit all {len(train_y)}; all scored on "
+          f"the {len(eval_y)} labelled images of {args.eval_shards} (each checkpoint scored {scored}). Perceiver "
+          f"runs: {args.steps} steps, held-out accuracy every {args.every}, {args.seeds} fine-tuning seeds x "
+          f"{len(exports)} pretraining seeds, {args.nproc} processes each; pretraining "
+          f"{' '.join(args.pretrain_set) or 'as configs/demo.yaml'}\n")
+    print(f"| model | runs | chosen step (mean) | top-1 % at step {args.short} | top-1 % at the chosen step "
+          f"(mean ± std [range]) | the same per pretraining seed | final train loss | wall s per run |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, rows in found.items():
-        print(f"| {name} | {steps} | {statistics.mean(r['wall'] for r in rows):.0f} | "
-              f"{statistics.mean(r['loss'] for r in rows):.3f} | {spread([r['top1'] for r in rows])} |")
+        sources = sorted({r["source"] for r in rows})
+        per_source = ", ".join(f"{statistics.mean(r['top1'] for r in rows if r['source'] == s):.2f}" for s in sources)
+        print(f"| {VARIANTS[name][0]} | {len(rows)} | {statistics.mean(r['step'] for r in rows):.0f} | "
+              f"{spread([r['short'] for r in rows])} | {spread([r['top1'] for r in rows])} | "
+              f"{per_source if len(sources) > 1 else '-'} | {statistics.mean(r['loss'] for r in rows):.3f} | "
+              f"{statistics.mean(r['wall'] for r in rows):.0f} |")
     for name, top1 in classical.items():
-        print(f"| {name} | - | - | - | {top1:.2f} (no seed) |")
-    tuned, scratch = ([r["top1"] for r in found[name]] for name in list(VARIANTS)[:2])
-    gain = statistics.mean(tuned) - statistics.mean(scratch)
+        print(f"| {name} | 1 | - | - | {top1:.2f} (no seed) | - | - | - |")
+    mean = {name: statistics.mean(r["top1"] for r in rows) for name, rows in found.items()}
     best = max(classical, key=classical.get)
-    widest = max(max(v) - min(v) for v in (tuned, scratch))
-    print(f"\nper seed, fine-tuned {[round(v, 2) for v in tuned]}, scratch {[round(v, 2) for v in scratch]}; the "
-          f"widest range over seeds {widest:.2f} points; the best classical reference: {best}; "
-          f"{time.perf_counter() - started:.0f} s in all")
-    print(f"gain_points={gain:.2f} vs_best_baseline_points={statistics.mean(tuned) - classical[best]:.2f}")
+    probe = f"{mean['probe'] - classical['logistic regression on pixels']:+.2f}" if "probe" in mean else "not run"
+    print(f"\nthe best classical reference: {best}; the linear probe against logistic regression on pixels: "
+          f"{probe} points; {time.perf_counter() - started:.0f} s in all")
+    gain = f"{mean['fine-tuned'] - mean['scratch']:.2f}" if {"fine-tuned", "scratch"} <= set(mean) else "nan"
+    versus = f"{mean['fine-tuned'] - classical[best]:.2f}" if "fine-tuned" in mean else "nan"
+    print(f"gain_points={gain} vs_best_baseline_points={versus}")
 
 
 if __name__ == "__main__":

@@ -285,6 +285,8 @@ class MaskingConfig:
     """Fraction of each modality hidden from the encoder and predicted by the decoder; 0 makes it input-only.
 
     Text is hidden in contiguous spans of ``text_mean_span`` bytes on average (T5-style), the others per patch.
+    ``normalized_patches``: each hidden patch's target is its values less their mean, over their standard deviation
+    (MAE's normalised pixels): the loss then rewards shapes and edges, not a patch's overall brightness.
     """
 
     text: float = 0.15
@@ -292,6 +294,7 @@ class MaskingConfig:
     image: float = 0.5
     audio: float = 0.5
     video: float = 0.5
+    normalized_patches: bool = False
 
 
 @dataclass

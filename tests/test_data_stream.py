@@ -143,6 +143,23 @@ def test_pixels_audio_and_video_transforms(tmp_path):
     assert torch.allclose(inputs["video"][0].mean(dim=(1, 2, 3)), torch.tensor(levels), atol=1e-6)
 
 
+def test_normalized_patch_targets_are_each_patch_standardised(tmp_path):
+    """data.masking.normalized_patches: each hidden image patch's target is its own values standardised (mean 0,
+    standard deviation 1), the same patches as the raw targets."""
+    rng = np.random.default_rng(0)
+    write_shards(tmp_path, [4], lambda s, i: {"__key__": f"k{i}", "png": png_bytes(
+        rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))})
+    batches = []
+    for normalized in (False, True):
+        cfg = data_config([str(tmp_path)], num_workers=0, batch_size=4, shuffle_buffer=0,
+                          masking=MaskingConfig(image=0.5, normalized_patches=normalized))
+        batches.append(next(iter(DataStream(cfg, multimodal_model()))))
+    raw, normalized = (b["targets"]["image"] for b in batches)
+    assert torch.equal(batches[0]["decode"]["image"], batches[1]["decode"]["image"])
+    assert torch.allclose(normalized, (raw - raw.mean(-1, keepdim=True)) / raw.std(-1, keepdim=True), atol=1e-4)
+    assert torch.allclose(normalized.mean(-1), torch.tensor(0.0), atol=1e-5)
+
+
 def test_two_ranks_two_workers_disjoint_shards_equal_batches(tmp_path):
     """Eight shards of unequal sizes, four streams (the largest highly composite number not above 8 that the four
     readers divide), one a reader: the readers' shards are disjoint and cover the dataset, each rank sees only its

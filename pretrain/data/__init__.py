@@ -28,7 +28,8 @@ reads it: the model enables it and ``data.objective`` names it, or is empty; ``a
 ``batch["decode_mask"]`` -- bool [B, P_mod], False on padding slots and for rows lacking the modality.
 ``batch["targets"]`` -- ``text`` long [B, P_text], the original ids at the decoded positions, -100 on padding slots;
     ``label`` long [B], -100 when absent (only when the label is a target); ``image``, ``audio``, ``video`` float
-    [B, P_mod, values], the original values of the patches at the decoded positions (``pretrain.patches``).
+    [B, P_mod, values], the original values of the patches at the decoded positions (``pretrain.patches``), each
+    patch normalised to mean 0 and standard deviation 1 with ``data.masking.normalized_patches``.
 ``batch["keys"]`` -- list of the B samples' ``__key__`` (``""`` for a padding row).
 ``batch["valid"]`` -- bool [B]; False for a row whose sample failed to decode (skipped and counted: the row stays,
     empty, so that a batch is always exactly B raw samples -- see ``stream.py`` for why) and for the padding rows

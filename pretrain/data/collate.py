@@ -193,7 +193,10 @@ class BatchBuilder:
             visible = hide(valid, where, used)
             self._add_decode(batch, name, where, used)
             inputs = batch["inputs"][name]
-            batch["targets"][name] = patches_at(name, getattr(self.model, name), inputs, batch["decode"][name])
+            targets = patches_at(name, getattr(self.model, name), inputs, batch["decode"][name])
+            if self.data.masking.normalized_patches:
+                targets = (targets - targets.mean(-1, keepdim=True)) / (targets.var(-1, keepdim=True) + 1e-6).sqrt()
+            batch["targets"][name] = targets
         batch["inputs"][f"{name}_mask"] = torch.from_numpy(visible)
 
     @staticmethod

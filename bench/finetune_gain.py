@@ -87,20 +87,13 @@ def ensure_corpus(specs: Sequence[str], out: Path) -> None:
          out / "build-demo.log")
 
 
-def _flat(values: dict, prefix: str = "") -> Dict[str, object]:
-    flat: Dict[str, object] = {}
-    for key, value in values.items():
-        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
+def config_changes(saved: Path, wanted: object) -> List[str]:
+    """How the run config ``saved`` differs from the ``wanted`` config (``run`` and ``wandb`` apart)."""
+    from pretrain.config import ConfigError, config_to_dict, dotted, load_config
 
-
-def config_changes(saved: Path, overrides: Sequence[str]) -> List[str]:
-    """How the run config ``saved`` differs from configs/demo.yaml with ``overrides`` (``run`` and ``wandb`` apart)."""
-    from pretrain.config import ConfigError, config_to_dict, load_config
-
-    want = _flat(config_to_dict(load_config(str(DEMO_CONFIG), overrides)))
+    want = dotted(config_to_dict(wanted))
     try:
-        have = _flat(config_to_dict(load_config(str(saved))))
+        have = dotted(config_to_dict(load_config(str(saved))))
     except ConfigError as exc:
         return [str(exc)]
     return [f"{key}: {have.get(key)} there, {want.get(key)} wanted" for key in sorted(set(want) | set(have))
@@ -110,18 +103,18 @@ def config_changes(saved: Path, overrides: Sequence[str]) -> List[str]:
 def ensure_pretrained(run_dir: Path, shards: str, seed: int, settings: Sequence[str], nproc: int, out: Path) -> Path:
     """The export of ``run_dir``'s checkpoint at ``train.max_steps`` of configs/demo.yaml with ``settings``, trained
     with ``seed`` on ``shards`` and exported where missing; a run of another config is refused."""
+    from pretrain.config import load_config
+
     given = shards != str(DEMO / "train")
     overrides = [f"data.train_shards=[{shards}]", f"train.seed={seed}", f"data.seed={seed}",
                  *(["data.val_shards=[]", "train.eval_every_steps=0"] * given), *settings]
+    wanted = load_config(str(DEMO_CONFIG), overrides)
     saved = run_dir / "config.yaml"
-    changes = config_changes(saved, overrides) if saved.is_file() else []
+    changes = config_changes(saved, wanted) if saved.is_file() else []
     if changes:
         sys.exit(f"{run_dir} was pretrained with another config ({'; '.join(changes)}): give --pretrained a new run "
                  f"directory, or remove it")
-    tag = f"step_{yaml.safe_load(DEMO_CONFIG.read_text())['train']['max_steps']:08d}"
-    for setting in settings:
-        if setting.startswith("train.max_steps="):
-            tag = f"step_{int(setting.split('=', 1)[1]):08d}"
+    tag = f"step_{wanted.train.max_steps:08d}"
     if not (run_dir / "checkpoints" / tag).is_dir():
         print(f"pretraining {run_dir} with {DEMO_CONFIG.name} {' '.join(overrides)} (continuing its checkpoints, if "
               f"any)", flush=True)

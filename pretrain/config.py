@@ -603,6 +603,14 @@ def config_to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
+def dotted(values: dict, prefix: str = "") -> Dict[str, Any]:
+    """A nested config dict as ``{"section.key": value}`` (to compare two configs key by key)."""
+    flat: Dict[str, Any] = {}
+    for key, value in values.items():
+        flat.update(dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
 def validate_config(cfg: Config, world_size: int) -> Config:
     """Every check that can run before any work, each failing with the key in its message."""
     validate_model_config(cfg.model)

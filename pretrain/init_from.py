@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from .checkpoint import find_tag, peek_client_state
-from .config import Config, ConfigError, ModelConfig, model_config_to_dict
+from .config import Config, ConfigError, ModelConfig, dotted, model_config_to_dict
 from .model import pretrained
 from .model.pretrained import read_model_dir
 from .train.trainable import Pretrained, frozen_names, prepare
@@ -98,17 +98,9 @@ def load_pretrained(path: Union[str, Path], map_location: Union[str, torch.devic
     return checkpoint_model(tag_dir, peek_client_state(tag_dir)).to(map_location).eval()
 
 
-def _flatten(values: dict, prefix: str = ""):
-    for key, value in values.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
 def _differing_keys(names: List[str], there: ModelConfig, here: ModelConfig) -> List[str]:
     """``model.<key>: <there> there, <here> here`` for the keys that shape ``names`` and differ."""
-    a, b = dict(_flatten(model_config_to_dict(there))), dict(_flatten(model_config_to_dict(here)))
+    a, b = dotted(model_config_to_dict(there)), dotted(model_config_to_dict(here))
     keys: List[str] = []
     for name in names:
         prefix = max((p for p in SHAPE_KEYS if name == p or name.startswith(p + ".")), key=len, default=None)

@@ -86,16 +86,28 @@ def check_data_paths(cfg, world_size: int, saved_data: Optional[dict]) -> None:
 
 def report_before_training(message: str) -> None:
     """A mistake found before training, said once: every rank finds it, rank 0 prints it. Under torchrun rank 0 also
-    leaves it in its error file (``TORCHELASTIC_ERROR_FILE``, torchelastic's own contract): the summary torchrun
-    prints last then shows it as the root cause (rank 0's failure, timed when written, is the first torchrun saw)."""
+    leaves it in its error file (``TORCHELASTIC_ERROR_FILE``, torchelastic's own contract), and the other ranks of its
+    node wait to be ended (``_await_torchrun_ending``): the summary torchrun prints last then names rank 0's failure as
+    the root cause, not another rank's that happened to exit first."""
     rank = os.environ.get("RANK") or (os.environ.get("SLURM_PROCID") if "SLURM_STEP_ID" in os.environ else None)
     if rank not in (None, "0"):
+        _await_torchrun_ending()
         return
     print(f"error: {message}", file=sys.stderr)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         with contextlib.suppress(OSError):
             Path(error_file).write_text(json.dumps({"message": f"error: {message}", "timestamp": int(time.time())}))
+
+
+def _await_torchrun_ending(timeout_s: float = 60.0) -> None:
+    """On rank 0's node torchrun sees rank 0 fail, then terminates the others (SIGTERM): its failures are then in
+    that order whatever the timing. A rank waits for that SIGTERM, at most ``timeout_s``; ranks of other nodes, whose
+    torchrun never sees rank 0, and ranks not under torchrun exit at once."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or os.environ.get("GROUP_RANK") != "0":
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.sigtimedwait({signal.SIGTERM}, timeout_s)
 
 
 def quiet_deepspeed() -> None:

@@ -7,6 +7,7 @@ regression and k-nearest neighbours on the raw pixels (scikit-learn). A benchmar
     PYTHONPATH=. python bench/finetune_gain.py                 # reuses runs/demo (bash scripts/main.sh) if it is done
     PYTHONPATH=. python bench/finetune_gain.py --models fine-tuned probe --pretrain-seeds 1 \
         --pretrained runs/masked75 --pretrain-set data.masking.image=0.75     # an ablation of the pretraining
+    PYTHONPATH=. python bench/finetune_gain.py --finetune-set data.image_shift=2       # a change of every fine-tuning
     PYTHONPATH=. python bench/finetune_gain.py --train-shards mine/train --eval-shards mine/eval   # a task of one's own
 
 Every Perceiver run trains to convergence, not to a budget: ``--steps`` (generous) steps, its accuracy on
@@ -256,6 +257,8 @@ def main() -> None:
     parser.add_argument("--pretrain-seeds", type=int, default=2, help="pretraining runs, seeds 0, 1, ...")
     parser.add_argument("--pretrain-set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides of configs/demo.yaml for the pretraining (e.g. data.masking.image=0.75)")
+    parser.add_argument("--finetune-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of configs/finetune_demo.yaml for every Perceiver run (data.image_shift=2)")
     parser.add_argument("--train-shards", default=str(DEMO / "downstream_train"), help="labelled images to learn from")
     parser.add_argument("--eval-shards", default=str(DEMO / "downstream_eval"), help="labelled images to score")
     parser.add_argument("--num-classes", type=int, default=0,
@@ -298,7 +301,8 @@ def main() -> None:
                              f"data.seed={seed}", f"train.max_steps={args.steps}",
                              f"train.eval_every_steps={args.every}",
                              f"checkpoint.every_steps={args.every}", f"checkpoint.keep_last={args.steps // args.every}",
-                             f"run.dir={run_dir}", "run.progress_bar=false", "wandb.mode=disabled", *task, *extra]
+                             f"run.dir={run_dir}", "run.progress_bar=false", "wandb.mode=disabled", *task,
+                             *args.finetune_set, *extra]
                 row = run_variant(run_dir, train_command(args.nproc, FINETUNE_CONFIG, overrides), task,
                                   args.eval_shards, args.short, args.out)
                 found[name].append({**row, "source": source})
@@ -313,7 +317,8 @@ def main() -> None:
           f"the {len(eval_y)} labelled images of {args.eval_shards} (each checkpoint scored {scored}). Perceiver "
           f"runs: {args.steps} steps, held-out accuracy every {args.every}, {args.seeds} fine-tuning seeds x "
           f"{len(exports)} pretraining seeds, {args.nproc} processes each; pretraining "
-          f"{' '.join(args.pretrain_set) or 'as configs/demo.yaml'}\n")
+          f"{' '.join(args.pretrain_set) or 'as configs/demo.yaml'}; fine-tuning "
+          f"{' '.join(args.finetune_set) or 'as configs/finetune_demo.yaml'}\n")
     print(f"| model | runs | chosen step (mean) | top-1 % at step {args.short} | top-1 % at the chosen step "
           f"(mean ± std [range]) | the same per pretraining seed | final train loss | wall s per run |")
     print("|---|---|---|---|---|---|---|---|")

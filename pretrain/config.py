@@ -285,12 +285,16 @@ class MaskingConfig:
     """Fraction of each modality hidden from the encoder and predicted by the decoder; 0 makes it input-only.
 
     Text is hidden in contiguous spans of ``text_mean_span`` bytes on average (T5-style), the others per patch.
+    ``caption_whole``: the fraction of samples whose text comes with another modality (an image's caption, a speech
+    transcript) that hide their text whole, up to the text's prediction slots (``text`` x ``model.text.max_length``),
+    instead of in spans: the text is then predicted from the other modality alone, as a captioner would.
     ``normalized_patches``: each hidden patch's target is its values less their mean, over their standard deviation
     (MAE's normalised pixels): the loss then rewards shapes and edges, not a patch's overall brightness.
     """
 
     text: float = 0.15
     text_mean_span: float = 3.0
+    caption_whole: float = 0.0
     image: float = 0.5
     audio: float = 0.5
     video: float = 0.5
@@ -319,7 +323,9 @@ class DataConfig:
     goes on from the same number of samples, in the new order.
     ``require`` lists
     sample keys without which a sample is skipped. ``random_crop`` crops long text and audio at a random offset (else
-    from the start). ``pixel_mean``/``pixel_std`` normalise image and video pixels scaled to [0, 1]. ``pin_memory``
+    from the start). ``image_shift``: each training image moves by up to this many pixels in each direction at random
+    (its edge pixels fill in), light augmentation for fine-tuning on few labels; validation images never move.
+    ``pixel_mean``/``pixel_std`` normalise image and video pixels scaled to [0, 1]. ``pin_memory``
     page-locks batches where CUDA is present (a copy from pageable memory makes the host wait for the work queued on
     the GPU, every step); it does nothing elsewhere. ``pipe_stall_timeout_s``: a ``pipe:`` shard's command that sends
     nothing for this long while a worker waits is killed and the rest of its shard skipped (``stalled_shard``), so a
@@ -344,6 +350,7 @@ class DataConfig:
     require: List[str] = field(default_factory=list)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     random_crop: bool = True
+    image_shift: int = 0
     audio_sample_rate: int = 16000
     pixel_mean: List[float] = field(default_factory=lambda: [0.5])
     pixel_std: List[float] = field(default_factory=lambda: [0.5])
@@ -370,7 +377,7 @@ def validate_data_config(cfg: DataConfig, model: ModelConfig, prefix: str = "dat
     for key in ("batch_size", "audio_sample_rate", "prefetch_factor"):
         _require(getattr(cfg, key) > 0, f"{prefix}.{key}", f"must be a positive integer, got {getattr(cfg, key)}")
     for key in ("num_workers", "shuffle_buffer", "epoch_samples", "streams", "seed", "pipe_stall_timeout_s",
-                "shard_retries"):
+                "shard_retries", "image_shift"):
         _require(getattr(cfg, key) >= 0, f"{prefix}.{key}", f"must be >= 0, got {getattr(cfg, key)}")
     if cfg.weights:
         _require(
@@ -380,7 +387,7 @@ def validate_data_config(cfg: DataConfig, model: ModelConfig, prefix: str = "dat
         )
         _require(all(w >= 0 for w in cfg.weights) and sum(cfg.weights) > 0, f"{prefix}.weights",
                  f"must be >= 0 with a positive sum, got {list(cfg.weights)}")
-    for name in ("text", "image", "audio", "video"):
+    for name in ("text", "image", "audio", "video", "caption_whole"):
         ratio = getattr(cfg.masking, name)
         _require(0.0 <= ratio <= 1.0, f"{prefix}.masking.{name}", f"must be in [0, 1], got {ratio}")
     _require(cfg.masking.text_mean_span >= 1.0, f"{prefix}.masking.text_mean_span", "must be >= 1 (bytes)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -74,6 +75,53 @@ def test_a_classification_objective_reads_its_inputs_whole_and_nothing_else(tmp_
                                   multimodal_model())))
     assert set(masked["decode"]) == {"image"} and set(masked["inputs"]) == {"image", "image_mask", "audio",
                                                                            "audio_mask"}
+
+
+def test_training_images_shift_at_random_and_validation_images_never(tmp_path):
+    """data.image_shift=2: each training image is its validation image moved by at most 2 pixels each way, edge
+    pixels filling in, and some do move; validation images, and training ones without the setting, stay as they
+    are. Pixels are normalised alike, so the comparison is of the model's inputs."""
+    write_shards(tmp_path, [10, 10], multimodal_sample)
+
+    def images(stream) -> dict:
+        return {key: b["inputs"]["image"][i] for b in stream for i, key in enumerate(b["keys"]) if key}
+
+    cfg = data_config([str(tmp_path)], num_workers=1, shuffle_buffer=0, epoch_samples=8, image_shift=2,
+                      objective={"image": "input", "label": "target"})
+    seen = images(ValidationPass(cfg, multimodal_model()))
+    moved = images(DataStream(cfg, multimodal_model()))
+    still = images(DataStream(dataclasses.replace(cfg, image_shift=0), multimodal_model()))
+    assert len(moved) == 8 and set(moved) <= set(seen) and set(still) == set(moved)
+    assert all(torch.equal(still[key], seen[key]) for key in still)
+    offsets = []
+    for key, image in moved.items():
+        padded = torch.nn.functional.pad(seen[key][None], (2, 2, 2, 2), mode="replicate")[0]
+        found = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(padded[:, dy:dy + 8, dx:dx + 8], image)]
+        assert found, key
+        offsets.append(found[0])
+    assert any(offset != (2, 2) for offset in offsets)
+
+
+def test_a_caption_is_hidden_whole_where_masking_caption_whole_says(tmp_path):
+    """data.masking.caption_whole=1: every text that comes with an image, audio or video is hidden from its first
+    byte, as many bytes as the text has prediction slots (5 here), so it is predicted from the other modality; a text
+    alone is still span-masked (15% of it: fewer bytes)."""
+    write_shards(tmp_path, [10, 10], multimodal_sample)
+    cfg = data_config([str(tmp_path)], num_workers=1, shuffle_buffer=0, masking=MaskingConfig(caption_whole=1.0))
+    batches = list(itertools.islice(DataStream(cfg, multimodal_model()), 4))
+    paired = alone = 0
+    for batch in batches:
+        for b, key in enumerate(batch["keys"]):
+            i = int(key[-4:])
+            where = batch["decode"]["text"][b][batch["decode_mask"]["text"][b]]
+            assert (batch["inputs"]["text"][b, where] == vocab.MASK_ID).all()
+            if i % 2 == 0 or i % 3 == 0 or i % 4 == 0:  # multimodal_sample's image, audio, video
+                assert where.tolist() == list(range(5)), key
+                paired += 1
+            else:
+                assert 0 < len(where) < 5, key
+                alone += 1
+    assert paired and alone
 
 
 @pytest.mark.parametrize("objective, message", [

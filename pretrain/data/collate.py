@@ -21,7 +21,7 @@ from ..shard_format import LABEL_FIELD, MODALITY_FIELDS
 from .decode import decode
 from .masking import hide, num_predicted, patch_positions, text_positions
 from .reader import Sample, SkipCounter
-from .transforms import crop_or_pad, resample, to_pixels, video_frames
+from .transforms import crop_or_pad, resample, shift, to_pixels, video_frames
 
 IGNORE_INDEX = -100
 Rngs = Sequence[Optional[np.random.Generator]]  # one per batch row (None: a row that holds nothing)
@@ -29,11 +29,12 @@ Rngs = Sequence[Optional[np.random.Generator]]  # one per batch row (None: a row
 
 class BatchBuilder:
     """Knows the model's shapes, what the run reads (``data.objective``) and the masking ratios; turns a list of raw
-    samples into tensors."""
+    samples into tensors. ``training``: the random crops and shifts of ``data`` apply (validation: none)."""
 
-    def __init__(self, model: ModelConfig, data: DataConfig, random_crop: Optional[bool] = None):
+    def __init__(self, model: ModelConfig, data: DataConfig, training: bool):
         self.model, self.data = model, data
-        self.random_crop = data.random_crop if random_crop is None else random_crop
+        self.random_crop = training and data.random_crop
+        self.image_shift = data.image_shift if training else 0
         roles = data_roles(data, model)
         self.modalities = [m for m in roles if m in MODALITY_FIELDS]
         self.labels = "label" in roles
@@ -99,11 +100,11 @@ class BatchBuilder:
     def _text(self, data: np.ndarray, rng: np.random.Generator) -> tuple:
         return crop_or_pad(data, self.model.text.max_length, self.random_crop, rng)
 
-    def _image(self, image: Image.Image, _rng: np.random.Generator) -> np.ndarray:
+    def _image(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
         cfg = self.model.image
         self._note("image", f"{len(image.getbands())}-channel {image.height}x{image.width}",
                    f"{cfg.channels}-channel {cfg.size[0]}x{cfg.size[1]}", "model.image")
-        return to_pixels(image, cfg.size, cfg.channels)
+        return shift(to_pixels(image, cfg.size, cfg.channels), self.image_shift, rng)
 
     def _audio(self, decoded: tuple, rng: np.random.Generator) -> tuple:
         self._note("audio", f"{decoded[1]} Hz", f"{self.data.audio_sample_rate} Hz", "data.audio_sample_rate")
@@ -142,7 +143,9 @@ class BatchBuilder:
         batch["inputs"]["text_mask"] = torch.from_numpy(ids != vocab.PAD_ID)
         slots = self.slots["text"]
         if slots:
-            where, used = text_positions(lengths, self.data.masking.text, self.data.masking.text_mean_span, slots, rngs)
+            masking = self.data.masking
+            where, used = text_positions(lengths, masking.text, masking.text_mean_span, slots, rngs,
+                                         self._captions_hidden(rows, rngs))
             original = np.take_along_axis(ids, where, axis=1)
             batch["targets"]["text"] = torch.from_numpy(np.where(used, original, IGNORE_INDEX))
             ids[np.nonzero(used)[0], where[used]] = vocab.MASK_ID  # padding slots point at 0: leave them out
@@ -154,6 +157,15 @@ class BatchBuilder:
         pixels = self._pixels(rows, "image", (*cfg.size, cfg.channels))
         batch["inputs"]["image"] = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
         self._mask_patches(batch, "image", self._whole(rows, "image"), rngs)
+
+    def _captions_hidden(self, rows: List[Optional[dict]], rngs: Rngs) -> Optional[np.ndarray]:
+        """Rows whose text goes with another modality and is hidden whole (``data.masking.caption_whole`` of them):
+        the decoder then reads the text from the other modality alone. No random number is drawn when it is 0."""
+        if not self.data.masking.caption_whole:
+            return None
+        paired = [row is not None and "text" in row and len(row) - ("label" in row) > 1 for row in rows]
+        return np.array([with_other and rngs[b].random() < self.data.masking.caption_whole
+                         for b, with_other in enumerate(paired)], dtype=bool)
 
     def _stack_audio(self, rows: List[Optional[dict]], rngs: Rngs, batch: dict) -> None:
         cfg = self.model.audio

@@ -7,7 +7,7 @@ rows with less content predict fewer and pad the rest (decode mask False). Text 
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -39,14 +39,19 @@ def span_positions(length: int, count: int, mean_span: float, rng: np.random.Gen
 
 
 def text_positions(
-    lengths: np.ndarray, ratio: float, mean_span: float, slots: int, rngs: Sequence[np.random.Generator]
+    lengths: np.ndarray, ratio: float, mean_span: float, slots: int, rngs: Sequence[np.random.Generator],
+    whole: Optional[np.ndarray] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Span-masked positions of each row's first ``lengths[b]`` bytes, drawn from the row's own ``rngs[b]`` ->
-    (positions [B, slots], valid [B, slots])."""
+    """Span-masked positions of each row's first ``lengths[b]`` bytes, drawn from the row's own ``rngs[b]``; a row
+    that ``whole[b]`` marks hides its first ``slots`` bytes instead (all of a text no longer) -> (positions
+    [B, slots], valid [B, slots])."""
     counts = row_counts(lengths, ratio, slots)
     positions = np.zeros((len(lengths), slots), dtype=np.int64)
     for row, (length, count) in enumerate(zip(lengths, counts)):
-        if count:
+        if whole is not None and whole[row]:
+            counts[row] = min(int(length), slots)
+            positions[row, :counts[row]] = np.arange(counts[row])
+        elif count:
             positions[row, :count] = span_positions(int(length), int(count), mean_span, rngs[row])
     return positions, np.arange(slots) < counts[:, None]
 

@@ -165,7 +165,7 @@ def worker_steps(plan: StreamPlan, epoch: int, worker: int, start: int) -> Itera
     for stream, samples in zip(streams, sources):
         deque(itertools.islice(samples, first_of_stream(start * size, stream, count)), maxlen=0)
     counter.drain()  # skips met while replaying were counted before the checkpoint
-    builder = BatchBuilder(plan.model, plan.data, random_crop=plan.data.random_crop)
+    builder = BatchBuilder(plan.model, plan.data, training=True)
     keys = [seed_of(*plan.stream_ids(epoch, stream), SAMPLE) for stream in streams]
     for step in range(start, plan.steps_per_epoch):
         rows, rngs = [], []
@@ -191,7 +191,7 @@ def pass_batches(plan: StreamPlan, worker: int) -> Iterator[Dict[str, object]]:
     shards = [reader_shards(d, plan.rank, plan.world_size, worker, plan.workers) for d in plan.datasets]
     where = f"rank {plan.rank}, worker {worker}"
     samples = itertools.chain.from_iterable(_dataset_samples(plan, shards, ids, counter, where, endless=False))
-    builder = BatchBuilder(plan.model, plan.data, random_crop=False)
+    builder = BatchBuilder(plan.model, plan.data, training=False)
     size = plan.data.batch_size
     while rows := list(itertools.islice(samples, size)):
         rngs = []
@@ -452,4 +452,4 @@ class ValidationPass(_Stream):
     def padding(self) -> Dict[str, object]:
         """A batch of ``data.batch_size`` rows that hold nothing."""
         rows: List[Optional[Sample]] = [None] * self.plan.data.batch_size
-        return BatchBuilder(self.plan.model, self.plan.data, random_crop=False)(rows, rows, SkipCounter())
+        return BatchBuilder(self.plan.model, self.plan.data, training=False)(rows, rows, SkipCounter())

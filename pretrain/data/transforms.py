@@ -46,6 +46,17 @@ def to_pixels(image: Image.Image, size: Sequence[int], channels: int) -> np.ndar
     return np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
 
 
+def shift(pixels: np.ndarray, most: int, rng: np.random.Generator) -> np.ndarray:
+    """[H, W, C] moved by up to ``most`` pixels down/up and right/left at random, its edge pixels filling in (the
+    pad-and-crop of RandomCrop with edge padding); unchanged, and no random number drawn, when ``most`` is 0."""
+    if most == 0:
+        return pixels
+    height, width = pixels.shape[:2]
+    top, left = rng.integers(0, 2 * most + 1, size=2)
+    padded = np.pad(pixels, ((most, most), (most, most), (0, 0)), mode="edge")
+    return padded[top:top + height, left:left + width]
+
+
 def resample(wave: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     """Linear resampling with an antialiasing filter when downsampling (torch's antialiased interpolation)."""
     if rate == target_rate:

@@ -55,6 +55,7 @@ VARIANTS = {  # --models name: (row name, starts from the pretrained export, ext
     "fine-tuned": ("fine-tuned from the pretrained export", True, []),
     "scratch": ("from scratch", False, []),
     "probe": ("linear probe (pretrained frozen)", True, ["train.freeze=[pretrained]"]),
+    "attentive-probe": ("attentive probe (encoder frozen, decoder trains)", True, ["train.freeze=[encoder,adapters]"]),
 }
 
 
@@ -266,8 +267,10 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=5,
                         help="labelled images per class kept out of training to choose each run's step by")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds (train.seed and data.seed)")
-    parser.add_argument("--models", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                        help="the Perceiver runs (an ablation of the pretraining need not train from scratch again)")
+    parser.add_argument("--models", nargs="+", choices=list(VARIANTS), default=["fine-tuned", "scratch", "probe"],
+                        help="the Perceiver runs (an ablation of the pretraining need not train from scratch "
+                             "again; attentive-probe, the frozen encoder read by a decoder that trains, is not run by "
+                             "default)")
     parser.add_argument("--steps", type=int, default=800, help="train.max_steps of every run")
     parser.add_argument("--every", type=int, default=100, help="steps between held-out evaluations (checkpoints)")
     parser.add_argument("--short", type=int, default=200, help="the short budget also reported (a multiple of --every)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import os
 import random
+import re
 import resource
 import select
 import signal
@@ -142,5 +143,8 @@ def test_a_hung_rank_fails_its_peer_after_the_collective_timeout(tmp_path):
         procs[1].kill()
         procs[1].wait()
     assert code not in (0, 143) and code > 0, f"rank 0 exit code {code}\n{logs(tmp_path)}"
-    assert "Timed out waiting 15000ms" in (tmp_path / "rank0.log").read_text()  # in DeepSpeed's own group too
+    # gloo's words for the 15 s timeout, in DeepSpeed's own group too: the operation that timed out, or another on
+    # the same connection, closed by that timeout (which of the two a rank reports depends on thread timing)
+    assert re.search(r"Timed out waiting 15000ms|Application timeout caused pair closure",
+                     (tmp_path / "rank0.log").read_text())
     assert_complete(read_latest(run_dir / "checkpoints"))

@@ -6,14 +6,14 @@ their own: PNG files in one folder per class, sharded by ``python -m data_prep s
     PYTHONPATH=. python bench/digits_task.py --out data/digits
     PYTHONPATH=. python bench/finetune_gain.py --train-shards data/digits/train --eval-shards data/digits/eval
 
-``--per-class`` images of each class (the first by a hash of their index) are the labelled training split, all the
-others the evaluation split. An existing ``--out`` is refused: nothing is overwritten.
+``--per-class`` images of each class (the first by a hash of their index: ``finetune_gain.first_per_class``) are
+the labelled training split, all the others the evaluation split. An existing ``--out`` is refused: nothing is
+overwritten.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import subprocess
 import sys
 import tempfile
@@ -22,22 +22,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from finetune_gain import first_per_class  # this script's folder is on sys.path
+
 
 def write_folders(root: Path, per_class: int) -> None:
     """root/train/<digit>/<i>.png and root/eval/<digit>/<i>.png, the 16 grey levels stretched to 0-255."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    order = sorted(range(len(digits.target)), key=lambda i: hashlib.sha256(str(i).encode()).hexdigest())
-    taken = {label: 0 for label in range(10)}
-    for i in order:
-        label = int(digits.target[i])
-        split = "train" if taken[label] < per_class else "eval"
-        taken[label] += split == "train"
-        folder = root / split / f"digit_{label}"
-        folder.mkdir(parents=True, exist_ok=True)
-        pixels = np.rint(digits.images[i] * (255 / 16)).astype(np.uint8)
-        Image.fromarray(pixels, mode="L").save(folder / f"{i:04d}.png")
+    splits = first_per_class(range(len(digits.target)), str, lambda i: int(digits.target[i]), per_class)
+    for split, indices in zip(("train", "eval"), splits):
+        for i in indices:
+            folder = root / split / f"digit_{digits.target[i]}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = np.rint(digits.images[i] * (255 / 16)).astype(np.uint8)
+            Image.fromarray(pixels, mode="L").save(folder / f"{i:04d}.png")
 
 
 def main() -> None:

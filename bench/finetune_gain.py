@@ -41,11 +41,12 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple, TypeVar
 
 import numpy as np
 import yaml
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 FINETUNE_CONFIG = ROOT / "configs" / "finetune_demo.yaml"
@@ -130,6 +131,19 @@ def ensure_pretrained(run_dir: Path, shards: str, seed: int, settings: Sequence[
     return exported
 
 
+def first_per_class(items: Sequence[T], key: Callable[[T], str], label: Callable[[T], int],
+                    per_class: int) -> Tuple[List[T], List[T]]:
+    """Per class, the ``per_class`` items first by a hash of their key, and all the others (both in that order): a
+    split that depends on the keys alone, not on the order the items came in."""
+    first: List[T] = []
+    rest: List[T] = []
+    taken: Counter = Counter()
+    for item in sorted(items, key=lambda item: hashlib.sha256(key(item).encode()).hexdigest()):
+        taken[label(item)] += 1
+        (first if taken[label(item)] <= per_class else rest).append(item)
+    return first, rest
+
+
 def split_labels(spec: str, per_class: int, out: Path, shards: int = 16) -> Tuple[Path, Path]:
     """``spec``'s labelled samples as two shard directories: ``per_class`` samples of each class (the first by a hash
     of their key) to choose each run's step by, the rest to train on (in ``shards`` shards); bytes unchanged."""
@@ -143,13 +157,9 @@ def split_labels(spec: str, per_class: int, out: Path, shards: int = 16) -> Tupl
     samples = [{k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
                for _, read in read_shards(urls, SkipCounter(), stall_timeout_s=600) for sample in read
                if "cls" in sample]
-    samples.sort(key=lambda sample: hashlib.sha256(sample["__key__"].encode()).hexdigest())
-    taken: Counter = Counter()
-    parts: Dict[str, List[dict]] = {"fit": [], "select": []}
-    for sample in samples:
-        label = int(sample["cls"])
-        taken[label] += 1
-        parts["select" if taken[label] <= per_class else "fit"].append(sample)
+    select, fit = first_per_class(samples, lambda sample: sample["__key__"], lambda sample: int(sample["cls"]),
+                                  per_class)
+    parts = {"fit": fit, "select": select}
     directories = []
     for name, rows in parts.items():
         directory = out / name

@@ -19,6 +19,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..compat import swap_parameters
+
 
 class _CastTogether(torch.autograd.Function):
     """Casts of many tensors in one ``_foreach_copy_``; their gradients cast back in another."""
@@ -52,8 +54,9 @@ def _castable(linears: Sequence[nn.Linear]) -> Optional[Tuple[torch.dtype, list,
     device = linears[0].weight.device
     if not torch.is_autocast_enabled(device.type) or torch.get_autocast_dtype(device.type) == torch.float32:
         return None
-    slots = [(module, name) for module in linears for name, p in module._parameters.items() if p is not None]
-    params = [module._parameters[name] for module, name in slots]
+    slots = [(module, name) for module in linears
+             for name, _ in module.named_parameters(recurse=False, remove_duplicate=False)]
+    params = [getattr(module, name) for module, name in slots]
     if not all(p.dtype == torch.float32 and p.device == device and not hasattr(p, "ds_id") for p in params):
         return None
     return torch.get_autocast_dtype(device.type), slots, params
@@ -70,12 +73,10 @@ def linear_weights_cast_together(linears: Sequence[nn.Linear]) -> Iterator[None]
     dtype, slots, params = plan
     copies = _CastTogether.apply(dtype, *params)
     try:
-        for (module, name), copy in zip(slots, copies):
-            module._parameters[name] = copy
+        swap_parameters(slots, copies)
         yield
     finally:
-        for (module, name), param in zip(slots, params):
-            module._parameters[name] = param
+        swap_parameters(slots, params)
 
 
 def cast_linear_weights_together(model: nn.Module) -> None:

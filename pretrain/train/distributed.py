@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from launch.env import DistEnv, backend_for, device_for, exported_env
+from ..compat import collective_timeout_defaults, skip_deepspeed_shm_comm
 from ..config import TrainConfig
 
 
@@ -44,32 +45,27 @@ def process_group(env: DistEnv, device: torch.device,
 
     ``timeout_minutes`` bounds every collective, those of the groups DeepSpeed makes too: it makes them with
     ``new_group(ranks)``, which takes torch's default timeout (30 minutes on gloo, 10 on NCCL), not the world's. So the
-    defaults are ours while the group lives."""
-    import deepspeed
-    import deepspeed.ops
-    import deepspeed.utils.groups
+    defaults are ours while the group lives. DeepSpeed's ``destroy_process_group`` ends it: unlike torch's, it also
+    drops DeepSpeed's clone of the world group, which a later group in this process (a notebook, a test) would
+    otherwise meet destroyed ("Group ... is not registered")."""
+    import deepspeed.comm
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    c10d = dist.distributed_c10d
-    defaults = c10d.default_pg_timeout, c10d.default_pg_nccl_timeout
-    timeout = c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = datetime.timedelta(minutes=timeout_minutes)
-    try:
-        with exported_env(env):
-            deepspeed.init_distributed(
-                dist_backend=backend_for(device),
-                auto_mpi_discovery=False,
-                timeout=timeout,
-                rank=env.rank,
-                world_size=env.world_size,
-            )
-            yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        # DeepSpeed keeps a clone of the world group in module state; a later group in this process (a notebook, a
-        # test) would meet the destroyed one there ("Group ... is not registered").
-        deepspeed.utils.groups._WORLD_GROUP = None
-        c10d.default_pg_timeout, c10d.default_pg_nccl_timeout = defaults
+    skip_deepspeed_shm_comm()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    with collective_timeout_defaults(timeout):
+        try:
+            with exported_env(env):
+                deepspeed.init_distributed(
+                    dist_backend=backend_for(device),
+                    auto_mpi_discovery=False,
+                    timeout=timeout,
+                    rank=env.rank,
+                    world_size=env.world_size,
+                )
+                yield
+        finally:
+            if dist.is_initialized():
+                deepspeed.comm.destroy_process_group()
 
 
 def all_gather(obj: Any) -> List[Any]:

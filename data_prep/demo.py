@@ -75,6 +75,8 @@ class DemoSize:
 SIZES = {
     "small": DemoSize(fashion=(2000, 200), passages=(1000, 100), speech=(200, 20), video=(32, 8),
                       shard_samples=(256, 64)),
+    "medium": DemoSize(fashion=(None, 200), passages=(1000, 100), speech=(200, 20), video=(32, 8),
+                       shard_samples=(1024, 64)),
     "full": DemoSize(fashion=(None, DOWNSTREAM_FROM), passages=(None, None), speech=(5000, 500), video=(None, None),
                      shard_samples=(4096, 1024)),
 }

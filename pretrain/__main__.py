@@ -64,26 +64,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_data_paths(cfg, world_size: int, saved_data: Optional[dict]) -> None:
-    """Before any process group starts: every shard spec names shards, the model takes every class their indexes
-    list, evaluation has shards to run on, and the streams can run (``pretrain.data.check_before_start``)."""
-    from pretrain.config import ConfigError, global_batch
-    from pretrain.data import check_before_start, expand_spec, listed_classes
-
-    for key in ("train_shards", "val_shards"):
-        for i, spec in enumerate(getattr(cfg.data, key)):
-            classes = listed_classes(expand_spec(spec, f"data.{key}[{i}]"))
-            if len(classes) > cfg.model.num_classes > 0:  # else most samples would be skipped for their label
-                raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but data.{key}[{i}] has "
-                                  f"{len(classes)} classes ({', '.join(classes[:5])}{', ...' * (len(classes) > 5)} in "
-                                  f"its index.json); set model.num_classes={len(classes)}")
-    if cfg.train.eval_every_steps and not cfg.data.val_shards:
-        raise ConfigError("data.val_shards: train.eval_every_steps is set but there are no validation shards; give "
-                          "data.val_shards or set train.eval_every_steps=0")
-    splits = ["train", "val"] if cfg.train.eval_every_steps else ["train"]
-    check_before_start(cfg.data, splits, world_size, global_batch(cfg, world_size), saved_data)
-
-
 def report_before_training(message: str) -> None:
     """A mistake found before training, said once: every rank finds it, rank 0 prints it. Under torchrun rank 0 also
     leaves it in its error file (``TORCHELASTIC_ERROR_FILE``, torchelastic's own contract), and the other ranks of its
@@ -126,17 +106,12 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
                   preemption: Preemption) -> int:
     from launch.env import detect_env
     from omegaconf import OmegaConf
-    import torch
 
     quiet_deepspeed()
 
-    from pretrain.checkpoint import check_fits, peek_client_state, resolve_resume
     from pretrain.config import config_to_dict, load_config, validate_config
-    from pretrain.init_from import plan_start
     from pretrain.model.hf import export_refusal
-    from pretrain.model import PerceiverIO
-    from pretrain.train import checkpoint_dir
-    from pretrain.train.run import saved_data_state
+    from pretrain.start import decide_start
 
     try:
         cfg = load_config(config, overrides)
@@ -146,27 +121,19 @@ def train_command(config: str, overrides: Sequence[str], resume: str, print_conf
             refusal = export_refusal(cfg.model)
             print(OmegaConf.to_yaml(config_to_dict(cfg)) + (f"# {refusal}\n" if refusal else ""), end="")
             return 0
-        resume_from: Optional[Path] = resolve_resume(resume, checkpoint_dir(cfg))
-        saved = peek_client_state(resume_from) if resume_from is not None else None
-        check_data_paths(cfg, env.world_size, saved_data_state(saved))
-        with torch.device("meta"):  # names and shapes only, no memory
-            model = PerceiverIO(cfg.model)
-        if resume_from is not None:
-            check_fits(resume_from, model)
-            done = saved["shared"]["progress"]["step"]
-            if done >= cfg.train.max_steps:
-                if env.rank == 0:
-                    print(f"run already at train.max_steps={cfg.train.max_steps} ({resume_from}): nothing to train "
-                          f"(raise train.max_steps to continue)", file=sys.stderr)
-                return 0
-        init = plan_start(cfg, model, resume_from)
+        start = decide_start(cfg, env.world_size, resume)
+        if start.step >= cfg.train.max_steps:
+            if env.rank == 0:
+                print(f"run already at train.max_steps={cfg.train.max_steps} ({start.resume_from}): nothing to "
+                      f"train (raise train.max_steps to continue)", file=sys.stderr)
+            return 0
     except ValueError as exc:  # ConfigError, DataError, CheckpointError and launch's environment errors
         report_before_training(str(exc))
         return EXIT_BAD_CONFIG
     from pretrain.train import train
 
     faulthandler.register(signal.SIGUSR2, all_threads=True)
-    return train(cfg, env, resume_from, init, preemption)
+    return train(cfg, env, start, preemption)
 
 
 def export_command(checkpoint: Path, out: Path, hf_out: Optional[Path], hf_encoder_out: Optional[Path]) -> int:

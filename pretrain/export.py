@@ -30,7 +30,7 @@ from .config import ConfigError, model_config_from_dict
 from .model import PerceiverIO, hf
 from .model.pretrained import save_hf_pretrained, save_pretrained
 from .train.schedule import parameter_groups
-from .train.trainable import Pretrained, prepare
+from .trainable import Pretrained, prepare
 
 
 class ExportError(ValueError):

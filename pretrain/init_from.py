@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
@@ -24,7 +24,7 @@ from .checkpoint import find_tag, peek_client_state
 from .config import Config, ConfigError, ModelConfig, dotted, model_config_to_dict
 from .model import pretrained
 from .model.pretrained import read_model_dir
-from .train.trainable import Pretrained, frozen_names, prepare
+from .trainable import Pretrained, frozen_names, prepare
 
 log = logging.getLogger("pretrain")
 
@@ -157,14 +157,15 @@ def match(source: Source, model: torch.nn.Module) -> InitPlan:
     return InitPlan(Pretrained(str(source.path), loaded), {name: source.weights[name] for name in loaded}, summary)
 
 
-def plan_start(cfg: Config, model: torch.nn.Module, resume_from: Optional[Path]) -> InitPlan:
+def plan_start(cfg: Config, model: torch.nn.Module, resume_from: Optional[Path],
+               saved: Optional[Dict[str, Any]]) -> InitPlan:
     """A run's first weights, checked before any training: at a first start those ``model.init_from`` names (if
-    any); at a resume none, as the checkpoint holds the run's weights and its :class:`Pretrained` record, and the
-    run's ``train.freeze`` must be the checkpoint's. ``model`` may be on the meta device (names and shapes)."""
-    if resume_from is None:
+    any); at a resume from ``resume_from`` (whose client state is ``saved``) none, as the checkpoint holds the run's
+    weights and its :class:`Pretrained` record, and the run's ``train.freeze`` must be the checkpoint's. ``model``
+    may be on the meta device (names and shapes)."""
+    if resume_from is None or saved is None:
         plan = match(read_source(cfg.model.init_from), model) if cfg.model.init_from else InitPlan()
     else:
-        saved = peek_client_state(resume_from)
         before = list(saved["config"]["train"].get("freeze", []))
         if before != list(cfg.train.freeze):
             raise ConfigError(

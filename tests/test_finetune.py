@@ -18,7 +18,7 @@ from test_data_shards import multimodal_model
 from test_train_engine import logs, losses, metrics, run, tiny_config
 
 from pretrain import load_pretrained, save_pretrained
-from pretrain.checkpoint import MODEL_STATES, read_latest
+from pretrain.checkpoint import MODEL_STATES, peek_client_state, read_latest
 from pretrain.config import ConfigError, TextConfig, load_config, model_config_to_dict
 from pretrain.data import IGNORE_INDEX
 from pretrain.export import export_checkpoint
@@ -27,7 +27,7 @@ from pretrain.model import PerceiverIO
 from pretrain.model.pretrained import save_hf_pretrained
 from pretrain.train.objective import accuracy_metrics, label_counts
 from pretrain.train.schedule import GroupKind, apply_optim_config, build_optimizer, build_scheduler, parameter_groups
-from pretrain.train.trainable import Pretrained, frozen_names
+from pretrain.trainable import Pretrained, frozen_names
 
 CLASSIFY = {"image": "input", "label": "target"}
 NEW_HEAD = ["adapters.label.query", "adapters.label.classifier.weight", "adapters.label.classifier.bias",
@@ -267,7 +267,7 @@ def test_a_source_of_another_shape_is_refused_before_training_naming_tensor_shap
     with pytest.raises(ConfigError, match=r"encoder.self_attends.1.q_norm.weight is missing there.*model."
                                           r"num_self_attends_per_block: 1 there, 2 here"):
         plan_start(load_config(str(finetune_config(tmp_path, "", model=deeper))), PerceiverIO(
-            classifier_model(num_self_attends_per_block=2)), None)
+            classifier_model(num_self_attends_per_block=2)), None, None)
 
 
 def test_a_resume_with_another_freeze_is_refused(tmp_path):
@@ -279,7 +279,7 @@ def test_a_resume_with_another_freeze_is_refused(tmp_path):
     torch.save({"config": saved, "shared": {}, "world_size": 2, "module": {}}, tag / MODEL_STATES)
     with pytest.raises(ConfigError, match=r"train.freeze: \['decoder'\], but .*step_00000003 was trained with "
                                           r"\['latents'\]: a run keeps its frozen parameters"):
-        plan_start(config, PerceiverIO(classifier_model()), tag)
+        plan_start(config, PerceiverIO(classifier_model()), tag, peek_client_state(tag))
 
 
 def test_a_classifier_of_another_class_count_gets_a_new_classifier(tmp_path):

@@ -1,6 +1,6 @@
 """The log lines on their own (one process, a real gloo group, a real engine and stream): a line every
-run.log_every_steps and at a save, none between; a note (a checkpoint's seconds) in the next line only; evaluation
-every train.eval_every_steps; every line in metrics.jsonl."""
+run.log_every_steps and at a save, none between; a note (a checkpoint's seconds) in the next line only; the
+evaluation the loop runs at train.eval_every_steps in the same line; every line in metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from test_train_engine import tiny_config
 
 from launch.env import TORCH_VARS, detect_env
 from pretrain.config import load_config
-from pretrain.init_from import plan_start
-from pretrain.model import PerceiverIO
+from pretrain.start import decide_start
 from pretrain.tracking import METRICS_FILE
+from pretrain.train.batches import StepBatches
 from pretrain.train.distributed import process_group
+from pretrain.train.evaluation import evaluate
 from pretrain.train.logbook import Logbook
 from pretrain.train.loop import train_step
 from pretrain.train.run import build_run
@@ -31,17 +32,18 @@ def test_lines_at_log_steps_and_saves_with_notes_and_evaluation(tmp_path, monkey
     device = torch.device("cpu")
     lines = {}
     with process_group(detect_env({}), device):
-        with torch.device("meta"):
-            init = plan_start(cfg, PerceiverIO(cfg.model), None)
-        run = build_run(cfg, detect_env({}), device, None, init)
-        logbook = Logbook(run)
+        run = build_run(cfg, detect_env({}), device, decide_start(cfg, 1, "auto"))
+        logbook, step_batches = Logbook(run), StepBatches(run)
         try:
             for step, save in ((1, False), (2, False), (3, True)):
-                train_step(run, logbook)
+                train_step(run, logbook, step_batches)
                 run.progress.step, run.progress.samples = step, step * logbook.step_samples
                 if step == 1:
                     logbook.note(checkpoint_time_s=1.5)
-                lines[step] = logbook.end_step(step, save)
+                metrics = logbook.end_step(step, save)
+                if step % cfg.train.eval_every_steps == 0:  # as Stopping decides it
+                    metrics.update(evaluate(run))
+                lines[step] = logbook.write(step, metrics)
         finally:
             run.tracker.finish()
     assert lines[1] == {}

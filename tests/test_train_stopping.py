@@ -1,6 +1,6 @@
 """How a step ends, on its own (one process, a real gloo group): saves at checkpoint.every_steps, after the minutes and
 at the last step; a signal agreed a step late saves then stops; a divergence stops without saving; a full disk
-stops before writing."""
+stops before writing; evaluates at train.eval_every_steps and the last step, with a validation stream only."""
 
 from __future__ import annotations
 
@@ -34,16 +34,18 @@ def preemption():
     caught.restore()
 
 
-def stopping(tmp_path, preemption, saved, max_steps=6, every_steps=0, every_minutes=0.0, full_disk=False):
+def stopping(tmp_path, preemption, saved, max_steps=6, every_steps=0, every_minutes=0.0, full_disk=False,
+             eval_every=0, validates=False):
     cfg = Config()
     cfg.train.max_steps, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes = max_steps, every_steps, every_minutes
+    cfg.train.eval_every_steps = eval_every
 
     def save(step: int) -> None:
         if full_disk:
             raise NoRoomError(f"no room for step {step}")
         saved.append(step)
 
-    return Stopping(cfg, CPU, preemption, save, tmp_path)
+    return Stopping(cfg, CPU, preemption, save, tmp_path, validates=validates)
 
 
 def run(stops: Stopping, steps: int, line=lambda step: {}) -> tuple:
@@ -90,3 +92,9 @@ def test_a_full_disk_stops_before_writing(group, tmp_path, preemption):
     stops = stopping(tmp_path, preemption, [], every_steps=2, full_disk=True)
     assert not stops.signalled_at_start()
     assert run(stops, 6) == (EXIT_NO_ROOM, 2)
+
+
+def test_evaluates_every_n_steps_and_at_the_last_with_a_validation_stream(group, tmp_path, preemption):
+    for validates, evaluated in ((True, [3, 6, 7]), (False, [])):
+        stops = stopping(tmp_path, preemption, [], max_steps=7, eval_every=3, validates=validates)
+        assert [step for step in range(1, 8) if stops.decide(step).evaluate] == evaluated

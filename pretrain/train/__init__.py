@@ -1,10 +1,8 @@
-"""The DeepSpeed training engine: ``train(cfg, env, resume_from, init, preemption)`` runs one training process of a
-job."""
+"""The DeepSpeed training engine: ``train(cfg, env, start, preemption)`` runs one training process of a job."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -15,17 +13,17 @@ from .distributed import device_of, process_group
 from .loop import train_loop
 from .run import build_run, checkpoint_dir
 
-if TYPE_CHECKING:  # pretrain.init_from imports this package
-    from ..init_from import InitPlan
+if TYPE_CHECKING:  # pretrain.start imports this package
+    from ..start import Start
 
 
-def train(cfg: Config, env: DistEnv, resume_from: Optional[Path], init: InitPlan, preemption: Preemption) -> int:
+def train(cfg: Config, env: DistEnv, start: Start, preemption: Preemption) -> int:
     """Train under a process group that is destroyed on every exit path; returns the process exit code (0 done,
     ``EXIT_PREEMPTED`` after a signal, which ``preemption`` has caught since the process started, and its
-    checkpoint). ``init``: the run's first weights (``pretrain.init_from.plan_start``)."""
+    checkpoint). ``start``: how the run starts (``pretrain.start.decide_start``)."""
     device = device_of(env, cfg.data.num_workers)
     with process_group(env, device, cfg.train.collective_timeout_minutes):
-        run = build_run(cfg, env, device, resume_from, init)
+        run = build_run(cfg, env, device, start)
         exit_code = 1
         try:
             with logging_redirect_tqdm():  # log lines pass rank 0's progress bar

@@ -1,21 +1,18 @@
-"""The log lines of a run: what the steps since the last line measured, evaluation when due, to the tracker and the
-console."""
+"""The log lines of a run: it records what the loop hands it (the wait for the batches, the losses, a checkpoint's
+seconds), and at a step that logs turns the sums since the last line into one line, with the evaluation the loop ran
+beside it, to the tracker and the console. Fetching the batches and deciding when to evaluate are the loop's."""
 
 from __future__ import annotations
 
 import logging
-import time
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import torch
 
-from ..config import global_batch, gradient_accumulation_steps
-from ..perf import first_step_flops
+from ..config import global_batch
 from ..tracking import format_metrics
-from .batches import forever, to_device
 from .distributed import mean_over_ranks
-from .evaluation import evaluate
-from .metrics import SkipSummary, Window, compute_metrics, input_tokens, skipped_totals
+from .metrics import SkipSummary, Window, compute_metrics, skipped_totals
 from .objective import over_present
 from .run import Run
 from .schedule import lr_factor
@@ -24,32 +21,21 @@ log = logging.getLogger("pretrain")
 
 
 class Logbook:
-    """Fetches the training batches (timing the wait for each) and sums what each micro-step measured; at the end of
-    a step that logs (every ``run.log_every_steps``, and before every save, which is checked for divergence first) it
-    turns the sums into one line, with an evaluation every ``train.eval_every_steps`` and at the last step."""
+    """Sums what each step measured; a step that logs (every ``run.log_every_steps``, and before every save, which
+    is checked for divergence first) turns the sums into the metrics of its line, which ``write`` logs."""
 
     def __init__(self, run: Run):
         self.run = run
         self.world = run.env.world_size
-        self.gas = gradient_accumulation_steps(run.cfg, self.world)
         self.step_samples = global_batch(run.cfg, self.world)
-        self.batches = forever(run.stream)
         self.window, self.skip_summary = Window(), SkipSummary()
-        self.flops = None
+        self.flops: Optional[float] = None
         self.notes: Dict[str, float] = {}
 
-    def next_batch(self) -> dict:
-        """The next batch on the device; before the first is trained on, the FLOPs of a step are counted on it."""
-        waited = time.perf_counter()
-        batch = next(self.batches)
-        self.window.add(data_wait=time.perf_counter() - waited, tokens=input_tokens(batch["inputs"]) * self.world)
-        batch = to_device(batch, self.run.device, self.run.dtype)
-        if self.flops is None:
-            args, cfg = (batch["inputs"], batch["decode"]), self.run.cfg
-            step_flops = first_step_flops(self.run.engine.module, args, cfg.model.attention_backend,
-                                          cfg.train.compile, self.run.device)
-            self.flops = self.gas * self.world * step_flops
-        return batch
+    def fetched(self, data_wait: float, tokens: int, flops: Optional[float]) -> None:
+        """What fetching a step's batches measured (``StepBatches.next``), and the FLOPs of a step, all ranks."""
+        self.window.add(data_wait=data_wait, tokens=tokens)
+        self.flops = flops
 
     def step_targets(self, counts: Mapping[str, torch.Tensor]) -> None:
         """The step's target counts over every rank: a modality is present in the step when it has any."""
@@ -66,19 +52,20 @@ class Logbook:
         self.notes.update(values)
 
     def end_step(self, step: int, save: bool) -> Dict[str, float]:
-        """The metrics logged for ``step``; empty when it logs nothing."""
-        cfg = self.run.cfg
+        """The metrics of the steps since the last line when ``step`` logs, else empty; the loop adds the evaluation
+        it runs after them (so that its time is not counted as training's) and hands the line to ``write``."""
         self.window.add(steps=1, samples=self.step_samples)
-        metrics = self._window(step) if step % cfg.run.log_every_steps == 0 or save else {}
-        last = step == cfg.train.max_steps
-        if self.run.val is not None and (step % cfg.train.eval_every_steps == 0 or last):
-            metrics.update(evaluate(self.run))
+        return self._window(step) if step % self.run.cfg.run.log_every_steps == 0 or save else {}
+
+    def write(self, step: int, metrics: Dict[str, float]) -> Dict[str, float]:
+        """``step``'s line, with the notes since the last, to the tracker and (rank 0) the console; nothing when
+        ``metrics`` is empty. Returns the line."""
         if metrics:
             metrics.update(self.notes)
             self.notes.clear()
             self.run.tracker.log(metrics, step)
             if self.run.env.rank == 0:
-                log.info("%s", format_metrics(metrics, step, cfg.train.max_steps))
+                log.info("%s", format_metrics(metrics, step, self.run.cfg.train.max_steps))
         return metrics
 
     def _window(self, step: int) -> Dict[str, float]:

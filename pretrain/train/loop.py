@@ -1,5 +1,5 @@
-"""The training loop: the step (micro-batches, backward, optimizer), with the log lines (``Logbook``) and the
-save and stop decisions (``Stopping``) around it."""
+"""The training loop: the step (fetching its micro-batches from ``StepBatches``, backward, optimizer), then the
+evaluation and the save as ``Stopping`` decides them, with ``Logbook`` recording what the loop hands it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import torch
 from tqdm import tqdm
 
 from ..preemption import EXIT_PREEMPTED, Preemption
+from .batches import StepBatches
 from .distributed import sum_over_ranks
+from .evaluation import evaluate
 from .logbook import Logbook
 from .objective import per_target, predict, target_counts, weighted_total
 from .profiling import StepProfiler
@@ -35,16 +37,17 @@ def step_targets(batches: List[dict]) -> Dict[str, torch.Tensor]:
     return dict(zip(names, total))
 
 
-def train_step(run: Run, logbook: Logbook) -> None:
+def train_step(run: Run, logbook: Logbook, step_batches: StepBatches) -> None:
     """One optimizer step on the step's micro-batches, each modality's loss divided by its targets in the whole step
     (every rank and micro-batch), so that the gradient and the logged losses are the same however the global batch
     is split over processes and accumulation steps (a mean of each micro-batch's own mean would weigh a target by
     the size of the micro-batch it falls in)."""
     cfg, engine = run.cfg, run.engine
-    batches = [logbook.next_batch() for _ in range(logbook.gas)]
+    batches, data_wait, tokens = step_batches.next()
+    logbook.fetched(data_wait, tokens, step_batches.flops)
     counts = step_targets(batches)
     logbook.step_targets(counts)
-    scale = logbook.gas * run.env.world_size  # DeepSpeed divides by both: the step's gradient is then the sum's
+    scale = step_batches.gas * run.env.world_size  # DeepSpeed divides by both: the step's gradient is then the sum's
     for micro, batch in enumerate(batches):
         reseed(cfg.train.seed, run.env.rank, run.progress.step, micro)
         losses = per_target(predict(engine, batch)[0], counts)
@@ -55,11 +58,14 @@ def train_step(run: Run, logbook: Logbook) -> None:
 
 
 def train_loop(run: Run, preemption: Preemption) -> int:
-    """Steps until ``train.max_steps`` (0 returned) or until ``Stopping`` ends the run with its exit code."""
+    """Steps until ``train.max_steps`` (0 returned) or until ``Stopping`` ends the run with its exit code. A step's
+    evaluation runs after its training metrics are taken (its time is not training's) and goes in the same line, which
+    ``Stopping`` checks for a divergence before saving."""
     cfg, progress = run.cfg, run.progress
-    logbook = Logbook(run)
+    logbook, step_batches = Logbook(run), StepBatches(run)
     stopping = Stopping(cfg, run.device, preemption, checkpoint_dir=run.checkpointer.directory,
-                        save=lambda step: logbook.note(checkpoint_time_s=run.checkpointer.save(step)))
+                        save=lambda step: logbook.note(checkpoint_time_s=run.checkpointer.save(step)),
+                        validates=run.val is not None)
     if stopping.signalled_at_start():
         return EXIT_PREEMPTED
     bar = tqdm(total=cfg.train.max_steps, initial=progress.step,
@@ -69,12 +75,15 @@ def train_loop(run: Run, preemption: Preemption) -> int:
     try:
         while progress.step < cfg.train.max_steps:
             profiler.step_begins(progress.step)
-            train_step(run, logbook)
+            train_step(run, logbook, step_batches)
             progress.step += 1
             progress.samples += logbook.step_samples
             bar.update(1)
             end = stopping.decide(progress.step)
-            exit_code = stopping.end_step(progress.step, end, logbook.end_step(progress.step, end.save))
+            metrics = logbook.end_step(progress.step, end.save)
+            if end.evaluate:
+                metrics.update(evaluate(run))
+            exit_code = stopping.end_step(progress.step, end, logbook.write(progress.step, metrics))
             if exit_code is not None:
                 return exit_code
             profiler.step_ends()

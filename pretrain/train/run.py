@@ -13,17 +13,16 @@ import torch
 from omegaconf import OmegaConf
 
 from launch.env import DistEnv
-from ..checkpoint import CHECKPOINTS, Checkpointer, RngState, peek_client_state
+from ..checkpoint import CHECKPOINTS, Checkpointer, RngState
 from ..config import Config, config_to_dict, global_batch
 from ..data import DataStream, ValidationPass, expand_spec, listed_classes, saved_streams
-from ..model import PerceiverIO
 from ..model.hf import export_refusal
 from ..tracking import Tracker
 from .engine import build_engine, resolve_precision
 from .schedule import apply_optim_config, parameter_groups
 
-if TYPE_CHECKING:  # pretrain.init_from imports this package
-    from ..init_from import InitPlan
+if TYPE_CHECKING:  # pretrain.start imports this package
+    from ..start import Start
 
 log = logging.getLogger("pretrain")
 
@@ -58,11 +57,6 @@ class Run:
     class_names: List[str]
 
 
-def saved_data_state(saved: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """The training stream's state in a checkpoint's client state (``peek_client_state``), or None."""
-    return saved["per_rank"][0].get("data") if saved else None
-
-
 def checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.dir) / CHECKPOINTS
 
@@ -78,7 +72,8 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def build_run(cfg: Config, env: DistEnv, device: torch.device, resume_from: Optional[Path], init: InitPlan) -> Run:
+def build_run(cfg: Config, env: DistEnv, device: torch.device, start: Start) -> Run:
+    """The run ``start`` (``pretrain.start.decide_start``) describes, its model, weights and state in place."""
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, env.rank)
@@ -87,8 +82,7 @@ def build_run(cfg: Config, env: DistEnv, device: torch.device, resume_from: Opti
     resolved = config_to_dict(cfg)
     if env.rank == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-    saved = peek_client_state(resume_from) if resume_from else None
-    universal = saved is not None and saved["world_size"] != env.world_size
+    resume_from, saved, init, universal = start.resume_from, start.saved, start.init, start.universal
     refusal = export_refusal(cfg.model)
     if refusal and env.rank == 0:
         log.warning("%s", refusal)
@@ -96,8 +90,7 @@ def build_run(cfg: Config, env: DistEnv, device: torch.device, resume_from: Opti
         log.warning("optim.warmup_steps %d > train.max_steps %d: the learning rate never reaches optim.lr %g (it "
                     "ends the run at %.0f%% of it); lower optim.warmup_steps", cfg.optim.warmup_steps,
                     cfg.train.max_steps, cfg.optim.lr, 100 * cfg.train.max_steps / cfg.optim.warmup_steps)
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = PerceiverIO(cfg.model)
+    model = start.model
     if init.summary:
         log.info("%s", init.summary)
     frozen = init.apply(model, cfg.train.freeze)
@@ -108,12 +101,12 @@ def build_run(cfg: Config, env: DistEnv, device: torch.device, resume_from: Opti
     pretrained = init.pretrained.loaded
     engine = build_engine(cfg, model, env.world_size, device, run_dir, universal, pretrained)
     stream = DataStream(cfg.data, cfg.model, env.rank, env.world_size, global_batch(cfg, env.world_size),
-                        saved_streams(saved_data_state(saved)))
+                        saved_streams(start.data_state))
     val = None
     if cfg.data.val_shards and cfg.train.eval_every_steps:
         val = ValidationPass(cfg.data, cfg.model, env.rank, env.world_size)
     progress = Progress()
-    resume_step = saved["shared"]["progress"]["step"] if saved else None
+    resume_step = start.step if saved else None
     tracker = Tracker(cfg.wandb, run_dir, env.rank, resolved, cfg.run.name, resume_step)
     checkpointer = Checkpointer(checkpoint_dir(cfg), engine, cfg.checkpoint.keep_last,
                                 shared={"progress": progress, "tracker": tracker, "pretrained": init.pretrained},

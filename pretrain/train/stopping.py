@@ -1,5 +1,6 @@
-"""How a step ends, agreed by every rank: with a save or not, and whether the run stops after it (a preemption
-signal, the last step, a divergence, a full disk)."""
+"""How a step ends, agreed by every rank: with an evaluation or not, with a save or not, and whether the run stops
+after it (a preemption signal, the last step, a divergence, a full disk). The loop runs the evaluation, logs the line
+and hands it here, where a divergence in it stops the run before the save."""
 
 from __future__ import annotations
 
@@ -39,17 +40,20 @@ class StepEnd:
     save: bool
     stop: bool  # for a preemption signal
     last: bool
+    evaluate: bool  # every train.eval_every_steps and at the last step, when there is a validation stream
 
 
 class Stopping:
-    """The stop and save decisions. A signal and the checkpoint minutes are flags of one rank, ORed over all ranks one
-    step late (``DeferredAgreement``: no wait for the GPU); a save follows ``checkpoint.every_steps``, the minutes, a
-    signal and the last step. ``save(step)`` checkpoints (``Checkpointer.save``, raising ``NoRoomError``);
-    ``checkpoint_dir`` is where the checkpoints go. Every rank makes the same calls (collectives)."""
+    """The evaluation, stop and save decisions. A signal and the checkpoint minutes are flags of one rank, ORed over
+    all ranks one step late (``DeferredAgreement``: no wait for the GPU); a save follows ``checkpoint.every_steps``, the
+    minutes, a signal and the last step. ``save(step)`` checkpoints (``Checkpointer.save``, raising ``NoRoomError``);
+    ``checkpoint_dir`` is where the checkpoints go; ``validates``: the run has a validation stream. Every rank makes
+    the same calls (collectives)."""
 
     def __init__(self, cfg: Config, device: torch.device, preemption: Preemption, save: Callable[[int], None],
-                 checkpoint_dir: Path):
+                 checkpoint_dir: Path, validates: bool):
         self.cfg, self.preemption, self.save, self.checkpoint_dir = cfg, preemption, save, checkpoint_dir
+        self.validates = validates
         self.agreement = DeferredAgreement(2, device)  # [stop for a signal, checkpoint minutes due]
         self.last_save = time.monotonic()
 
@@ -65,7 +69,9 @@ class Stopping:
         stop, minutes_due = self.agreement.result()
         every = self.cfg.checkpoint.every_steps
         last = step == self.cfg.train.max_steps
-        return StepEnd(save=bool(every and step % every == 0) or minutes_due or stop or last, stop=stop, last=last)
+        evaluate = self.validates and (step % self.cfg.train.eval_every_steps == 0 or last)
+        return StepEnd(save=bool(every and step % every == 0) or minutes_due or stop or last, stop=stop, last=last,
+                       evaluate=evaluate)
 
     def end_step(self, step: int, end: StepEnd, metrics: Dict[str, float]) -> Optional[int]:
         """The exit code if the run stops after ``step`` (``metrics``: its log line, the same on every rank), else

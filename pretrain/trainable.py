@@ -14,7 +14,7 @@ from typing import Any, Collection, Dict, List, Mapping, Sequence
 
 import torch
 
-from ..config import ConfigError
+from .config import ConfigError
 
 PRETRAINED = "pretrained"  # every tensor model.init_from loaded
 ALIASES = {"latents": "encoder.latents"}

@@ -11,18 +11,55 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
-from omegaconf import OmegaConf
+from omegaconf import MISSING, IntegerNode, OmegaConf, StringNode
+from omegaconf.errors import ValidationError
 
 from .shard_format import FIELD_MODALITY, MODALITY_FIELDS
 from .vocab import VOCAB_SIZE
 
-ATTENTION_BACKENDS = ("auto", "autotune", "flash_attn", "varlen", "sdpa", "sdpa_unpadded", "math")
+# The enumerations: each the type of its fields, and the tuple of its values (in messages, for other modules) read
+# from it, so the two cannot drift apart.
+AttentionBackend = Literal["auto", "autotune", "flash_attn", "varlen", "sdpa", "sdpa_unpadded", "math"]
+CrossAttentionShape = Literal["q", "kv"]
+Precision = Literal["auto", "fp32", "bf16", "autocast"]
+CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune"]
+WandbMode = Literal["online", "offline", "disabled"]
+ZeroStage = Literal[0, 1, 2, 3]
+ATTENTION_BACKENDS = typing.get_args(AttentionBackend)
+PRECISIONS = typing.get_args(Precision)
+COMPILE_MODES = typing.get_args(CompileMode)
+WANDB_MODES = typing.get_args(WandbMode)
+# The enumerations whose messages list their values otherwise than "must be one of (...)".
+_CHOICE_MESSAGES = {CrossAttentionShape: "must be 'q' or 'kv', got {!r}", ZeroStage: "must be 0, 1, 2 or 3, got {}"}
 
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and what would fix it."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _require_divides(value: int, by: int, key: str, by_key: str) -> None:
+    _require(by > 0, by_key, f"must be a positive integer, got {by}")
+    _require(value % by == 0, key, f"{value} is not divisible by {by_key}={by}; pick a multiple of {by}")
+
+
+def _require_choice(value: Any, kind: Any, key: str) -> None:
+    """``value`` is one of the ``Literal`` ``kind``'s: the one check and message of an enumeration, for the sections'
+    ``validate`` (a dataclass built in code bypasses omegaconf) and for :func:`load_config`."""
+    choices = typing.get_args(kind)
+    _require(value in choices, key, _CHOICE_MESSAGES.get(kind, f"must be one of {choices}, got {{!r}}").format(value))
+
+
+def _require_positive(section: Any, keys: Sequence[str], prefix: str) -> None:
+    for key in keys:
+        value = getattr(section, key)
+        _require(value > 0, f"{prefix}.{key}", f"must be a positive integer, got {value}")
 
 
 @dataclass
@@ -31,6 +68,11 @@ class TextConfig:
 
     vocab_size: int = 262
     max_length: int = 2048
+
+    def validate(self, prefix: str) -> None:
+        """Fail early, naming the key (``prefix`` is where this section sits), for sizes no embedding can have."""
+        _require(self.vocab_size > 0, f"{prefix}.vocab_size", "must be positive")
+        _require(self.max_length > 0, f"{prefix}.max_length", "must be positive")
 
 
 class PatchGrid:
@@ -50,6 +92,14 @@ class PatchGrid:
     def num_patches(self) -> int:
         return math.prod(self.grid)
 
+    def _validate_grid(self, key: str, block_key: str) -> None:
+        """The patches tile the array: as many block sizes as axes, each dividing its axis."""
+        size, block = self.patch_sizes, self.patch_block
+        _require(len(size) == len(block), key, f"has {len(size)} dims but {block_key} has {len(block)}")
+        for dim, (n, b) in enumerate(zip(size, block)):
+            _require(n > 0 and b > 0, key, f"sizes must be positive, got {list(size)} and {block_key}={list(block)}")
+            _require(n % b == 0, f"{key}[{dim}]", f"{n} is not divisible by {block_key}[{dim}]={b}")
+
 
 @dataclass
 class ImageConfig(PatchGrid):
@@ -64,6 +114,12 @@ class ImageConfig(PatchGrid):
     patch_block = property(lambda self: [self.patch_size] * 2)
     patch_channels = property(lambda self: self.channels)
 
+    def validate(self, prefix: str) -> None:
+        """Fail early, naming the key, for an image the patches cannot tile."""
+        _require(len(self.size) == 2, f"{prefix}.size", f"must be [height, width], got {self.size}")
+        self._validate_grid(f"{prefix}.size", "patch_size")
+        _require(self.channels > 0, f"{prefix}.channels", "must be positive")
+
 
 @dataclass
 class AudioConfig(PatchGrid):
@@ -76,6 +132,10 @@ class AudioConfig(PatchGrid):
     patch_sizes = property(lambda self: [self.num_samples])
     patch_block = property(lambda self: [self.patch_size])
     patch_channels = property(lambda self: 1)
+
+    def validate(self, prefix: str) -> None:
+        """Fail early, naming the key, for a waveform the patches cannot tile."""
+        self._validate_grid(f"{prefix}.num_samples", "patch_size")
 
 
 @dataclass
@@ -92,6 +152,12 @@ class VideoConfig(PatchGrid):
     patch_block = property(lambda self: list(self.tubelet))
     patch_channels = property(lambda self: self.channels)
 
+    def validate(self, prefix: str) -> None:
+        """Fail early, naming the key, for a clip the tubelets cannot tile."""
+        _require(len(self.size) == 2, f"{prefix}.size", f"must be [height, width], got {self.size}")
+        _require(len(self.tubelet) == 3, f"{prefix}.tubelet", f"must be [t, h, w], got {self.tubelet}")
+        self._validate_grid(f"{prefix}.frames/size", "tubelet")
+
 
 @dataclass
 class ArrayConfig(PatchGrid):
@@ -104,6 +170,10 @@ class ArrayConfig(PatchGrid):
     patch_sizes = property(lambda self: [self.length])
     patch_block = property(lambda self: [1])
     patch_channels = property(lambda self: self.channels)
+
+    def validate(self, prefix: str) -> None:
+        """Fail early, naming the key, for an empty array."""
+        _require(self.length > 0 and self.channels > 0, prefix, "length and channels > 0")
 
 
 @dataclass
@@ -129,7 +199,7 @@ class ModelConfig:
     num_cross_attention_heads: int = 8
     qk_channels: Optional[int] = None
     v_channels: Optional[int] = None
-    cross_attention_shape_for_attention: str = "kv"
+    cross_attention_shape_for_attention: CrossAttentionShape = "kv"
     self_attention_widening_factor: int = 1
     cross_attention_widening_factor: int = 1
     use_query_residual: bool = True
@@ -142,7 +212,7 @@ class ModelConfig:
     num_classes: int = 0
     init_std: float = 0.02
     activation_checkpointing: bool = False
-    attention_backend: str = "auto"
+    attention_backend: AttentionBackend = "auto"
     init_from: str = ""
     text: Optional[TextConfig] = field(default_factory=TextConfig)
     image: Optional[ImageConfig] = None
@@ -176,96 +246,61 @@ class ModelConfig:
         """(qk, v) of the decoder cross-attention: v defaults to the query channels (d_model)."""
         return self.decoder_qk_channels, self.decoder_v_channels or self.d_model
 
+    def validate(self, prefix: str = "model") -> ModelConfig:
+        """Fail early, naming the key (``prefix`` is where this section sits), for any value the model could not be
+        built with; returns the config, checked."""
+        _require_positive(self, ("d_model", "num_latents", "d_latents", "num_blocks", "num_self_attends_per_block"),
+                          prefix)
+        _require_choice(self.cross_attention_shape_for_attention, CrossAttentionShape,
+                        f"{prefix}.cross_attention_shape_for_attention")
+        _require(0.0 <= self.attention_dropout < 1.0, f"{prefix}.attention_dropout", "must be in [0, 1)")
+        _require_choice(self.attention_backend, AttentionBackend, f"{prefix}.attention_backend")
+        _require(len(self.input_modalities) > 0, prefix, "enable at least one input modality (text, image, audio, ...)")
+        _require(self.num_classes >= 0, f"{prefix}.num_classes", "must be >= 0 (0 means no classification head)")
+
+        for heads_key, (qk, v), key_prefix in (
+            ("num_cross_attention_heads", self.cross_attention_channels, ""),
+            ("num_self_attention_heads", self.self_attention_channels, ""),
+            ("decoder_num_heads", self.decoder_attention_channels, "decoder_"),
+        ):
+            for key, value in ((f"{key_prefix}qk_channels", qk), (f"{key_prefix}v_channels", v)):
+                _require_divides(value, getattr(self, heads_key), f"{prefix}.{key}", f"{prefix}.{heads_key}")
+        if self.v_channels is not None:
+            _require(
+                self.v_channels == self.d_latents,
+                f"{prefix}.v_channels",
+                f"the latent self-attention adds its output to the latents, so v_channels must equal "
+                f"d_latents={self.d_latents} (or be left unset), got {self.v_channels}",
+            )
+        if self.decoder_use_query_residual and self.decoder_v_channels is not None:
+            _require(
+                self.decoder_v_channels == self.d_model,
+                f"{prefix}.decoder_v_channels",
+                f"with decoder_use_query_residual it must equal d_model={self.d_model}",
+            )
+        for name in self.input_modalities:
+            getattr(self, name).validate(f"{prefix}.{name}")
+        return self
+
 
 MODALITIES = ("text", "image", "audio", "video", "array")
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
-def _require_divides(value: int, by: int, key: str, by_key: str) -> None:
-    _require(by > 0, by_key, f"must be a positive integer, got {by}")
-    _require(value % by == 0, key, f"{value} is not divisible by {by_key}={by}; pick a multiple of {by}")
-
-
 def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
-    """Fail early, naming the key, for any value the model could not be built with."""
-    for key in ("d_model", "num_latents", "d_latents", "num_blocks", "num_self_attends_per_block"):
-        _require(getattr(cfg, key) > 0, f"{prefix}.{key}", f"must be a positive integer, got {getattr(cfg, key)}")
-    _require(
-        cfg.cross_attention_shape_for_attention in ("q", "kv"),
-        f"{prefix}.cross_attention_shape_for_attention",
-        f"must be 'q' or 'kv', got {cfg.cross_attention_shape_for_attention!r}",
-    )
-    _require(0.0 <= cfg.attention_dropout < 1.0, f"{prefix}.attention_dropout", "must be in [0, 1)")
-    _require(
-        cfg.attention_backend in ATTENTION_BACKENDS,
-        f"{prefix}.attention_backend",
-        f"must be one of {ATTENTION_BACKENDS}, got {cfg.attention_backend!r}",
-    )
-    _require(len(cfg.input_modalities) > 0, prefix, "enable at least one input modality (text, image, audio, ...)")
-    _require(cfg.num_classes >= 0, f"{prefix}.num_classes", "must be >= 0 (0 means no classification head)")
-
-    for heads_key, (qk, v), key_prefix in (
-        ("num_cross_attention_heads", cfg.cross_attention_channels, ""),
-        ("num_self_attention_heads", cfg.self_attention_channels, ""),
-        ("decoder_num_heads", cfg.decoder_attention_channels, "decoder_"),
-    ):
-        for key, value in ((f"{key_prefix}qk_channels", qk), (f"{key_prefix}v_channels", v)):
-            _require_divides(value, getattr(cfg, heads_key), f"{prefix}.{key}", f"{prefix}.{heads_key}")
-    if cfg.v_channels is not None:
-        _require(
-            cfg.v_channels == cfg.d_latents,
-            f"{prefix}.v_channels",
-            f"the latent self-attention adds its output to the latents, so v_channels must equal "
-            f"d_latents={cfg.d_latents} (or be left unset), got {cfg.v_channels}",
-        )
-    if cfg.decoder_use_query_residual and cfg.decoder_v_channels is not None:
-        _require(
-            cfg.decoder_v_channels == cfg.d_model,
-            f"{prefix}.decoder_v_channels",
-            f"with decoder_use_query_residual it must equal d_model={cfg.d_model}",
-        )
-    _validate_modalities(cfg, prefix)
-    return cfg
-
-
-def _validate_grid(size: List[int], block: List[int], key: str, block_key: str) -> None:
-    _require(len(size) == len(block), key, f"has {len(size)} dims but {block_key} has {len(block)}")
-    for dim, (n, b) in enumerate(zip(size, block)):
-        _require(n > 0 and b > 0, key, f"sizes must be positive, got {list(size)} and {block_key}={list(block)}")
-        _require(n % b == 0, f"{key}[{dim}]", f"{n} is not divisible by {block_key}[{dim}]={b}")
-
-
-def _validate_modalities(cfg: ModelConfig, prefix: str) -> None:
-    if cfg.text is not None:
-        _require(cfg.text.vocab_size > 0, f"{prefix}.text.vocab_size", "must be positive")
-        _require(cfg.text.max_length > 0, f"{prefix}.text.max_length", "must be positive")
-    if cfg.image is not None:
-        _require(len(cfg.image.size) == 2, f"{prefix}.image.size", f"must be [height, width], got {cfg.image.size}")
-        _validate_grid(cfg.image.patch_sizes, cfg.image.patch_block, f"{prefix}.image.size", "patch_size")
-        _require(cfg.image.channels > 0, f"{prefix}.image.channels", "must be positive")
-    if cfg.audio is not None:
-        _validate_grid(cfg.audio.patch_sizes, cfg.audio.patch_block, f"{prefix}.audio.num_samples", "patch_size")
-    if cfg.video is not None:
-        v = cfg.video
-        _require(len(v.size) == 2, f"{prefix}.video.size", f"must be [height, width], got {v.size}")
-        _require(len(v.tubelet) == 3, f"{prefix}.video.tubelet", f"must be [t, h, w], got {v.tubelet}")
-        _validate_grid(v.patch_sizes, v.patch_block, f"{prefix}.video.frames/size", "tubelet")
-    if cfg.array is not None:
-        _require(cfg.array.length > 0 and cfg.array.channels > 0, f"{prefix}.array", "length and channels > 0")
+    """:meth:`ModelConfig.validate`, for the callers that hold a config rather than call its method."""
+    return cfg.validate(prefix)
 
 
 def model_config_from_dict(values: dict) -> ModelConfig:
     """Build and validate a ModelConfig from plain values (YAML, a checkpoint); unknown keys are an error."""
     schema = OmegaConf.structured(ModelConfig)
     try:
-        merged = OmegaConf.merge(schema, OmegaConf.create(values))
+        merged = OmegaConf.merge(schema, _checked_enumerations(OmegaConf.create(values), "model."))
+    except ConfigError:
+        raise
     except Exception as exc:  # omegaconf raises several types; all mean a bad key or value
         raise ConfigError(f"model config: {exc}") from exc
-    return validate_model_config(OmegaConf.to_object(merged))
+    return OmegaConf.to_object(merged).validate()
 
 
 def model_config_to_dict(cfg: ModelConfig) -> dict:
@@ -299,6 +334,13 @@ class MaskingConfig:
     audio: float = 0.5
     video: float = 0.5
     normalized_patches: bool = False
+
+    def validate(self, prefix: str = "data.masking") -> None:
+        """Fail early, naming the key, for a fraction outside [0, 1] or spans shorter than a byte."""
+        for name in ("text", "image", "audio", "video", "caption_whole"):
+            ratio = getattr(self, name)
+            _require(0.0 <= ratio <= 1.0, f"{prefix}.{name}", f"must be in [0, 1], got {ratio}")
+        _require(self.text_mean_span >= 1.0, f"{prefix}.text_mean_span", "must be >= 1 (bytes)")
 
 
 @dataclass
@@ -358,6 +400,63 @@ class DataConfig:
     shard_retries: int = 3
     objective: Dict[str, str] = field(default_factory=dict)
 
+    def validate(self, model: ModelConfig, prefix: str = "data") -> DataConfig:
+        """Fail early, naming the key, for any value the stream could not run with for ``model``: its own (under
+        ``prefix``) and what the stream needs of the model's (byte ids, pixel channels); returns the config."""
+        _require_positive(self, ("batch_size", "audio_sample_rate", "prefetch_factor"), prefix)
+        for key in ("num_workers", "shuffle_buffer", "epoch_samples", "streams", "seed", "pipe_stall_timeout_s",
+                    "shard_retries", "image_shift"):
+            _require(getattr(self, key) >= 0, f"{prefix}.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if self.weights:
+            _require(
+                len(self.weights) == len(self.train_shards),
+                f"{prefix}.weights",
+                f"has {len(self.weights)} entries for {len(self.train_shards)} train_shards; give one per dataset or "
+                f"none",
+            )
+            _require(all(w >= 0 for w in self.weights) and sum(self.weights) > 0, f"{prefix}.weights",
+                     f"must be >= 0 with a positive sum, got {list(self.weights)}")
+        self.masking.validate(f"{prefix}.masking")
+        for key in self.require:
+            _require(key in FIELD_MODALITY, f"{prefix}.require",
+                     f"unknown sample key {key!r}; known keys: {sorted(FIELD_MODALITY)}")
+        if model.text is not None:
+            _require(model.text.vocab_size >= VOCAB_SIZE, "model.text.vocab_size",
+                     f"the stream feeds UTF-8 byte ids, which need vocab_size >= {VOCAB_SIZE}, got "
+                     f"{model.text.vocab_size}")
+        for name in ("image", "video"):
+            sub = getattr(model, name)
+            _require(sub is None or sub.channels in PIXEL_CHANNELS, f"model.{name}.channels",
+                     f"the stream makes grey (1), RGB (3) or RGBA (4) pixels, got {getattr(sub, 'channels', None)}")
+        channels = {c.channels for c in (model.image, model.video) if c is not None}
+        for key in ("pixel_mean", "pixel_std"):
+            values = getattr(self, key)
+            _require(len(values) == 1 or {len(values)} == channels, f"{prefix}.{key}",
+                     f"needs 1 value or one per image/video channel {sorted(channels)}, got {list(values)}")
+        _require(all(s > 0 for s in self.pixel_std), f"{prefix}.pixel_std",
+                 f"must be positive, got {list(self.pixel_std)}")
+        readable = streamed_modalities(model)
+        for name, role in self.objective.items():
+            _require(name in readable, f"{prefix}.objective.{name}",
+                     f"the model has no {name!r} {'head (model.num_classes is 0)' if name == 'label' else 'modality'}; "
+                     f"it reads {readable}")
+            _require(role in ROLES[name], f"{prefix}.objective.{name}", f"must be one of {ROLES[name]}, got {role!r}")
+        if self.objective:
+            roles = data_roles(self, model)
+            _require(any(role != TARGET for role in roles.values()), f"{prefix}.objective",
+                     f"names no input: give at least one modality as {MASKED!r} or {INPUT!r}, got {dict(roles)}")
+            _require(any(role != INPUT for role in roles.values()), f"{prefix}.objective",
+                     f"nothing to predict: make a modality {MASKED!r} or the label a {TARGET!r}, got {dict(roles)}")
+        return self
+
+    def validate_for_training(self, eval_every_steps: int) -> None:
+        """What a training run needs of its data besides :meth:`validate` (a stream alone reads one split): shards to
+        train on, and validation shards when ``train.eval_every_steps`` evaluates."""
+        _require(bool(self.train_shards), "data.train_shards", "give at least one shard spec to train on")
+        _require(not eval_every_steps or bool(self.val_shards), "data.val_shards",
+                 "train.eval_every_steps is set but there are no validation shards; give data.val_shards or set "
+                 "train.eval_every_steps=0")
+
 
 def streamed_modalities(model: ModelConfig) -> List[str]:
     """The modalities of the data this model can take, the label included when it classifies, in stream order."""
@@ -373,61 +472,11 @@ def data_roles(data: DataConfig, model: ModelConfig) -> Dict[str, str]:
 
 
 def validate_data_config(cfg: DataConfig, model: ModelConfig, prefix: str = "data") -> DataConfig:
-    """Fail early, naming the key, for any value the stream could not run with for this model."""
-    for key in ("batch_size", "audio_sample_rate", "prefetch_factor"):
-        _require(getattr(cfg, key) > 0, f"{prefix}.{key}", f"must be a positive integer, got {getattr(cfg, key)}")
-    for key in ("num_workers", "shuffle_buffer", "epoch_samples", "streams", "seed", "pipe_stall_timeout_s",
-                "shard_retries", "image_shift"):
-        _require(getattr(cfg, key) >= 0, f"{prefix}.{key}", f"must be >= 0, got {getattr(cfg, key)}")
-    if cfg.weights:
-        _require(
-            len(cfg.weights) == len(cfg.train_shards),
-            f"{prefix}.weights",
-            f"has {len(cfg.weights)} entries for {len(cfg.train_shards)} train_shards; give one per dataset or none",
-        )
-        _require(all(w >= 0 for w in cfg.weights) and sum(cfg.weights) > 0, f"{prefix}.weights",
-                 f"must be >= 0 with a positive sum, got {list(cfg.weights)}")
-    for name in ("text", "image", "audio", "video", "caption_whole"):
-        ratio = getattr(cfg.masking, name)
-        _require(0.0 <= ratio <= 1.0, f"{prefix}.masking.{name}", f"must be in [0, 1], got {ratio}")
-    _require(cfg.masking.text_mean_span >= 1.0, f"{prefix}.masking.text_mean_span", "must be >= 1 (bytes)")
-    for key in cfg.require:
-        _require(key in FIELD_MODALITY, f"{prefix}.require",
-                 f"unknown sample key {key!r}; known keys: {sorted(FIELD_MODALITY)}")
-    if model.text is not None:
-        _require(model.text.vocab_size >= VOCAB_SIZE, "model.text.vocab_size",
-                 f"the stream feeds UTF-8 byte ids, which need vocab_size >= {VOCAB_SIZE}, got {model.text.vocab_size}")
-    for name in ("image", "video"):
-        sub = getattr(model, name)
-        _require(sub is None or sub.channels in PIXEL_CHANNELS, f"model.{name}.channels",
-                 f"the stream makes grey (1), RGB (3) or RGBA (4) pixels, got {getattr(sub, 'channels', None)}")
-    channels = {c.channels for c in (model.image, model.video) if c is not None}
-    for key in ("pixel_mean", "pixel_std"):
-        values = getattr(cfg, key)
-        _require(len(values) == 1 or {len(values)} == channels, f"{prefix}.{key}",
-                 f"needs 1 value or one per image/video channel {sorted(channels)}, got {list(values)}")
-    _require(all(s > 0 for s in cfg.pixel_std), f"{prefix}.pixel_std", f"must be positive, got {list(cfg.pixel_std)}")
-    readable = streamed_modalities(model)
-    for name, role in cfg.objective.items():
-        _require(name in readable, f"{prefix}.objective.{name}",
-                 f"the model has no {name!r} {'head (model.num_classes is 0)' if name == 'label' else 'modality'}; "
-                 f"it reads {readable}")
-        _require(role in ROLES[name], f"{prefix}.objective.{name}", f"must be one of {ROLES[name]}, got {role!r}")
-    if cfg.objective:
-        roles = data_roles(cfg, model)
-        _require(any(role != TARGET for role in roles.values()), f"{prefix}.objective",
-                 f"names no input: give at least one modality as {MASKED!r} or {INPUT!r}, got {dict(roles)}")
-        _require(any(role != INPUT for role in roles.values()), f"{prefix}.objective",
-                 f"nothing to predict: make a modality {MASKED!r} or the label a {TARGET!r}, got {dict(roles)}")
-    return cfg
+    """:meth:`DataConfig.validate`, for the callers that hold a config rather than call its method."""
+    return cfg.validate(model, prefix)
 
 
 # --- Training run ----------------------------------------------------------------------------------------------------
-
-PRECISIONS = ("auto", "fp32", "bf16", "autocast")
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
-WANDB_MODES = ("online", "offline", "disabled")
-
 
 @dataclass
 class RunConfig:
@@ -444,6 +493,13 @@ class RunConfig:
     progress_bar: bool = True
     profile_steps: int = 0
     profile_after_steps: int = 5
+
+    def validate(self) -> None:
+        """Fail early, naming the key, for a run without a directory or a step count that cannot be."""
+        _require(bool(self.dir), "run.dir", "must name the run directory")
+        _require(self.log_every_steps > 0, "run.log_every_steps", "must be a positive integer")
+        for key in ("profile_steps", "profile_after_steps"):
+            _require(getattr(self, key) >= 0, f"run.{key}", f"must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass
@@ -470,13 +526,38 @@ class TrainConfig:
     max_steps: int = 1000
     seed: int = 0
     global_batch_size: int = 0
-    precision: str = "auto"
-    compile: str = "none"
+    precision: Precision = "auto"
+    compile: CompileMode = "none"
     eval_every_steps: int = 0
     eval_batches: int = 0
     loss_weights: Dict[str, float] = field(default_factory=dict)
     freeze: List[str] = field(default_factory=list)
     collective_timeout_minutes: float = 30.0
+
+    def validate(self, model: ModelConfig, batch_size: int, world_size: int, zero_stage: int) -> None:
+        """Fail early, naming the key, for a loop that cannot run: ``global_batch_size`` against ``data.batch_size``
+        (``batch_size``) x ``world_size``, ``loss_weights`` against ``model``'s outputs, ``compile`` against
+        ``deepspeed.zero_stage`` (``zero_stage``)."""
+        _require_positive(self, ("max_steps",), "train")
+        _require_choice(self.precision, Precision, "train.precision")
+        _require_choice(self.compile, CompileMode, "train.compile")
+        micro = batch_size * world_size
+        _require(
+            self.global_batch_size >= 0 and self.global_batch_size % micro == 0,
+            "train.global_batch_size",
+            f"{self.global_batch_size} is not a multiple of data.batch_size x world size = {batch_size} x "
+            f"{world_size} = {micro}; use a multiple of {micro} (or 0 for no accumulation)",
+        )
+        for key in ("eval_every_steps", "eval_batches"):
+            _require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0 = off / whole split)")
+        _require(self.collective_timeout_minutes > 0, "train.collective_timeout_minutes",
+                 f"must be positive, got {self.collective_timeout_minutes}")
+        unknown = set(self.loss_weights) - set(model.output_modalities)
+        _require(not unknown, "train.loss_weights", f"unknown modalities {sorted(unknown)}; the model outputs "
+                 f"{model.output_modalities}")
+        _require(self.compile == "none" or zero_stage != 3, "train.compile",
+                 f"{self.compile!r} cannot run with deepspeed.zero_stage=3 (the partitioned parameters are gathered by "
+                 f"hooks that the compiled graph does not see); use zero_stage 0-2 or train.compile=none")
 
 
 @dataclass
@@ -494,6 +575,17 @@ class OptimConfig:
     grad_clip: float = 1.0
     pretrained_lr_scale: float = 1.0
 
+    def validate(self) -> None:
+        """Fail early, naming the key, for a schedule or AdamW setting that cannot train."""
+        _require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+                 f"two values in [0, 1), got {self.betas}")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        _require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = no clipping)")
+        _require(self.pretrained_lr_scale > 0, "optim.pretrained_lr_scale",
+                 f"must be positive, got {self.pretrained_lr_scale} (train.freeze: [pretrained] keeps them fixed)")
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -503,10 +595,17 @@ class DeepSpeedConfig:
     keeps one flat fp32 gradient buffer (its ``BF16_Optimizer``) instead of copying each gradient into buckets: the
     fastest engine for the 201M config on an H100 (``bench/README.md``), at twice the bytes per gradient reduction."""
 
-    zero_stage: int = 2
+    zero_stage: ZeroStage = 2
     offload_optimizer: bool = False
     fp32_grad_accumulation: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Fail early, naming the key, for a ZeRO stage DeepSpeed does not have or cannot combine."""
+        _require_choice(self.zero_stage, ZeroStage, "deepspeed.zero_stage")
+        _require(not self.fp32_grad_accumulation or self.zero_stage > 0, "deepspeed.fp32_grad_accumulation",
+                 "needs deepspeed.zero_stage 1-3 (DeepSpeed accumulates bf16 gradients in fp32 only under ZeRO); "
+                 "zero_stage 1 is the fast one")
 
 
 @dataclass
@@ -519,6 +618,12 @@ class CheckpointConfig:
     keep_last: int = 3
     dir: str = ""
 
+    def validate(self) -> None:
+        """Fail early, naming the key, for a negative period or keeping no checkpoint."""
+        _require(self.every_steps >= 0 and self.every_minutes >= 0, "checkpoint.every_steps",
+                 "checkpoint.every_steps and checkpoint.every_minutes must be >= 0 (0 = off)")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+
 
 @dataclass
 class WandbConfig:
@@ -526,11 +631,17 @@ class WandbConfig:
     of a process W&B's upload waits at most ``finish_timeout_s`` (0: no limit): a job warned of its time limit has 180
     s to checkpoint, exit and requeue itself; what is left stays under ``<run>/wandb/`` for ``wandb sync``."""
 
-    mode: str = "offline"
+    mode: WandbMode = "offline"
     project: str = "perceiver-pretrain"
     entity: Optional[str] = None
     tags: List[str] = field(default_factory=list)
     finish_timeout_s: float = 120.0
+
+    def validate(self) -> None:
+        """Fail early, naming the key, for a mode W&B does not have or a negative upload wait."""
+        _require_choice(self.mode, WandbMode, "wandb.mode")
+        _require(self.finish_timeout_s >= 0, "wandb.finish_timeout_s",
+                 f"must be >= 0 (0: no limit), got {self.finish_timeout_s}")
 
 
 @dataclass
@@ -546,6 +657,17 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def validate(self, world_size: int) -> Config:
+        """Every check that can run before any work, on ``world_size`` processes, each failing with the key in its
+        message: each section's own, given what it needs of the others; returns the config."""
+        self.model.validate()
+        self.data.validate(self.model)
+        self.train.validate(self.model, self.data.batch_size, world_size, self.deepspeed.zero_stage)
+        for section in (self.optim, self.deepspeed, self.checkpoint, self.wandb, self.run):
+            section.validate()
+        self.data.validate_for_training(self.train.eval_every_steps)
+        return self
+
 
 def _field_type(key: str) -> Any:
     """The schema's type of a dotted key (``Optional`` unwrapped), or None for a key the schema does not have; read
@@ -559,6 +681,34 @@ def _field_type(key: str) -> Any:
         if typing.get_origin(node) is typing.Union:
             node = next(arg for arg in typing.get_args(node) if arg is not type(None))
     return node
+
+
+def _scalar_type(kind: Any) -> Any:
+    """The type of a ``Literal``'s values (str, int), else ``kind``: what a YAML or override value is read as."""
+    return type(typing.get_args(kind)[0]) if typing.get_origin(kind) is Literal else kind
+
+
+_SCALAR_NODES = {str: StringNode, int: IntegerNode}
+
+
+def _checked_enumerations(layer: Any, prefix: str = "") -> Any:
+    """``layer`` (values under ``prefix``) with each value of a ``Literal`` field converted as its plain str or int
+    field converted it (omegaconf matches a Literal by type: ``zero_stage: "2"`` would fail), and a value outside the
+    Literal refused with the message of its section's ``validate`` rather than omegaconf's own. Nulls, ``???`` and
+    interpolations are left for omegaconf to judge, and so is a value not even of the field's type."""
+    if not OmegaConf.is_dict(layer):
+        return layer
+    for key, value in dotted(OmegaConf.to_container(layer)).items():
+        kind = _field_type(prefix + key)
+        if typing.get_origin(kind) is not Literal or value is None or value == MISSING or "${" in str(value):
+            continue
+        try:
+            value = _SCALAR_NODES[_scalar_type(kind)]().validate_and_convert(value)
+        except ValidationError:
+            continue
+        _require_choice(value, kind, prefix + key)
+        OmegaConf.update(layer, key, value)
+    return layer
 
 
 def _override_layer(schema: Any, override: str) -> Any:
@@ -576,7 +726,7 @@ def _override_layer(schema: Any, override: str) -> Any:
             raise ConfigError(f"{key}: {value!r} is not of type {element}; give one value as {key}=a or several "
                               f"as {key}=[a,b]") from exc
         return layer
-    if kind is str and value == "":
+    if _scalar_type(kind) is str and value == "":
         override = f"{key}=''"
     try:
         return OmegaConf.from_dotlist([override])
@@ -586,18 +736,20 @@ def _override_layer(schema: Any, override: str) -> Any:
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """YAML file (optional) plus ``key=value`` dotlist overrides onto the schema; unknown keys and wrong types raise a
-    ConfigError naming the key. Semantic checks that need the world size are in :func:`validate_config`."""
+    """YAML file (optional) plus ``key=value`` dotlist overrides onto the schema; unknown keys, wrong types and values
+    outside an enumeration raise a ConfigError naming the key. Semantic checks that need the world size are in
+    :meth:`Config.validate`. The layers merge before the schema checks them, so that only the value that wins is
+    judged, as when every field was a plain str or int."""
     schema = OmegaConf.structured(Config)
     try:
-        layers = [schema]
+        layers = []
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"--config: file {path} does not exist")
             layers.append(OmegaConf.load(path))
         for override in overrides:
             layers.append(_override_layer(schema, override))
-        merged = OmegaConf.merge(*layers)
+        merged = OmegaConf.merge(schema, _checked_enumerations(OmegaConf.merge({}, *layers)))
         return OmegaConf.to_object(merged)
     except ConfigError:
         raise
@@ -619,56 +771,12 @@ def dotted(values: dict, prefix: str = "") -> Dict[str, Any]:
 
 
 def validate_config(cfg: Config, world_size: int) -> Config:
-    """Every check that can run before any work, each failing with the key in its message."""
-    validate_model_config(cfg.model)
-    validate_data_config(cfg.data, cfg.model)
-    t, o, d, c, w, r = cfg.train, cfg.optim, cfg.deepspeed, cfg.checkpoint, cfg.wandb, cfg.run
-    _require(t.max_steps > 0, "train.max_steps", f"must be a positive integer, got {t.max_steps}")
-    _require(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}, got {t.precision!r}")
-    _require(t.compile in COMPILE_MODES, "train.compile", f"must be one of {COMPILE_MODES}, got {t.compile!r}")
-    micro = cfg.data.batch_size * world_size
-    _require(
-        t.global_batch_size >= 0 and t.global_batch_size % micro == 0,
-        "train.global_batch_size",
-        f"{t.global_batch_size} is not a multiple of data.batch_size x world size = {cfg.data.batch_size} x "
-        f"{world_size} = {micro}; use a multiple of {micro} (or 0 for no accumulation)",
-    )
-    for key in ("eval_every_steps", "eval_batches"):
-        _require(getattr(t, key) >= 0, f"train.{key}", "must be >= 0 (0 = off / whole split)")
-    _require(t.collective_timeout_minutes > 0, "train.collective_timeout_minutes",
-             f"must be positive, got {t.collective_timeout_minutes}")
-    unknown = set(t.loss_weights) - set(cfg.model.output_modalities)
-    _require(not unknown, "train.loss_weights", f"unknown modalities {sorted(unknown)}; the model outputs "
-             f"{cfg.model.output_modalities}")
-    _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"two values in [0, 1), got {o.betas}")
-    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = no clipping)")
-    _require(o.pretrained_lr_scale > 0, "optim.pretrained_lr_scale",
-             f"must be positive, got {o.pretrained_lr_scale} (train.freeze: [pretrained] keeps them fixed)")
-    _require(d.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {d.zero_stage}")
-    _require(not d.fp32_grad_accumulation or d.zero_stage > 0, "deepspeed.fp32_grad_accumulation",
-             "needs deepspeed.zero_stage 1-3 (DeepSpeed accumulates bf16 gradients in fp32 only under ZeRO); "
-             "zero_stage 1 is the fast one")
-    _require(t.compile == "none" or d.zero_stage < 3, "train.compile",
-             f"{t.compile!r} cannot run with deepspeed.zero_stage=3 (the partitioned parameters are gathered by hooks "
-             f"that the compiled graph does not see); use zero_stage 0-2 or train.compile=none")
-    _require(c.every_steps >= 0 and c.every_minutes >= 0, "checkpoint.every_steps",
-             "checkpoint.every_steps and checkpoint.every_minutes must be >= 0 (0 = off)")
-    _require(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")
-    _require(w.mode in WANDB_MODES, "wandb.mode", f"must be one of {WANDB_MODES}, got {w.mode!r}")
-    _require(w.finish_timeout_s >= 0, "wandb.finish_timeout_s", f"must be >= 0 (0: no limit), got {w.finish_timeout_s}")
-    _require(bool(r.dir), "run.dir", "must name the run directory")
-    _require(r.log_every_steps > 0, "run.log_every_steps", "must be a positive integer")
-    for key in ("profile_steps", "profile_after_steps"):
-        _require(getattr(r, key) >= 0, f"run.{key}", f"must be >= 0, got {getattr(r, key)}")
-    _require(bool(cfg.data.train_shards), "data.train_shards", "give at least one shard spec to train on")
-    return cfg
+    """:meth:`Config.validate`, for the callers that hold a config rather than call its method."""
+    return cfg.validate(world_size)
 
 
 def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:
-    """Micro-steps per optimizer step, from ``train.global_batch_size`` (validated by :func:`validate_config`)."""
+    """Micro-steps per optimizer step, from ``train.global_batch_size`` (validated by :meth:`Config.validate`)."""
     micro = cfg.data.batch_size * world_size
     return max(1, cfg.train.global_batch_size // micro)
 

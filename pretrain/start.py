@@ -53,8 +53,8 @@ def saved_data_state(saved: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]
 
 
 def check_data_paths(cfg: Config, world_size: int, saved_data: Optional[dict]) -> None:
-    """Every shard spec names shards, the model takes every class their indexes list, evaluation has shards to run
-    on, and the streams can run (``pretrain.data.check_before_start``)."""
+    """Every shard spec names shards, the model takes every class their indexes list, and the streams can run
+    (``pretrain.data.check_before_start``): what ``cfg`` alone cannot tell, once :meth:`Config.validate` passed it."""
     for key in ("train_shards", "val_shards"):
         for i, spec in enumerate(getattr(cfg.data, key)):
             classes = listed_classes(expand_spec(spec, f"data.{key}[{i}]"))
@@ -62,9 +62,6 @@ def check_data_paths(cfg: Config, world_size: int, saved_data: Optional[dict]) -
                 raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but data.{key}[{i}] has "
                                   f"{len(classes)} classes ({', '.join(classes[:5])}{', ...' * (len(classes) > 5)} in "
                                   f"its index.json); set model.num_classes={len(classes)}")
-    if cfg.train.eval_every_steps and not cfg.data.val_shards:
-        raise ConfigError("data.val_shards: train.eval_every_steps is set but there are no validation shards; give "
-                          "data.val_shards or set train.eval_every_steps=0")
     splits = ["train", "val"] if cfg.train.eval_every_steps else ["train"]
     check_before_start(cfg.data, splits, world_size, global_batch(cfg, world_size), saved_data)
 

@@ -38,7 +38,7 @@ from typing import IO, Any, Mapping, Optional
 from urllib.parse import urlsplit
 
 from .atomic import write_text_atomically
-from .config import WANDB_MODES, ConfigError, WandbConfig
+from .config import WandbConfig
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,7 @@ class Tracker:
         resume_step: Optional[int] = None,
         init_timeout: float = 30.0,
     ) -> None:
-        if cfg.mode not in WANDB_MODES:
-            raise ConfigError(f"wandb.mode: must be one of {WANDB_MODES}, got {cfg.mode!r}")
+        cfg.validate()
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.rank = rank

@@ -10,7 +10,7 @@ from typing import Mapping
 
 import torch
 
-from ..config import ConfigError, ModelConfig, TextConfig, validate_model_config
+from ..config import ConfigError, ModelConfig, TextConfig
 
 # transformers' PerceiverForMaskedLM fixes its decoder to these values (modeling_perceiver.py).
 HF_DECODER = {
@@ -156,7 +156,7 @@ def config_from_hf(hf: Mapping) -> ModelConfig:
     values.update({ours: hf[theirs] for theirs, ours in RENAMED_CONFIG_KEYS.items() if theirs in hf})
     cfg = ModelConfig(**values, **HF_DECODER)
     cfg.text = TextConfig(vocab_size=hf.get("vocab_size", 262), max_length=hf.get("max_position_embeddings", 2048))
-    return validate_model_config(cfg)
+    return cfg.validate()
 
 
 def export_blockers(cfg: ModelConfig, encoder_only: bool = False) -> list[str]:

@@ -241,18 +241,18 @@ def latent_probe() -> object:
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
 
 
-def mean_latents(export: Path, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """The pretrained encoder's latents of ``images``, averaged over the latent array: the representation the
-    pretraining shapes, read without training any of the model (a label query trained on top reads it 15-20 points
-    worse: bench/README.md)."""
+def mean_latents(export: Path, *images: np.ndarray, batch: int = 256) -> List[np.ndarray]:
+    """The pretrained encoder's latents of each array of ``images``, averaged over the latent array: the
+    representation the pretraining shapes, read without training any of the model (a label query trained on top
+    reads it 10-40 points worse: bench/README.md). The export is loaded once for all of them."""
     import torch
 
     from pretrain.model.pretrained import load_pretrained
 
     model = load_pretrained(export).eval()
     with torch.no_grad():
-        return torch.cat([model.encode({"image": torch.from_numpy(images[i:i + batch])}).mean(dim=1)
-                          for i in range(0, len(images), batch)]).numpy()
+        return [torch.cat([model.encode({"image": torch.from_numpy(part[i:i + batch])}).mean(dim=1)
+                           for i in range(0, len(part), batch)]).numpy() for part in images]
 
 
 def class_count(spec: str, given: int) -> int:
@@ -335,8 +335,8 @@ def main() -> None:
     found: Dict[str, List[Dict[str, float]]] = {LATENT_PROBE: []}
     for source, export in enumerate(exports):
         begun = time.perf_counter()
-        top1 = 100 * latent_probe().fit(mean_latents(export, train_x), train_y).score(
-            mean_latents(export, eval_x), eval_y)
+        train_latents, eval_latents = mean_latents(export, train_x, eval_x)
+        top1 = 100 * latent_probe().fit(train_latents, train_y).score(eval_latents, eval_y)
         found[LATENT_PROBE].append({"top1": top1, "source": source, "wall": time.perf_counter() - begun,
                                     "scored": len(eval_y)})
         print(f"  linear probe, pretraining {source}: top-1 {top1:.2f}", flush=True)

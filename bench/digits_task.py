@@ -1,7 +1,7 @@
 """A second labelled image task, not Fashion-MNIST, for ``bench/finetune_gain.py``: scikit-learn's handwritten digits
 (1,797 grey 8x8 images, 10 classes, shipped inside the package: nothing to download). Written as a user would bring
 their own: PNG files in one folder per class, sharded by ``python -m data_prep shard --input-dir ...
---label-from-folder``. The model reads them at its own 28x28 (``pretrain.data.transforms.to_pixels`` resizes).
+--label-from-folder``. The model reads them at its own 28x28 (``pretrain.modalities.transforms.to_pixels`` resizes).
 
     PYTHONPATH=. python bench/digits_task.py --out data/digits
     PYTHONPATH=. python bench/finetune_gain.py --train-shards data/digits/train --eval-shards data/digits/eval

@@ -62,8 +62,13 @@ def _require_positive(section: Any, keys: Sequence[str], prefix: str) -> None:
         _require(value > 0, f"{prefix}.{key}", f"must be a positive integer, got {value}")
 
 
+class ModalityConfig:
+    """What a modality's section of ``ModelConfig`` is: the fields holding one are the model's input modalities (their
+    units are in ``pretrain.modalities``)."""
+
+
 @dataclass
-class TextConfig:
+class TextConfig(ModalityConfig):
     """UTF-8 bytes in the paper's 262-id vocabulary (``pretrain.vocab``), or token ids of another vocabulary."""
 
     vocab_size: int = 262
@@ -75,7 +80,7 @@ class TextConfig:
         _require(self.max_length > 0, f"{prefix}.max_length", "must be positive")
 
 
-class PatchGrid:
+class PatchGrid(ModalityConfig):
     """What a patch modality's config says about its patches: the raw array's sizes along the axes it is cut on
     (``patch_sizes``), one patch's extent along them (``patch_block``), its channels, and the grid of patches. The
     model's adapters and the data stream both read them here."""
@@ -222,7 +227,8 @@ class ModelConfig:
 
     @property
     def input_modalities(self) -> List[str]:
-        return [name for name in MODALITIES if getattr(self, name) is not None]
+        """The enabled modality sections, in the schema's order."""
+        return [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), ModalityConfig)]
 
     @property
     def output_modalities(self) -> List[str]:
@@ -283,9 +289,6 @@ class ModelConfig:
         return self
 
 
-MODALITIES = ("text", "image", "audio", "video", "array")
-
-
 def validate_model_config(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
     """:meth:`ModelConfig.validate`, for the callers that hold a config rather than call its method."""
     return cfg.validate(prefix)
@@ -335,9 +338,13 @@ class MaskingConfig:
     video: float = 0.5
     normalized_patches: bool = False
 
+    def ratios(self) -> List[str]:
+        """The fields that are fractions: one per modality, and ``caption_whole``."""
+        return [f.name for f in dataclasses.fields(self) if f.type == "float" and not f.name.endswith("_mean_span")]
+
     def validate(self, prefix: str = "data.masking") -> None:
         """Fail early, naming the key, for a fraction outside [0, 1] or spans shorter than a byte."""
-        for name in ("text", "image", "audio", "video", "caption_whole"):
+        for name in self.ratios():
             ratio = getattr(self, name)
             _require(0.0 <= ratio <= 1.0, f"{prefix}.{name}", f"must be in [0, 1], got {ratio}")
         _require(self.text_mean_span >= 1.0, f"{prefix}.text_mean_span", "must be >= 1 (bytes)")

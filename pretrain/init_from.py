@@ -23,6 +23,7 @@ import torch
 from .checkpoint import find_tag, peek_client_state
 from .config import Config, ConfigError, ModelConfig, dotted, model_config_to_dict
 from .model import pretrained
+from .modalities import REGISTRY
 from .model.pretrained import read_model_dir
 from .trainable import Pretrained, frozen_names, prepare
 
@@ -40,12 +41,7 @@ SHAPE_KEYS = {
     "encoder.self_attends": ("d_latents", "qk_channels", "v_channels", "self_attention_widening_factor",
                              "num_self_attends_per_block"),
     "decoder": ("d_model", "d_latents", "decoder_qk_channels", "decoder_v_channels", "decoder_widening_factor"),
-    "adapters.text": ("d_model", "text.vocab_size", "text.max_length"),
-    "adapters.image": ("d_model", "image.channels", "image.patch_size", "image.fourier_bands"),
-    "adapters.audio": ("d_model", "audio.patch_size", "audio.fourier_bands"),
-    "adapters.video": ("d_model", "video.channels", "video.tubelet", "video.fourier_bands"),
-    "adapters.array": ("d_model", "array.channels", "array.fourier_bands"),
-    "adapters.label": ("d_model", "num_classes"),
+    **{f"adapters.{name}": unit.shape_keys for name, unit in REGISTRY.items()},
     "modality_embeddings": ("d_model",),
 }
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pretrain.model.position import fourier_channels, fourier_features, grid_fourier_features, linear_positions
+from pretrain.modalities.position import fourier_channels, fourier_features, grid_fourier_features, linear_positions
 
 
 def s(a: float) -> float:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import NUM_CLASSES, TEXT_VOCAB, multimodal_config, multimodal_inputs
 from pretrain.data import IGNORE_INDEX
 from pretrain.model import PerceiverIO
-from pretrain.patches import patches_at
+from pretrain.modalities import REGISTRY
 from pretrain.train.metrics import OperatorCount
 from pretrain.train.objective import modality_losses, over_present, target_counts
 
@@ -27,7 +27,8 @@ def batch(text_targets: torch.Tensor) -> dict:
         "decode_mask": {"text": text_targets != IGNORE_INDEX, "image": torch.tensor([[True, True], [True, False]]),
                         "label": torch.tensor([[True], [False]])},
         "targets": {"text": text_targets, "label": torch.tensor([3, IGNORE_INDEX]),
-                    "image": patches_at("image", multimodal_config().image, inputs["image"], image_positions)},
+                    "image": REGISTRY["image"].patches_at(multimodal_config().image, inputs["image"],
+                                                         image_positions)},
     }
 
 

@@ -2,9 +2,9 @@
 
 ``DataStream(data_cfg, model_cfg, rank, world_size)`` is the training stream (``for batch in stream`` yields one
 epoch, resumable exactly); ``ValidationPass(data_cfg, model_cfg, rank, world_size)`` yields every validation sample
-once. This package imports ``pretrain.config``, ``pretrain.vocab``, ``pretrain.shard_format``,
-``pretrain.shards`` (shard specs and reading, shared with ``data_prep``) and ``pretrain.patches``, never
-``pretrain.model``.
+once. This package imports ``pretrain.config``, ``pretrain.vocab``, ``pretrain.shard_format``, ``pretrain.shards``
+(shard specs and reading, shared with ``data_prep``) and ``pretrain.modalities`` (each modality's decode, transform,
+masking and stacking), never ``pretrain.model``.
 
 Sample schema (webdataset keys, any subset per sample): ``txt`` UTF-8 text, ``png``/``jpg`` image, ``flac``/``wav``
 audio, ``npy`` (T, H, W, C uint8) or ``mp4`` video, ``cls`` integer label, ``json`` metadata (not read).
@@ -28,7 +28,7 @@ reads it: the model enables it and ``data.objective`` names it, or is empty; ``a
 ``batch["decode_mask"]`` -- bool [B, P_mod], False on padding slots and for rows lacking the modality.
 ``batch["targets"]`` -- ``text`` long [B, P_text], the original ids at the decoded positions, -100 on padding slots;
     ``label`` long [B], -100 when absent (only when the label is a target); ``image``, ``audio``, ``video`` float
-    [B, P_mod, values], the original values of the patches at the decoded positions (``pretrain.patches``), each
+    [B, P_mod, values], the original values of the patches at the decoded positions (``pretrain.modalities.patched``), each
     patch normalised to mean 0 and standard deviation 1 with ``data.masking.normalized_patches``.
 ``batch["keys"]`` -- list of the B samples' ``__key__`` (``""`` for a padding row).
 ``batch["valid"]`` -- bool [B]; False for a row whose sample failed to decode (skipped and counted: the row stays,

@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig, validate_model_config
-from .adapters import build_adapters
+from ..modalities import build_adapters
 from .layers import PerceiverLayer
 
 

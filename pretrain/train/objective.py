@@ -1,8 +1,8 @@
 """Masked multimodal modelling: predict what the data stream hid, one loss per modality, a weighted sum optimised.
 
-Text and labels: cross-entropy on the decoded positions (targets -100 on padding slots and absent rows). Image, audio
-and video: MSE between the decoded patches and their original values, which come with the batch
-(``pretrain.patches.patches_at``), over the slots ``decode_mask`` keeps. Each is a sum over the batch's targets, divided
+Each modality's unit (``pretrain.modalities``) gives its loss: text and labels cross-entropy on the decoded positions
+(targets -100 on padding slots and absent rows); the patch modalities the squared error between the decoded patches
+and their original values, which come with the batch, over the slots ``decode_mask`` keeps. Each is a sum over the batch's targets, divided
 by a target count: the batch's own (:func:`modality_losses`), or the whole step's over every rank and micro-batch in
 training, so that the gradient does not depend on how the step's samples are split. Classification is the same objective
 with the label as the only target (``data.objective``); its metric is top-1 accuracy, overall and per class.
@@ -13,17 +13,11 @@ from __future__ import annotations
 from typing import Callable, Dict, Mapping, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from ..data import IGNORE_INDEX
+from ..modalities import IGNORE_INDEX, REGISTRY
 
 Forward = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], Dict[str, torch.Tensor]]
 Losses = Dict[str, torch.Tensor]
-
-
-def _patch_squared_errors(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    per_slot = (pred.float() - target.float()).pow(2).mean(-1)
-    return (per_slot * mask.to(per_slot.dtype)).sum()
 
 
 def predict(forward: Forward, batch: Mapping[str, dict]) -> Tuple[Losses, Dict[str, torch.Tensor]]:
@@ -31,14 +25,7 @@ def predict(forward: Forward, batch: Mapping[str, dict]) -> Tuple[Losses, Dict[s
     the outputs."""
     inputs, decode, mask, targets = batch["inputs"], batch["decode"], batch["decode_mask"], batch["targets"]
     out = forward(inputs, decode)
-    losses = {}
-    for name, pred in out.items():
-        if name in ("text", "label"):
-            target = targets[name].reshape(-1)
-            losses[name] = F.cross_entropy(pred.float().reshape(target.shape[0], -1), target,
-                                           ignore_index=IGNORE_INDEX, reduction="sum")
-        else:
-            losses[name] = _patch_squared_errors(pred, targets[name], mask[name])
+    losses = {name: REGISTRY[name].loss(pred, targets[name], mask[name]) for name, pred in out.items()}
     return losses, out
 
 

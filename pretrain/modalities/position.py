@@ -45,7 +45,8 @@ def fourier_features(
     return torch.cat(([pos] if concat_pos else []) + parts, dim=-1)
 
 
-def grid_fourier_features(index_dims: Sequence[int], num_bands: int, device: Optional[torch.device] = None) -> torch.Tensor:
+def grid_fourier_features(index_dims: Sequence[int], num_bands: int,
+                          device: Optional[torch.device] = None) -> torch.Tensor:
     """Fourier features of every point of a grid, flattened: ``[prod(index_dims), channels]``."""
     pos = linear_positions(index_dims, device=device).reshape(-1, len(index_dims))
     return fourier_features(pos, num_bands, index_dims)

@@ -1,0 +1,116 @@
+"""What a modality unit provides (:class:`Modality`), and the checks and batch helpers the units share.
+
+A unit is everything one modality is to the system: the shard fields it reads, their decoding, the transform to the
+model's fixed shape, the masking and stacking of a batch, the adapter (input embedding, decoder queries and output
+head: one module, which is what lets the text head be tied to the text input embedding), the loss, and what
+``data_prep`` checks of its files. ``pretrain.modalities.REGISTRY`` lists the units; the data stream, the model, the
+objective, ``init_from`` and ``data_prep`` iterate it and name no modality.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from ..shard_format import MODALITY_FIELDS
+
+if TYPE_CHECKING:  # the builder calls the units; they read its settings
+    from ..data.collate import BatchBuilder
+
+Rows = List[Optional[dict]]  # one decoded sample per batch row (None: a row that holds nothing)
+Rngs = Sequence[Optional[np.random.Generator]]  # one per batch row
+IGNORE_INDEX = -100
+
+
+def check_tensor(x: torch.Tensor, name: str, shape: Sequence[Optional[int]], floating: bool) -> None:
+    """Raise naming ``name`` unless ``x`` has ``shape`` (None = any size) and a float / integer dtype."""
+    kind = "floating" if floating else "integer"
+    ok_dtype = x.is_floating_point() if floating else (not x.is_floating_point() and not x.is_complex()
+                                                       and x.dtype != torch.bool)
+    expected = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+    if not ok_dtype or x.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, x.shape)):
+        raise ValueError(f"{name}: expected a {kind} tensor of shape {expected}, got {x.dtype} {list(x.shape)}")
+
+
+def element_mask(mask: Optional[torch.Tensor], name: str, batch: int, length: int) -> Optional[torch.Tensor]:
+    """A [batch, length] bool key mask from a per-sample [batch] or a per-element [batch, length] one; None stays None
+    (every element valid), which lets the attention run without a mask."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool and (mask.is_floating_point() or mask.is_complex()):
+        raise ValueError(f"{name}_mask: expected a bool or 0/1 integer tensor, got {mask.dtype}")
+    if tuple(mask.shape) == (batch,):
+        return mask.bool()[:, None].expand(batch, length)
+    if tuple(mask.shape) == (batch, length):
+        return mask.bool()
+    raise ValueError(
+        f"{name}_mask: expected shape [{batch}] (sample present) or [{batch}, {length}] (per element), "
+        f"got {list(mask.shape)}"
+    )
+
+
+class Modality:
+    """One modality. ``name`` is its key everywhere: the model config's section, the batch's ``inputs``/``decode``/
+    ``targets`` entries, the adapter, the loss. Subclasses fill in what their modality does."""
+
+    name = ""
+    # The model keys that shape this adapter's tensors (``init_from`` starts them anew when they differ).
+    shape_keys: Tuple[str, ...] = ()
+
+    @property
+    def fields(self) -> Tuple[str, ...]:
+        """The shard fields it reads, the first one present taken (``pretrain.shard_format``)."""
+        return MODALITY_FIELDS[self.name]
+
+    def enabled(self, model: ModelConfig) -> bool:
+        return getattr(model, self.name) is not None
+
+    # --- data -----------------------------------------------------------------------------------------------------
+
+    def decode(self, field: str, data: bytes) -> Any:
+        """The bytes of one stored field -> a native value; raises on anything undecodable."""
+        raise NotImplementedError
+
+    def prepare(self, value: Any, builder: BatchBuilder, rng: np.random.Generator) -> Any:
+        """A decoded value -> the model's fixed shape (crops, resizes: ``rng`` makes their random choices)."""
+        return value
+
+    def positions(self, model: ModelConfig) -> int:
+        """Positions of one sample (what masking ratios are a fraction of)."""
+        raise NotImplementedError
+
+    def stack(self, rows: Rows, rngs: Rngs, batch: Dict[str, dict], builder: BatchBuilder) -> None:
+        """The batch's entries of this modality from the prepared rows: inputs and key mask, and with slots to
+        predict (``builder.slots``), the positions, their mask and targets."""
+        raise NotImplementedError
+
+    # --- model and objective --------------------------------------------------------------------------------------
+
+    def adapter(self, model: ModelConfig) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The loss summed over the targets ``mask`` keeps."""
+        raise NotImplementedError
+
+
+def present(rows: Rows, name: str) -> np.ndarray:
+    return np.array([row is not None and name in row for row in rows])
+
+
+def sequences(rows: Rows, name: str, shape: Tuple[int, ...], dtype: type) -> Tuple[np.ndarray, np.ndarray]:
+    """Stacked cropped/padded values [B, *shape] and their valid lengths [B] (0 where the row lacks them); a row's
+    value is (values, valid length)."""
+    values = np.zeros((len(rows), *shape), dtype=dtype)
+    lengths = np.zeros(len(rows), dtype=np.int64)
+    for b in np.flatnonzero(present(rows, name)):
+        values[b], lengths[b] = rows[b][name]
+    return values, lengths
+
+
+def add_decode(batch: Dict[str, dict], name: str, where: np.ndarray, used: np.ndarray) -> None:
+    batch["decode"][name], batch["decode_mask"][name] = torch.from_numpy(where), torch.from_numpy(used)

@@ -1,0 +1,70 @@
+"""Classification: the ``cls`` field, one learned decoder query per sample and a linear head (an output only, never an
+input); cross-entropy, and top-1 accuracy as the metric (``pretrain.train.objective``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from .base import IGNORE_INDEX, Modality, Rngs, Rows
+from ..shard_format import LABEL_FIELD
+from .text import cross_entropy_sum
+
+
+class LabelAdapter(nn.Module):
+    name = "label"
+
+    def __init__(self, num_classes: int, d_model: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(1, d_model))
+        self.classifier = nn.Linear(d_model, num_classes)
+
+    def num_positions(self, _inputs: object = None) -> int:
+        return 1
+
+    def queries(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.query[positions]
+
+    def head(self, decoded: torch.Tensor) -> torch.Tensor:
+        """[B, 1, d_model] -> class logits [B, num_classes]."""
+        return self.classifier(decoded[:, 0])
+
+
+class Label(Modality):
+    name = "label"
+    shape_keys = ("d_model", "num_classes")
+
+    @property
+    def fields(self) -> tuple:
+        return (LABEL_FIELD,)
+
+    def enabled(self, model: ModelConfig) -> bool:
+        return model.num_classes > 0
+
+    def decode(self, field: str, data: bytes) -> int:
+        return int(data.decode("ascii").strip())
+
+    def prepare(self, value: int, builder, rng: np.random.Generator) -> int:
+        if not 0 <= value < builder.model.num_classes:
+            raise ValueError(f"label {value} outside [0, model.num_classes={builder.model.num_classes})")
+        return value
+
+    def positions(self, model: ModelConfig) -> int:
+        return 1
+
+    def stack(self, rows: Rows, rngs: Rngs, batch: dict, builder) -> None:
+        labels = torch.tensor([IGNORE_INDEX if row is None else row.get("label", IGNORE_INDEX) for row in rows])
+        batch["targets"]["label"] = labels
+        batch["decode"]["label"] = torch.zeros(len(rows), 1, dtype=torch.long)
+        batch["decode_mask"]["label"] = labels[:, None] != IGNORE_INDEX
+
+    def adapter(self, model: ModelConfig) -> nn.Module:
+        return LabelAdapter(model.num_classes, model.d_model)
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_sum(pred, target)
+
+
+LABEL = Label()

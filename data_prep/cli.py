@@ -38,6 +38,7 @@ from data_prep.sources import FASHION_DIR, INSTALL_SCRIPT, default_npm_cache
 from data_prep.stats import human_bytes, stats
 from data_prep.validate import validate
 from data_prep.writer import OutputError, ShardLimits, prepare_output
+from pretrain.modalities import STORED
 from pretrain.shard_format import INDEX_FILE, REJECTED_FILE, is_shard_name
 from pretrain.shards import DataError
 from pretrain.shards.remote import join
@@ -174,7 +175,7 @@ def _shard(args: argparse.Namespace) -> int:
     options = ShardOptions(seed=args.seed, limits=limits, audio_rate=args.audio_rate,
                            overwrite=args.overwrite or args.resume, text_chunk_bytes=args.text_chunk_bytes,
                            shuffle_buffer_bytes=int(args.shuffle_buffer_mb * 1_000_000),
-                           max_reject_fraction=args.max_reject_fraction)
+                           max_reject_fraction=args.max_reject_fraction, unit_options=_given_unit_options(args))
     written = _shard_folder(args, options) if args.input_dir is not None else _shard_manifests(args, options)
     indexes = [index for _, index in written if index is not None]
     if args.input_dir is not None and indexes and "passed_over" in indexes[0].info:
@@ -313,6 +314,21 @@ def _writing_options(parser: argparse.ArgumentParser) -> None:
                              "its .writing saying why (as when no sample is written)")
 
 
+def _unit_options(parser: argparse.ArgumentParser) -> None:
+    """The modalities' own options (``prep_options`` of their units): ``--series-max-length`` and the like."""
+    for unit in STORED.values():
+        for name, (default, text) in unit.prep_options.items():
+            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
+                                type=_positive if isinstance(default, int) else type(default),
+                                help=f"{text} (default {default})")
+
+
+def _given_unit_options(args: argparse.Namespace) -> tuple[tuple[str, Any], ...]:
+    """The unit options given on the command line, for ``ShardOptions.unit_options``."""
+    return tuple((name, getattr(args, name)) for unit in STORED.values() for name in unit.prep_options
+                 if getattr(args, name) is not None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (each sets ``run``)."""
     parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split("\n")[0])
@@ -322,9 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(with --val-fraction: train/ and val/)")
     source = shard.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", type=Path, nargs="+",
-                        help='one JSON object a line: {"key"?, "text"?, "image"?, "audio"?, "video"?, "label"?, '
-                             '"meta"?}; media paths relative to the manifest; several: one directory each under '
-                             '--out, named after the file (a corpus of many files: a folder a training spec names)')
+                        help="one JSON object a line: {" + ", ".join(f'"{name}"?' for name in ALLOWED_FIELDS) +
+                             "}; media paths relative to the manifest; several: one directory each under --out, "
+                             "named after the file (a corpus of many files: a folder a training spec names)")
     source.add_argument("--input-dir", type=Path,
                         help="a folder of files, one sample per path without its suffix (a/1.png + a/1.txt); "
                              f"suffixes: {' '.join(SUFFIX_FIELD)} (.cls: an integer label, .json: metadata); "
@@ -363,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="inputs held in memory while shuffling, in 10^6 bytes; more go through temporary files "
                             "in --out (the order is the same)")
     _writing_options(shard)
+    _unit_options(shard)
     shard.set_defaults(run=_shard)
 
     demo = commands.add_parser("build-demo", help="the demo corpus (train/, val/, downstream_train/, "

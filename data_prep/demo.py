@@ -21,16 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.index import ShardIndex
-from data_prep.media import (
-    audio_field,
-    encode_json,
-    encode_label,
-    encode_npy,
-    encode_png,
-    mp4_frames,
-)
+from data_prep.media import encode_json
 from data_prep.parallel import ordered_map, worker_pool
-from data_prep.schema import Rejected
 from data_prep.sources import (
     FASHION_CLASSES,
     FASHION_DIR,
@@ -45,6 +37,11 @@ from data_prep.sources import (
     video_reinstall,
 )
 from data_prep.writer import Job, ShardLimits, prepare_output, write_shards
+from pretrain.modalities.audio import audio_field
+from pretrain.modalities.image import encode_png
+from pretrain.modalities.label import encode_label
+from pretrain.modalities.video import encode_npy, mp4_frames
+from pretrain.shard_format import Rejected
 
 SPLITS = ("train", "val")
 DOWNSTREAM = ("downstream_train", "downstream_eval")

@@ -17,21 +17,22 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from data_prep.index import ShardIndex
 from data_prep.manifest import CONTENT_FIELDS, ManifestRow, ShardOptions, shuffle_into_shards
-from data_prep.schema import KEY_RE, Rejected, hashed_key
+from data_prep.schema import KEY_RE, hashed_key
 from data_prep.writer import Job, Rejection
+from pretrain.modalities import STORED
+from pretrain.shard_format import Rejected
 
+# A file's suffix -> the field it gives: each modality's (pretrain.modalities), and metadata. A suffix may have several
+# parts (".series.npy"): the longest one that a name ends with counts.
 SUFFIX_FIELD = {
-    **dict.fromkeys((".txt",), "text"),
-    **dict.fromkeys((".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"), "image"),
-    **dict.fromkeys((".flac", ".wav", ".ogg", ".mp3", ".aiff", ".aif"), "audio"),
-    **dict.fromkeys((".npy", ".mp4"), "video"),
-    **dict.fromkeys((".cls",), "label"),
-    **dict.fromkeys((".json",), "meta"),
+    **{suffix: name for name, unit in STORED.items() for suffix in unit.source_suffixes},
+    ".json": "meta",
 }
+_BY_LENGTH = sorted(SUFFIX_FIELD, key=len, reverse=True)
 _NOT_IN_KEYS = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -42,23 +43,10 @@ class FolderSample(ManifestRow):
     base_name = "input folder"
     slow = True  # every field is a file to read
 
-    def _text(self) -> bytes:
-        data = self._read("text")
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise Rejected("text", f"{self.row['text']} is not UTF-8 text ({e})") from None
-        return data
-
-    def _label(self) -> int:
-        label = self.row["label"]
-        if isinstance(label, int):
-            return label
-        data = self._read("label")
-        try:
-            return int(data.decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            raise Rejected("label", f"{label} must hold one integer, got {data[:20]!r}") from None
+    def _content(self, name: str) -> bytes:
+        """Its file's bytes; the label of ``--label-from-folder`` (an int) as text."""
+        value = self.row[name]
+        return str(value).encode("ascii") if isinstance(value, int) else self._read(name)
 
     def _meta(self) -> dict[str, Any]:
         try:
@@ -98,8 +86,21 @@ def _listing(root: Path) -> Iterator[tuple[str, list[str]]]:
         groups: dict[str, list[str]] = {}
         for name in sorted(files):
             path = (relative / name).as_posix()
-            groups.setdefault(path.rsplit(".", 1)[0] if "." in name else path, []).append(path)
+            groups.setdefault(_stem(path), []).append(path)
         yield from groups.items()
+
+
+def _suffix(name: str) -> str:
+    """The suffix that names a file's field, lower case: the longest known one it ends with, else from its last dot."""
+    lower = name.lower()
+    return next((suffix for suffix in _BY_LENGTH if lower.endswith(suffix)), lower[lower.rfind("."):] if "." in lower
+                else "")
+
+
+def _stem(path: str) -> str:
+    """The path without the suffix of :func:`_suffix` (``a/1.series.npy`` -> ``a/1``): what groups a sample."""
+    name = path.rsplit("/", 1)[-1]
+    return path[:len(path) - len(_suffix(name))] if "." in name else path
 
 
 def _is_data(files: list[str]) -> bool:
@@ -151,7 +152,7 @@ def _row(stem: str, files: list[str], labels: dict[str, int] | None) -> dict[str
     """The sample's fields -> file paths (the label as an int when it comes from the folder)."""
     row: dict[str, Any] = {}
     for name in files:
-        field = SUFFIX_FIELD.get(Path(name).suffix.lower())
+        field = SUFFIX_FIELD.get(_suffix(name))
         if field is None:
             raise Rejected("file", f"{name} is no supported file; the suffixes are {', '.join(SUFFIX_FIELD)}")
         if field in row:
@@ -169,14 +170,15 @@ def _row(stem: str, files: list[str], labels: dict[str, int] | None) -> dict[str
     return row
 
 
-def read_folder(root: Path, audio_rate: int, classes: list[str] | None = None) -> Iterator[Job | Rejection]:
+def read_folder(root: Path, options: Mapping[str, Any],
+                classes: list[str] | None = None) -> Iterator[Job | Rejection]:
     """A job per sample and a rejection per file group that makes none, folder by folder; ``classes`` (from
     :func:`class_names`) label each sample by its top folder."""
     labels = None if classes is None else {name: label for label, name in enumerate(classes)}
     for stem, files in sample_groups(root):
         key = sample_key(stem)
         try:
-            yield Job(key, stem, FolderSample(_row(stem, files, labels), root, audio_rate))
+            yield Job(key, stem, FolderSample(_row(stem, files, labels), root, options))
         except Rejected as e:
             yield Rejection(stem, key, e.field, e.reason)
 
@@ -194,5 +196,5 @@ def shard_folder(root: Path, outputs: Sequence[tuple[Path, ShardOptions]], label
     skipped = passed_over(root)
     if skipped["count"]:
         info["passed_over"] = skipped
-    return [shuffle_into_shards(read_folder(root, options.audio_rate, classes), out, options, info, pool,
+    return [shuffle_into_shards(read_folder(root, options.prep, classes), out, options, info, pool,
                                 settle=hash_the_others) for out, options in outputs]

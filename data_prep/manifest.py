@@ -8,62 +8,48 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Mapping
 
 from tqdm import tqdm
 
 from data_prep.chunking import chunk_key, split_text
 from data_prep.index import ShardIndex
-from data_prep.media import (
-    audio_field,
-    check_field,
-    encode_json,
-    encode_label,
-    image_field,
-)
+from data_prep.media import encode_json
 from data_prep.parallel import worker_pool
-from data_prep.schema import KEY_RE, KEY_RULE, Rejected
+from data_prep.schema import KEY_RE, KEY_RULE
 from data_prep.shuffle import KeyedShuffle
 from data_prep.split import ValSplit
 from data_prep.writer import Job, Rejection, RejectionLog, ShardLimits, prepare_output, write_shards
-from pretrain.shard_format import REJECTED_FILE
+from pretrain.modalities import REGISTRY, STORED
+from pretrain.shard_format import META_FIELD, REJECTED_FILE, Rejected
 
-MEDIA_FIELDS = ("image", "audio", "video")  # files to read and decode
-CONTENT_FIELDS = ("text", *MEDIA_FIELDS, "label")
+CONTENT_FIELDS = tuple(STORED)  # a manifest line's fields: one per modality (pretrain.modalities), in its order
 ALLOWED_FIELDS = ("key", *CONTENT_FIELDS, "meta")
-VIDEO_SUFFIXES = ("npy", "mp4")
-_TYPES = {"key": str, "text": str, "image": str, "audio": str, "video": str, "label": int, "meta": dict}
+_TYPES = {"key": str, **{name: unit.manifest_type for name, unit in STORED.items()}, "meta": dict}
 
 
 @dataclass(frozen=True)
 class ManifestRow:
-    """One manifest sample; :meth:`fields` reads and decodes its media (in a worker: the slow part)."""
+    """One manifest sample; :meth:`fields` reads and decodes its media (in a worker: the slow part), each by its
+    modality's unit. ``options``: what the units store by (``ShardOptions.prep``)."""
 
     row: dict[str, Any]
     base: Path
-    audio_rate: int
+    options: Mapping[str, Any]
     base_name = "manifest's folder"
 
     @property
     def slow(self) -> bool:
-        return any(field in self.row for field in MEDIA_FIELDS)
+        return any(not unit.manifest_inline for name, unit in STORED.items() if name in self.row)
 
     def fields(self) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
-        if "text" in self.row:
-            out["txt"] = self._text()
-        if "image" in self.row:
-            ext, data = image_field(self._read("image"))
-            out[ext] = data
-        if "audio" in self.row:
-            out["flac"] = audio_field(self._read("audio"), self.audio_rate)
-        if "video" in self.row:
-            ext, data = self._video()
-            out[ext] = data
-        if "label" in self.row:
-            out["cls"] = encode_label(self._label())
+        for name, unit in STORED.items():
+            if name in self.row:
+                field, data = unit.store(self._content(name), str(self.row[name]), self.options)
+                out[field] = data
         if "meta" in self.row:
-            out["json"] = encode_json(self._meta())
+            out[META_FIELD] = encode_json(self._meta())
         return out
 
     def text_pieces(self, chunk_bytes: int) -> list[ManifestRow] | None:
@@ -72,18 +58,17 @@ class ManifestRow:
         :class:`Rejected`): the pieces must exist before the shuffle, which spreads them."""
         if "text" not in self.row or set(self.row) - {"key", "text", "meta"}:
             return None
-        text = self._text()
+        _, text = REGISTRY["text"].store(self._content("text"), str(self.row["text"]), self.options)
         if len(text) <= chunk_bytes:
             return None
         meta = {"meta": self._meta()} if "meta" in self.row else {}
-        return [ManifestRow({"text": piece.decode("utf-8"), **meta}, self.base, self.audio_rate)
+        return [ManifestRow({"text": piece.decode("utf-8"), **meta}, self.base, self.options)
                 for piece in split_text(text, chunk_bytes)]
 
-    def _text(self) -> bytes:
-        return self.row["text"].encode("utf-8")
-
-    def _label(self) -> int:
-        return self.row["label"]
+    def _content(self, name: str) -> bytes:
+        """What modality ``name``'s unit stores: an inline value's bytes (text, a label), or its file's."""
+        value = self.row[name]
+        return str(value).encode("utf-8") if STORED[name].manifest_inline else self._read(name)
 
     def _meta(self) -> dict[str, Any]:
         return self.row["meta"]
@@ -96,18 +81,6 @@ class ManifestRow:
             raise Rejected(field, f"file not found: {path} (paths are relative to the {self.base_name})") from None
         except OSError as e:
             raise Rejected(field, f"cannot read {path} ({e.strerror})") from None
-
-    def _video(self) -> tuple[str, bytes]:
-        ext = Path(self.row["video"]).suffix.lstrip(".").lower()
-        if ext not in VIDEO_SUFFIXES:
-            raise Rejected("video", f"unsupported video file {self.row['video']!r}; "
-                                    "use .npy (T, H, W, C uint8) or .mp4")
-        data = self._read("video")
-        try:
-            check_field(ext, data)
-        except Rejected as e:
-            raise Rejected("video", e.reason) from None
-        return ext, data
 
 
 OTHER_FIELDS = ("reject", "meta", "ignore")
@@ -192,7 +165,8 @@ def _numbered_lines(lines: IO[bytes], path: Path) -> Iterator[tuple[int, bytes]]
         raise ManifestError(f"{path}: unreadable after line {number} ({e}); nothing was written") from None
 
 
-def read_manifest(path: Path, audio_rate: int, fmt: ManifestFormat = ManifestFormat()) -> Iterator[Job | Rejection]:
+def read_manifest(path: Path, options: Mapping[str, Any],
+                  fmt: ManifestFormat = ManifestFormat()) -> Iterator[Job | Rejection]:
     """A job per good line and a rejection per unparsable or ill-typed one (blank lines are skipped), read as they
     come: a manifest is never held whole. Duplicate keys are left to :func:`shuffle_into_shards`. A manifest whose
     name ends in ``.gz`` is read through gzip (corpora often come as ``.jsonl.gz``)."""
@@ -206,7 +180,7 @@ def read_manifest(path: Path, audio_rate: int, fmt: ManifestFormat = ManifestFor
             except Rejected as e:
                 yield Rejection(origin, None, e.field, e.reason)
                 continue
-            yield Job(row.get("key", f"{number:09d}"), origin, ManifestRow(row, path.parent, audio_rate))
+            yield Job(row.get("key", f"{number:09d}"), origin, ManifestRow(row, path.parent, options))
 
 
 @dataclass(frozen=True)
@@ -223,11 +197,20 @@ class ShardOptions:
     progress: bool = True  # progress bars where stderr is a terminal
     max_reject_fraction: float = 1.0  # more rejected leaves the output unfinished (no index.json), as no sample does
     split: ValSplit | None = None  # with --val-fraction: the side of the split this output takes
+    unit_options: tuple[tuple[str, Any], ...] = ()  # the modalities' own options given (their prep_options)
+
+    @property
+    def prep(self) -> dict[str, Any]:
+        """What the modalities' units store by: ``audio_rate`` and every unit's options, defaults filled in."""
+        defaults = {name: default for unit in STORED.values() for name, (default, _) in unit.prep_options.items()}
+        return {"audio_rate": self.audio_rate, **defaults, **dict(self.unit_options)}
 
     def recorded(self) -> dict[str, Any]:
-        """The options that shape the samples, as ``index.json`` records them (the buffer changes nothing)."""
+        """The options that shape the samples, as ``index.json`` records them (the buffer changes nothing; a unit's
+        option when given)."""
         split = {"split": self.split.name, "val_fraction": self.split.fraction} if self.split else {}
-        return {"seed": self.seed, "audio_rate": self.audio_rate, "text_chunk_bytes": self.text_chunk_bytes, **split}
+        return {"seed": self.seed, "audio_rate": self.audio_rate, "text_chunk_bytes": self.text_chunk_bytes, **split,
+                **dict(self.unit_options)}
 
 
 Settle = Callable[[list[Job]], list[Job | Rejection]]  # the jobs that share a key -> what gets written
@@ -297,7 +280,7 @@ def manifest_info(manifest: Path, fmt: ManifestFormat) -> dict[str, Any]:
 def shard_manifest(manifest: Path, out: Path, options: ShardOptions = ShardOptions(),
                    fmt: ManifestFormat = ManifestFormat(), pool: Executor | None = None) -> ShardIndex:
     """The manifest's samples as shards."""
-    items = read_manifest(manifest, options.audio_rate, fmt)
+    items = read_manifest(manifest, options.prep, fmt)
     return shuffle_into_shards(items, out, options, manifest_info(manifest, fmt), pool)
 
 

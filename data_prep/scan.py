@@ -26,8 +26,7 @@ from data_prep.index import (
 )
 from data_prep.media import check_field
 from data_prep.parallel import ordered_map, worker_pool
-from data_prep.schema import Rejected
-from pretrain.shard_format import FIELD_MODALITY, INDEX_FILE, WRITING_FILE, is_shard_name, layout
+from pretrain.shard_format import FIELD_MODALITY, INDEX_FILE, WRITING_FILE, Rejected, is_shard_name, layout
 from pretrain.shards import DataError, ShardReader, SkipCounter, expand_spec, is_remote
 from pretrain.shards.remote import RemoteError, join, list_objects
 from pretrain.shards.specs import REMOTE_TIMEOUT_S

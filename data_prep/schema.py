@@ -1,5 +1,5 @@
-"""What writing, validation and stats share beyond the shard format itself (``pretrain.shard_format``): sample
-keys, rejections, member names."""
+"""What writing, validation and stats share beyond the shard format itself (``pretrain.shard_format``, which defines
+the rejections): sample keys, member names."""
 
 from __future__ import annotations
 
@@ -20,18 +20,6 @@ def hashed_key(prefix: str, hashed: str, room: int = MAX_KEY) -> str:
     readable one would be too long or shared."""
     digest = hashlib.sha1(hashed.encode()).hexdigest()[:_HASH_DIGITS]
     return f"{prefix[:room - _HASH_DIGITS - 1]}-{digest}"
-
-
-class Rejected(Exception):
-    """A sample or member that cannot be used: ``field`` names the bad part, ``reason`` says why and what fixes it."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(field, reason)  # both in args, so the exception survives pickling between processes
-        self.field = field
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.reason}"
 
 
 def split_member(name: str) -> tuple[str, str]:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from data_prep.index import ShardIndex, ShardRecord, write_index
 from data_prep.parallel import ordered_map
-from data_prep.schema import Rejected, Sample
+from data_prep.schema import Sample
 from data_prep.shuffle import SPILL_PREFIX
 from pretrain.atomic import temporary_path
 from pretrain.shard_format import (
@@ -28,6 +28,7 @@ from pretrain.shard_format import (
     SHARD_GLOB,
     SHARD_PATTERN,
     WRITING_FILE,
+    Rejected,
     writing_marker,
 )
 

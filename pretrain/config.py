@@ -340,14 +340,19 @@ class MaskingConfig:
 
     def ratios(self) -> List[str]:
         """The fields that are fractions: one per modality, and ``caption_whole``."""
-        return [f.name for f in dataclasses.fields(self) if f.type == "float" and not f.name.endswith("_mean_span")]
+        return [f.name for f in dataclasses.fields(self) if f.type == "float" and f.name not in self.spans()]
+
+    def spans(self) -> List[str]:
+        """The mean span lengths of the modalities hidden in spans."""
+        return [f.name for f in dataclasses.fields(self) if f.name.endswith("_mean_span")]
 
     def validate(self, prefix: str = "data.masking") -> None:
         """Fail early, naming the key, for a fraction outside [0, 1] or spans shorter than a byte."""
         for name in self.ratios():
             ratio = getattr(self, name)
             _require(0.0 <= ratio <= 1.0, f"{prefix}.{name}", f"must be in [0, 1], got {ratio}")
-        _require(self.text_mean_span >= 1.0, f"{prefix}.text_mean_span", "must be >= 1 (bytes)")
+        for name in self.spans():
+            _require(getattr(self, name) >= 1.0, f"{prefix}.{name}", "must be >= 1 (positions: bytes, patches)")
 
 
 @dataclass

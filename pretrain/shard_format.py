@@ -49,6 +49,19 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 INDEX_FORMAT = "perceiver-shards/1"
 
 
+class Rejected(Exception):
+    """A sample or member that cannot be used (``data_prep`` writes it to ``rejected.jsonl``, each modality's unit
+    raises it for a file it refuses): ``field`` names the bad part, ``reason`` says why and what fixes it."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(field, reason)  # both in args, so the exception survives pickling between processes
+        self.field = field
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.reason}"
+
+
 class IndexFileError(ValueError):
     """An ``index.json`` that cannot be read; the message names the file, what is wrong and what to do."""
 

@@ -14,7 +14,7 @@ from test_data_prep_shard import read_tars
 
 from data_prep.__main__ import main
 from data_prep.chunking import chunk_key, split_text
-from data_prep.manifest import ManifestRow
+from data_prep.manifest import ManifestRow, ShardOptions
 from data_prep.schema import KEY_RE
 
 
@@ -38,11 +38,12 @@ def test_text_without_spaces_is_cut_between_characters():
     {"text": "x " * 10, "meta": {"m": 1}},
 ], ids=["caption", "labelled", "short"])
 def test_captions_labelled_and_short_texts_stay_whole(row):
-    assert ManifestRow(row, Path("."), 16_000).text_pieces(32) is None
+    assert ManifestRow(row, Path("."), ShardOptions().prep).text_pieces(32) is None
 
 
 def test_pieces_keep_the_metadata():
-    pieces = ManifestRow({"key": "k", "text": "x " * 100, "meta": {"m": 1}}, Path("."), 16_000).text_pieces(32)
+    row = ManifestRow({"key": "k", "text": "x " * 100, "meta": {"m": 1}}, Path("."), ShardOptions().prep)
+    pieces = row.text_pieces(32)
     assert len(pieces) == 7 and all(p.row["meta"] == {"m": 1} and set(p.row) == {"text", "meta"} for p in pieces)
     assert "".join(p.row["text"] for p in pieces) == "x " * 100
 

@@ -14,17 +14,11 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from data_prep.media import (
-    audio_field,
-    check_field,
-    decode_npy,
-    encode_npy,
-    image_field,
-    mp4_frames,
-    resample,
-)
-from data_prep.schema import Rejected
-from pretrain.shard_format import FIELD_MODALITY
+from data_prep.media import check_field
+from pretrain.modalities.audio import audio_field, band_limited_resample
+from pretrain.modalities.image import image_field
+from pretrain.modalities.video import encode_npy, mp4_frames, read_npy_video
+from pretrain.shard_format import FIELD_MODALITY, Rejected
 
 HAS_AV = importlib.util.find_spec("av") is not None
 
@@ -107,11 +101,11 @@ def good_media(directory: Path) -> list[dict]:
 
 def test_resample_keeps_the_pitch_and_the_duration():
     tone = np.sin(2 * np.pi * 440 * np.arange(44100) / 44100).astype(np.float32)[:, None]
-    out = resample(tone, 44100, 16000)
+    out = band_limited_resample(tone, 44100, 16000)
     assert out.shape == (16000, 1)
     spectrum = np.abs(np.fft.rfft(out[:, 0]))
     assert np.argmax(spectrum) * 16000 / len(out) == pytest.approx(440, abs=1)
-    assert resample(tone[:1001], 44100, 16000).shape == (363, 1)  # round(1001 * 16000 / 44100)
+    assert band_limited_resample(tone[:1001], 44100, 16000).shape == (363, 1)  # round(1001 * 16000 / 44100)
 
 
 def test_audio_becomes_flac_at_the_requested_rate_with_its_channels():
@@ -141,10 +135,10 @@ def test_truncated_media_is_rejected_with_the_field_name():
 
 def test_video_arrays_must_be_thwc_uint8():
     video = video_array()
-    assert np.array_equal(decode_npy(encode_npy(video)), video)
+    assert np.array_equal(read_npy_video(encode_npy(video)), video)
     for bad in (video.astype(np.float32), video[0], video[..., :2]):
         with pytest.raises(Rejected, match=r"\(T, H, W, C\) uint8"):
-            decode_npy(npy_bytes(bad))
+            read_npy_video(npy_bytes(bad))
 
 
 def test_every_schema_field_has_a_decode_check():

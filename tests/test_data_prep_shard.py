@@ -27,9 +27,9 @@ from test_data_prep_media import (
 
 from data_prep.__main__ import main
 from data_prep.manifest import parse_row
-from data_prep.schema import Rejected
 from data_prep.stats import stats as stats_of
 from pretrain.data import DataError, expand_spec
+from pretrain.shard_format import Rejected
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,9 @@ once. This package imports ``pretrain.config``, ``pretrain.vocab``, ``pretrain.s
 (shard specs and reading, shared with ``data_prep``) and ``pretrain.modalities`` (each modality's decode, transform,
 masking and stacking), never ``pretrain.model``.
 
-Sample schema (webdataset keys, any subset per sample): ``txt`` UTF-8 text, ``png``/``jpg`` image, ``flac``/``wav``
-audio, ``npy`` (T, H, W, C uint8) or ``mp4`` video, ``cls`` integer label, ``json`` metadata (not read).
+Sample schema (webdataset keys, any subset per sample): those of the modalities (``pretrain.shard_format``: ``txt``
+UTF-8 text, ``png``/``jpg`` image, ``flac``/``wav`` audio, ``npy`` (T, H, W, C uint8) or ``mp4`` video, ...; each
+unit of ``pretrain.modalities`` says what it reads), ``cls`` integer label, ``json`` metadata (not read).
 
 Batch contract (B = ``data.batch_size``; shapes from the ``ModelConfig``; a modality's keys appear only when the run
 reads it: the model enables it and ``data.objective`` names it, or is empty; ``array`` inputs are not streamed):
@@ -21,15 +22,16 @@ reads it: the model enables it and ``data.objective`` names it, or is empty; ``a
     ``audio`` float [B, num_samples] mono at ``data.audio_sample_rate``, zero-padded; ``audio_mask`` [B, patches],
     also False on patches wholly in the padding.
     ``video`` float [B, T, C, H, W] normalised like images; ``video_mask`` [B, tubelets].
+    Every other patch modality alike: its raw values (its unit says their shape) and a [B, patches] key mask.
     Hidden patches keep their values in the input tensors (the key mask hides them).
 ``batch["decode"]`` -- positions to predict, long [B, P_mod] with a fixed P_mod = round(ratio x positions) per
     modality (``data.masking``; a ratio of 0, or the role ``input``, leaves the modality out), and ``label`` [B, 1]
     zeros when the label is a target. Padding slots hold 0.
 ``batch["decode_mask"]`` -- bool [B, P_mod], False on padding slots and for rows lacking the modality.
 ``batch["targets"]`` -- ``text`` long [B, P_text], the original ids at the decoded positions, -100 on padding slots;
-    ``label`` long [B], -100 when absent (only when the label is a target); ``image``, ``audio``, ``video`` float
-    [B, P_mod, values], the original values of the patches at the decoded positions (``pretrain.modalities.patched``), each
-    patch normalised to mean 0 and standard deviation 1 with ``data.masking.normalized_patches``.
+    ``label`` long [B], -100 when absent (only when the label is a target); each patch modality's float
+    [B, P_mod, values], the original values of the patches at the decoded positions (``pretrain.modalities.patched``),
+    each patch normalised to mean 0 and standard deviation 1 with ``data.masking.normalized_patches``.
 ``batch["keys"]`` -- list of the B samples' ``__key__`` (``""`` for a padding row).
 ``batch["valid"]`` -- bool [B]; False for a row whose sample failed to decode (skipped and counted: the row stays,
     empty, so that a batch is always exactly B raw samples -- see ``stream.py`` for why) and for the padding rows

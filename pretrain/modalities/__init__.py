@@ -22,6 +22,8 @@ from .video import VIDEO
 
 # In the order the model builds its adapters and the batch builder reads a sample (and draws its random numbers).
 REGISTRY: Dict[str, Modality] = {unit.name: unit for unit in (TEXT, IMAGE, AUDIO, VIDEO, ARRAY, LABEL)}
+# The modalities shards hold (the others are given to the model directly).
+STORED: Dict[str, Modality] = {name: unit for name, unit in REGISTRY.items() if unit.fields}
 
 
 def build_adapters(cfg: ModelConfig) -> nn.ModuleDict:
@@ -29,4 +31,4 @@ def build_adapters(cfg: ModelConfig) -> nn.ModuleDict:
     return nn.ModuleDict({name: unit.adapter(cfg) for name, unit in REGISTRY.items() if unit.enabled(cfg)})
 
 
-__all__ = ["REGISTRY", "Modality", "IGNORE_INDEX", "build_adapters"]
+__all__ = ["REGISTRY", "STORED", "Modality", "IGNORE_INDEX", "build_adapters"]

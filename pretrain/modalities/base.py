@@ -9,7 +9,7 @@ objective, ``init_from`` and ``data_prep`` iterate it and name no modality.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -63,8 +63,9 @@ class Modality:
 
     @property
     def fields(self) -> Tuple[str, ...]:
-        """The shard fields it reads, the first one present taken (``pretrain.shard_format``)."""
-        return MODALITY_FIELDS[self.name]
+        """The shard fields it reads, the first one present taken (``pretrain.shard_format``); none for a modality
+        given to the model directly."""
+        return MODALITY_FIELDS.get(self.name, ())
 
     def enabled(self, model: ModelConfig) -> bool:
         return getattr(model, self.name) is not None
@@ -95,6 +96,26 @@ class Modality:
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The loss summed over the targets ``mask`` keeps."""
+        raise NotImplementedError
+
+    # --- data_prep ------------------------------------------------------------------------------------------------
+
+    # The file suffixes ``data_prep shard --input-dir`` reads as this modality (lower case).
+    source_suffixes: Tuple[str, ...] = ()
+    # What a manifest line holds for it: the value itself (``manifest_inline``: text, a label) or a file's path.
+    manifest_type: type = str
+    manifest_inline = False
+    # ``data_prep shard`` options of this modality: {name: (default, help)}; the flag is ``--name-with-dashes``.
+    prep_options: Dict[str, Tuple[Any, str]] = {}
+
+    def store(self, data: bytes, source: str, options: Mapping[str, Any]) -> Tuple[str, bytes]:
+        """A source file's bytes (or an inline value's) -> (field, bytes) to write, decoded in full first; raises
+        :class:`~pretrain.shard_format.Rejected` naming the modality. ``options``: ``data_prep shard``'s settings
+        (``audio_rate`` and every unit's ``prep_options``)."""
+        raise NotImplementedError
+
+    def check(self, field: str, data: bytes) -> None:
+        """Decode a stored field in full (``data_prep validate``); raises ``Rejected`` naming the field."""
         raise NotImplementedError
 
 

@@ -3,13 +3,15 @@ input); cross-entropy, and top-1 accuracy as the metric (``pretrain.train.object
 
 from __future__ import annotations
 
+from typing import Any, Mapping, Tuple
+
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
 from .base import IGNORE_INDEX, Modality, Rngs, Rows
-from ..shard_format import LABEL_FIELD
+from ..shard_format import LABEL_FIELD, Rejected
 from .text import cross_entropy_sum
 
 
@@ -32,9 +34,17 @@ class LabelAdapter(nn.Module):
         return self.classifier(decoded[:, 0])
 
 
+def encode_label(label: int) -> bytes:
+    """A ``cls`` field: the integer in ASCII, as webdataset's decoders expect."""
+    return str(label).encode("ascii")
+
+
 class Label(Modality):
     name = "label"
     shape_keys = ("d_model", "num_classes")
+    source_suffixes = (".cls",)
+    manifest_type = int
+    manifest_inline = True
 
     @property
     def fields(self) -> tuple:
@@ -59,6 +69,18 @@ class Label(Modality):
         batch["targets"]["label"] = labels
         batch["decode"]["label"] = torch.zeros(len(rows), 1, dtype=torch.long)
         batch["decode_mask"]["label"] = labels[:, None] != IGNORE_INDEX
+
+    def store(self, data: bytes, source: str, options: Mapping[str, Any]) -> Tuple[str, bytes]:
+        try:
+            return LABEL_FIELD, encode_label(int(data.decode("ascii").strip()))
+        except (UnicodeDecodeError, ValueError):
+            raise Rejected("label", f"{source} must hold one integer, got {data[:20]!r}") from None
+
+    def check(self, field: str, data: bytes) -> None:
+        try:
+            int(data.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise Rejected(field, f"label must be an integer in ASCII, got {data[:20]!r}") from None
 
     def adapter(self, model: ModelConfig) -> nn.Module:
         return LabelAdapter(model.num_classes, model.d_model)

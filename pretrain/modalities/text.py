@@ -9,7 +9,7 @@ decoder bias), so a text-only model converts 1:1.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .. import vocab
 from ..config import ModelConfig, TextConfig
+from ..shard_format import Rejected
 from .base import IGNORE_INDEX, Modality, Rngs, Rows, add_decode, check_tensor, element_mask, sequences
 from .masking import text_positions
 from .transforms import crop_or_pad
@@ -57,6 +58,8 @@ class TextAdapter(nn.Module):
 class Text(Modality):
     name = "text"
     shape_keys = ("d_model", "text.vocab_size", "text.max_length")
+    source_suffixes = (".txt",)
+    manifest_inline = True
 
     def decode(self, field: str, data: bytes) -> np.ndarray:
         """UTF-8 text -> its bytes as uint8 (the stream's ids are bytes + ``vocab.NUM_SPECIAL``); invalid UTF-8 and
@@ -97,6 +100,19 @@ class Text(Modality):
         paired = [row is not None and "text" in row and len(row) - ("label" in row) > 1 for row in rows]
         return np.array([with_other and rngs[b].random() < caption_whole for b, with_other in enumerate(paired)],
                         dtype=bool)
+
+    def store(self, data: bytes, source: str, options: Mapping[str, Any]) -> Tuple[str, bytes]:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise Rejected("text", f"{source} is not UTF-8 text ({e})") from None
+        return "txt", data
+
+    def check(self, field: str, data: bytes) -> None:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise Rejected(field, f"text is not UTF-8 ({e})") from None
 
     def adapter(self, model: ModelConfig) -> nn.Module:
         return TextAdapter(model.text, model.d_model)

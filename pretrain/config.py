@@ -182,6 +182,26 @@ class ArrayConfig(PatchGrid):
 
 
 @dataclass
+class SeriesConfig(PatchGrid):
+    """Numeric series ``[T, C]`` (sensors, climate, patient records) of up to ``max_length`` steps and ``channels``
+    channels, cut into patches of ``patch_size`` steps with 1-D Fourier features (``pretrain.modalities.series``)."""
+
+    max_length: int = 256
+    channels: int = 1
+    patch_size: int = 16
+    fourier_bands: int = 16
+
+    patch_sizes = property(lambda self: [self.max_length])
+    patch_block = property(lambda self: [self.patch_size])
+    patch_channels = property(lambda self: self.channels)
+
+    def validate(self, prefix: str) -> None:
+        """Fail early, naming the key, for a series the patches cannot tile."""
+        self._validate_grid(f"{prefix}.max_length", "patch_size")
+        _require(self.channels > 0, f"{prefix}.channels", "must be positive")
+
+
+@dataclass
 class ModelConfig:
     """A Perceiver IO: inputs of several modalities -> latents -> queries for the outputs wanted.
 
@@ -224,6 +244,7 @@ class ModelConfig:
     audio: Optional[AudioConfig] = None
     video: Optional[VideoConfig] = None
     array: Optional[ArrayConfig] = None
+    series: Optional[SeriesConfig] = None
 
     @property
     def input_modalities(self) -> List[str]:
@@ -336,6 +357,8 @@ class MaskingConfig:
     image: float = 0.5
     audio: float = 0.5
     video: float = 0.5
+    series: float = 0.5
+    series_mean_span: float = 3.0
     normalized_patches: bool = False
 
     def ratios(self) -> List[str]:

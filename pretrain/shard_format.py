@@ -28,6 +28,7 @@ FIELD_MODALITY = {
     "wav": "audio",
     "npy": "video",
     "mp4": "video",
+    "series.npy": "series",
     "cls": "label",
     "json": "meta",
 }
@@ -78,7 +79,13 @@ def layout(fields: Iterable[str]) -> str:
 
 
 def layout_fields(name: str) -> List[str]:
-    return name.split(".")
+    """The fields of a :func:`layout`; a field with a dot (``series.npy``) is one field where the schema has it."""
+    parts, fields = name.split("."), []
+    while parts:
+        pair = ".".join(parts[:2])
+        fields.append(pair if pair in FIELD_MODALITY else parts[0])
+        del parts[:2 if pair in FIELD_MODALITY else 1]
+    return fields
 
 
 def modalities(fields: Iterable[str]) -> Set[str]:

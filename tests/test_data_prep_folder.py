@@ -113,7 +113,7 @@ def test_groups_that_make_no_good_sample_are_rejected_with_the_file_named(tmp_pa
         "notes": ("file", reasons["notes"][1]),
         "pair": ("file", reasons["pair"][1]),
         "twice": ("image", "two image files, twice.jpg and twice.png; a sample has one of each"),
-        "lonely": ("file", "only lonely.json: a sample needs one of text, image, audio, video, label"),
+        "lonely": ("file", "only lonely.json: a sample needs one of text, image, audio, video, series, label"),
         "latin1": ("text", reasons["latin1"][1]),
         "badlabel": ("label", "badlabel.cls must hold one integer, got b'cat'"),
         "list": ("meta", "list.json must hold a JSON object, got list"),

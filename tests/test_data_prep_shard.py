@@ -111,8 +111,8 @@ def test_bad_rows_are_rejected_with_reasons_and_the_exit_code_follows_the_limit(
         "  2 for line, e.g. not valid JSON (Expecting ',' delimiter: line 2 column 1 (char 22))",
         f"  2 for image, e.g. file not found: {bad_manifest.parent / 'media/nope.png'} (paths are relative to the "
         "manifest's folder)",
-        "  1 for colour, e.g. unknown field 'colour'; allowed: key, text, image, audio, video, label, meta (--rename "
-        "maps a field onto one of them; --other-fields meta or ignore takes the rest)"]
+        "  1 for colour, e.g. unknown field 'colour'; allowed: key, text, image, audio, video, series, label, meta "
+        "(--rename maps a field onto one of them; --other-fields meta or ignore takes the rest)"]
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     reasons = {(r["key"], r["field"]): r["reason"] for r in rejected}
     assert len(rejected) == 9

@@ -51,7 +51,7 @@ def test_a_stopped_marker_says_why_and_is_no_run_still_going(tmp_path):
 
 
 def test_every_input_modality_has_fields():
-    assert list(MODALITY_FIELDS) == ["text", "image", "audio", "video"]
+    assert list(MODALITY_FIELDS) == ["text", "image", "audio", "video", "series"]
     assert MODALITY_FIELDS["image"] == ("png", "jpg", "jpeg")
 
 

@@ -17,11 +17,12 @@ from .audio import AUDIO
 from .base import IGNORE_INDEX, Modality
 from .image import IMAGE
 from .label import LABEL
+from .series import SERIES
 from .text import TEXT
 from .video import VIDEO
 
 # In the order the model builds its adapters and the batch builder reads a sample (and draws its random numbers).
-REGISTRY: Dict[str, Modality] = {unit.name: unit for unit in (TEXT, IMAGE, AUDIO, VIDEO, ARRAY, LABEL)}
+REGISTRY: Dict[str, Modality] = {unit.name: unit for unit in (TEXT, IMAGE, AUDIO, VIDEO, ARRAY, SERIES, LABEL)}
 # The modalities shards hold (the others are given to the model directly).
 STORED: Dict[str, Modality] = {name: unit for name, unit in REGISTRY.items() if unit.fields}
 

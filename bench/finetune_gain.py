@@ -204,7 +204,7 @@ def checkpoint_top1(checkpoint: Path, spec: str, task: Sequence[str]) -> Tuple[f
 
     from pretrain.data import ValidationPass
     from pretrain.init_from import load_pretrained
-    from pretrain.train.objective import label_counts
+    from pretrain.modalities.label import label_counts
 
     cfg = eval_config(spec, task)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # DeepSpeed's chatter

@@ -14,10 +14,10 @@ from test_data_shards import npy_bytes
 from pretrain.config import ConfigError, DataConfig, ImageConfig, ModelConfig, TextConfig, validate_data_config
 from pretrain.data.decode import DecodeError, decode
 from pretrain.data.parts import micro_batches, packed, unpacked
-from pretrain.modalities.masking import num_predicted, patch_positions, span_positions, text_positions
 from pretrain.data.plan import Dataset, balanced_split, first_of_stream, stream_count
-from pretrain.shards import Shard
+from pretrain.modalities.masking import num_predicted, patch_positions, span_positions, text_positions
 from pretrain.modalities.transforms import crop_or_pad, resample, to_pixels
+from pretrain.shards import Shard
 
 
 def _runs(positions: np.ndarray) -> int:

@@ -23,9 +23,9 @@ from pretrain.config import ConfigError, TextConfig, load_config, model_config_t
 from pretrain.data import IGNORE_INDEX
 from pretrain.export import export_checkpoint
 from pretrain.init_from import match, plan_start, read_source
+from pretrain.modalities.label import accuracy_metrics, label_counts
 from pretrain.model import PerceiverIO
 from pretrain.model.pretrained import save_hf_pretrained
-from pretrain.train.objective import accuracy_metrics, label_counts
 from pretrain.train.schedule import GroupKind, apply_optim_config, build_optimizer, build_scheduler, parameter_groups
 from pretrain.trainable import Pretrained, frozen_names
 

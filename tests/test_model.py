@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ARRAY, AUDIO, IMAGE, NUM_CLASSES, TEXT_VOCAB, VIDEO, multimodal_config, multimodal_inputs, tiny_config
-from pretrain.model import PerceiverIO
 from pretrain.modalities.patched import blocks_to_patches
+from pretrain.model import PerceiverIO
 from pretrain.perf import optimize
 from pretrain.train.metrics import OperatorCount
 

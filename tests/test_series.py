@@ -23,8 +23,8 @@ from pretrain.config import ImageConfig, ModelConfig, SeriesConfig, TextConfig, 
 from pretrain.data import ValidationPass
 from pretrain.export import export_checkpoint
 from pretrain.init_from import match, read_source
-from pretrain.model import PerceiverIO
 from pretrain.modalities.image import encode_png
+from pretrain.model import PerceiverIO
 from pretrain.shards import SkipCounter, read_shard
 
 STEPS = 64  # the model's series.max_length

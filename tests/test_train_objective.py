@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from conftest import NUM_CLASSES, TEXT_VOCAB, multimodal_config, multimodal_inputs
 from pretrain.data import IGNORE_INDEX
-from pretrain.model import PerceiverIO
 from pretrain.modalities import REGISTRY
+from pretrain.model import PerceiverIO
 from pretrain.train.metrics import OperatorCount
 from pretrain.train.objective import modality_losses, over_present, target_counts
 

@@ -98,6 +98,15 @@ class Modality:
         """The loss summed over the targets ``mask`` keeps."""
         raise NotImplementedError
 
+    def metric_counts(self, pred: torch.Tensor, target: torch.Tensor) -> Optional[torch.Tensor]:
+        """Counts of one batch that add over batches and ranks (means would not), from which :meth:`metrics`
+        makes the evaluation's metrics beyond the loss; None where there are none."""
+        return None
+
+    def metrics(self, counts: torch.Tensor, class_names: Sequence[str]) -> Dict[str, float]:
+        """The metrics of the summed :meth:`metric_counts` (``class_names``: the dataset's, for per-class ones)."""
+        return {}
+
     # --- data_prep ------------------------------------------------------------------------------------------------
 
     # The file suffixes ``data_prep shard --input-dir`` reads as this modality (lower case).

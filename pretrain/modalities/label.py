@@ -1,9 +1,9 @@
 """Classification: the ``cls`` field, one learned decoder query per sample and a linear head (an output only, never an
-input); cross-entropy, and top-1 accuracy as the metric (``pretrain.train.objective``)."""
+input); cross-entropy, and top-1 accuracy as the metric, overall and per class."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Tuple
+from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -87,6 +87,36 @@ class Label(Modality):
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return cross_entropy_sum(pred, target)
+
+    def metric_counts(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return label_counts(pred, target)
+
+    def metrics(self, counts: torch.Tensor, class_names: Sequence[str]) -> Dict[str, float]:
+        return accuracy_metrics(counts, class_names)
+
+
+def label_counts(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[2, classes]: per true class, the samples whose top-1 class is right and all samples, rows without a label
+    (``IGNORE_INDEX``) left out. Counts add over batches and ranks, which means of accuracies would not."""
+    kept = targets != IGNORE_INDEX
+    truth = targets[kept]
+    right = truth[logits[kept].argmax(-1) == truth]
+    classes = logits.shape[-1]
+    return torch.stack([torch.bincount(right, minlength=classes), torch.bincount(truth, minlength=classes)])
+
+
+def accuracy_metrics(counts: torch.Tensor, class_names: Sequence[str] = ()) -> Dict[str, float]:
+    """``accuracy`` (top-1 over every labelled sample) and ``accuracy/<class>`` for each class with samples, named
+    as ``class_names`` lists them (``/`` made ``_``: W&B groups by it) or by index."""
+    right, total = (row.tolist() for row in counts)
+    if not sum(total):
+        return {}
+    out = {"accuracy": sum(right) / sum(total)}
+    for index, (r, n) in enumerate(zip(right, total)):
+        if n:
+            name = class_names[index] if index < len(class_names) else str(index)
+            out[f"accuracy/{name.replace('/', '_')}"] = r / n
+    return out
 
 
 LABEL = Label()

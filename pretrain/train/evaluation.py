@@ -14,22 +14,23 @@ from typing import Dict, Optional
 
 import torch
 
+from ..modalities import REGISTRY
 from .batches import to_device
 from .distributed import any_over_ranks, sum_over_ranks
-from .objective import accuracy_metrics, label_counts, predict, target_counts, weighted_total
+from .objective import predict, target_counts, weighted_total
 from .run import Run
 
 
 @torch.no_grad()
 def evaluate(run: Run) -> Dict[str, float]:
     """``val/loss`` and ``val/loss/<modality>`` (mean over every target of the validation samples), ``val/samples``
-    (the samples scored, all ranks: those that decoded), and with a label target top-1 accuracy over those samples,
-    overall and per class. ``train.eval_batches`` > 0 stops each rank after that many batches."""
+    (the samples scored, all ranks: those that decoded), and each decoded modality's metrics (with a label target,
+    top-1 accuracy over those samples, overall and per class). ``train.eval_batches`` > 0 stops each rank after that many batches."""
     run.engine.eval()
     names = None
     sums: Optional[torch.Tensor] = None  # per modality: the sum of its losses over targets, then the targets' count
     scored = torch.zeros((), device=run.device)
-    labels: Optional[torch.Tensor] = None
+    counted: Dict[str, torch.Tensor] = {}  # per modality with metrics beyond its loss, their counts
     padding = None
     limit = run.cfg.train.eval_batches
     with contextlib.closing(iter(run.val)) as batches:
@@ -46,9 +47,10 @@ def evaluate(run: Run) -> Dict[str, float]:
             found = torch.stack([summed[n].float() for n in names] + [counts[n].float() for n in names])
             sums = found if sums is None else sums + found
             scored += batch["valid"].sum()
-            if "label" in out:
-                found = label_counts(out["label"], batch["targets"]["label"])
-                labels = found if labels is None else labels + found
+            for name, pred in out.items():
+                found = REGISTRY[name].metric_counts(pred, batch["targets"][name])
+                if found is not None:
+                    counted[name] = counted[name] + found if name in counted else found
     run.engine.train()
     if sums is None:  # no rank had a batch: every rank left the loop at once
         return {"val/samples": 0.0}
@@ -57,6 +59,7 @@ def evaluate(run: Run) -> Dict[str, float]:
     metrics = {f"val/loss/{name}": loss for name, loss in losses.items()}
     metrics["val/loss"] = float(weighted_total(losses, run.cfg.train.loss_weights))
     metrics["val/samples"] = totals[-1]
-    if labels is not None:  # every rank has a label target or none
-        metrics.update({f"val/{k}": v for k, v in accuracy_metrics(sum_over_ranks(labels), run.class_names).items()})
+    for name in sorted(counted):  # every rank decodes the same modalities: the same collectives, in one order
+        found = REGISTRY[name].metrics(sum_over_ranks(counted[name]), run.class_names)
+        metrics.update({f"val/{k}": v for k, v in found.items()})
     return metrics

@@ -5,16 +5,16 @@ Each modality's unit (``pretrain.modalities``) gives its loss: text and labels c
 and their original values, which come with the batch, over the slots ``decode_mask`` keeps. Each is a sum over the batch's targets, divided
 by a target count: the batch's own (:func:`modality_losses`), or the whole step's over every rank and micro-batch in
 training, so that the gradient does not depend on how the step's samples are split. Classification is the same objective
-with the label as the only target (``data.objective``); its metric is top-1 accuracy, overall and per class.
+with the label as the only target (``data.objective``); its metric (top-1 accuracy) is the label unit's.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Tuple
 
 import torch
 
-from ..modalities import IGNORE_INDEX, REGISTRY
+from ..modalities import REGISTRY
 
 Forward = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], Dict[str, torch.Tensor]]
 Losses = Dict[str, torch.Tensor]
@@ -67,27 +67,3 @@ def over_present(means: Dict[str, float], prefix: str) -> Dict[str, float]:
 def weighted_total(losses: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
     """The optimised loss: the per-modality losses weighed by ``train.loss_weights`` (default 1)."""
     return sum(weights.get(name, 1.0) * loss for name, loss in losses.items())
-
-
-def label_counts(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """[2, classes]: per true class, the samples whose top-1 class is right and all samples, rows without a label
-    (``IGNORE_INDEX``) left out. Counts add over batches and ranks, which means of accuracies would not."""
-    kept = targets != IGNORE_INDEX
-    truth = targets[kept]
-    right = truth[logits[kept].argmax(-1) == truth]
-    classes = logits.shape[-1]
-    return torch.stack([torch.bincount(right, minlength=classes), torch.bincount(truth, minlength=classes)])
-
-
-def accuracy_metrics(counts: torch.Tensor, class_names: Sequence[str] = ()) -> Dict[str, float]:
-    """``accuracy`` (top-1 over every labelled sample) and ``accuracy/<class>`` for each class with samples, named
-    as ``class_names`` lists them (``/`` made ``_``: W&B groups by it) or by index."""
-    right, total = (row.tolist() for row in counts)
-    if not sum(total):
-        return {}
-    out = {"accuracy": sum(right) / sum(total)}
-    for index, (r, n) in enumerate(zip(right, total)):
-        if n:
-            name = class_names[index] if index < len(class_names) else str(index)
-            out[f"accuracy/{name.replace('/', '_')}"] = r / n
-    return out

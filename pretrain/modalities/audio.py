@@ -14,7 +14,7 @@ import torch
 
 from ..config import AudioConfig
 from ..shard_format import Rejected
-from .base import Rngs, Rows, sequences
+from .base import Builder, Rngs, Rows, sequences
 from .patched import PatchModality
 from .transforms import crop_or_pad, resample
 
@@ -81,13 +81,13 @@ class Audio(PatchModality):
         wave, rate = read_audio(data, field)
         return wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0], rate
 
-    def prepare(self, decoded: tuple, builder, rng: np.random.Generator) -> tuple:
+    def prepare(self, decoded: tuple, builder: Builder, rng: np.random.Generator) -> tuple:
         rate = builder.data.audio_sample_rate
         builder.note("audio", f"{decoded[1]} Hz", f"{rate} Hz", "data.audio_sample_rate")
         return crop_or_pad(resample(decoded[0], decoded[1], rate), builder.model.audio.num_samples,
                            builder.random_crop, rng)
 
-    def stack(self, rows: Rows, rngs: Rngs, batch: dict, builder) -> None:
+    def stack(self, rows: Rows, rngs: Rngs, batch: dict, builder: Builder) -> None:
         cfg = builder.model.audio
         wave, lengths = sequences(rows, self.name, (cfg.num_samples,), np.float32)
         batch["inputs"]["audio"] = torch.from_numpy(wave)

@@ -2,28 +2,38 @@
 
 A unit is everything one modality is to the system: the shard fields it reads, their decoding, the transform to the
 model's fixed shape, the masking and stacking of a batch, the adapter (input embedding, decoder queries and output
-head: one module, which is what lets the text head be tied to the text input embedding), the loss, and what
-``data_prep`` checks of its files. ``pretrain.modalities.REGISTRY`` lists the units; the data stream, the model, the
-objective, ``init_from`` and ``data_prep`` iterate it and name no modality.
+head: one module, which is what lets the text head be tied to the text input embedding), the loss and metric, and
+what ``data_prep`` stores and checks of its files. ``pretrain.modalities.REGISTRY`` lists the units; the data stream,
+the model, the objective, the evaluation, ``init_from`` and ``data_prep`` iterate it and name no modality.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig
+from ..config import DataConfig, ModelConfig
 from ..shard_format import MODALITY_FIELDS
-
-if TYPE_CHECKING:  # the builder calls the units; they read its settings
-    from ..data.collate import BatchBuilder
 
 Rows = List[Optional[dict]]  # one decoded sample per batch row (None: a row that holds nothing)
 Rngs = Sequence[Optional[np.random.Generator]]  # one per batch row
 IGNORE_INDEX = -100
+
+
+class Builder(Protocol):
+    """What the units read of the batch builder that calls them (``pretrain.data.collate.BatchBuilder``)."""
+
+    model: ModelConfig
+    data: DataConfig
+    random_crop: bool  # training crops long values at a random offset (else from the start)
+    image_shift: int
+    slots: Dict[str, int]  # per modality, the positions each row predicts (0: none)
+
+    def note(self, name: str, found: str, wanted: str, key: str) -> None:
+        """Say once that a transform turned data of one shape into the model's."""
 
 
 def check_tensor(x: torch.Tensor, name: str, shape: Sequence[Optional[int]], floating: bool) -> None:
@@ -76,7 +86,7 @@ class Modality:
         """The bytes of one stored field -> a native value; raises on anything undecodable."""
         raise NotImplementedError
 
-    def prepare(self, value: Any, builder: BatchBuilder, rng: np.random.Generator) -> Any:
+    def prepare(self, value: Any, builder: Builder, rng: np.random.Generator) -> Any:
         """A decoded value -> the model's fixed shape (crops, resizes: ``rng`` makes their random choices)."""
         return value
 
@@ -84,7 +94,7 @@ class Modality:
         """Positions of one sample (what masking ratios are a fraction of)."""
         raise NotImplementedError
 
-    def stack(self, rows: Rows, rngs: Rngs, batch: Dict[str, dict], builder: BatchBuilder) -> None:
+    def stack(self, rows: Rows, rngs: Rngs, batch: Dict[str, dict], builder: Builder) -> None:
         """The batch's entries of this modality from the prepared rows: inputs and key mask, and with slots to
         predict (``builder.slots``), the positions, their mask and targets."""
         raise NotImplementedError

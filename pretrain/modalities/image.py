@@ -13,7 +13,7 @@ from PIL import Image as PILImage
 
 from ..config import ImageConfig
 from ..shard_format import Rejected
-from .base import Rngs, Rows
+from .base import Builder, Rngs, Rows
 from .patched import PixelModality
 from .transforms import shift, to_pixels
 
@@ -65,13 +65,13 @@ class Image(PixelModality):
     def decode(self, field: str, data: bytes) -> PILImage.Image:
         return open_image(data, field)
 
-    def prepare(self, image: PILImage.Image, builder, rng: np.random.Generator) -> np.ndarray:
+    def prepare(self, image: PILImage.Image, builder: Builder, rng: np.random.Generator) -> np.ndarray:
         cfg = builder.model.image
         builder.note("image", f"{len(image.getbands())}-channel {image.height}x{image.width}",
                      f"{cfg.channels}-channel {cfg.size[0]}x{cfg.size[1]}", "model.image")
         return shift(to_pixels(image, cfg.size, cfg.channels), builder.image_shift, rng)
 
-    def stack(self, rows: Rows, rngs: Rngs, batch: dict, builder) -> None:
+    def stack(self, rows: Rows, rngs: Rngs, batch: dict, builder: Builder) -> None:
         cfg = builder.model.image
         pixels = self.pixels(rows, (*cfg.size, cfg.channels), builder)
         batch["inputs"]["image"] = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from .base import IGNORE_INDEX, Modality, Rngs, Rows
+from .base import Builder, IGNORE_INDEX, Modality, Rngs, Rows
 from ..shard_format import LABEL_FIELD, Rejected
 from .text import cross_entropy_sum
 
@@ -56,7 +56,7 @@ class Label(Modality):
     def decode(self, field: str, data: bytes) -> int:
         return int(data.decode("ascii").strip())
 
-    def prepare(self, value: int, builder, rng: np.random.Generator) -> int:
+    def prepare(self, value: int, builder: Builder, rng: np.random.Generator) -> int:
         if not 0 <= value < builder.model.num_classes:
             raise ValueError(f"label {value} outside [0, model.num_classes={builder.model.num_classes})")
         return value
@@ -64,7 +64,7 @@ class Label(Modality):
     def positions(self, model: ModelConfig) -> int:
         return 1
 
-    def stack(self, rows: Rows, rngs: Rngs, batch: dict, builder) -> None:
+    def stack(self, rows: Rows, rngs: Rngs, batch: dict, builder: Builder) -> None:
         labels = torch.tensor([IGNORE_INDEX if row is None else row.get("label", IGNORE_INDEX) for row in rows])
         batch["targets"]["label"] = labels
         batch["decode"]["label"] = torch.zeros(len(rows), 1, dtype=torch.long)

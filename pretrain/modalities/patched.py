@@ -9,14 +9,14 @@ builder (the reconstruction targets) share. Grids and patch sizes come from the 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ..config import ModelConfig, PatchGrid
-from .base import Modality, Rngs, add_decode, check_tensor, element_mask, present
+from .base import Builder, Modality, Rngs, add_decode, check_tensor, element_mask, present
 from .masking import hide, patch_positions
 from .position import grid_fourier_features
 
@@ -100,7 +100,8 @@ class PatchModality(Modality):
         """Patch validity [B, patches] of a modality that is either wholly present in a row or absent."""
         return np.repeat(present(rows, self.name)[:, None], self.positions(model), axis=1)
 
-    def mask_patches(self, batch: dict, valid: np.ndarray, rngs: Rngs, builder, where_used=None) -> None:
+    def mask_patches(self, batch: dict, valid: np.ndarray, rngs: Rngs, builder: Builder,
+                     where_used: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> None:
         """The key mask; with patches to predict, their positions (uniform among the valid ones, or ``where_used``
         when the unit chose them) and original values (each normalised with ``data.masking.normalized_patches``)."""
         slots = builder.slots[self.name]
@@ -121,7 +122,7 @@ class PatchModality(Modality):
 class PixelModality(PatchModality):
     """Images and video: uint8 pixels, stacked and normalised a batch at a time (cheaper than per sample)."""
 
-    def pixels(self, rows: list, shape: tuple, builder) -> np.ndarray:
+    def pixels(self, rows: list, shape: tuple, builder: Builder) -> np.ndarray:
         """Stacked uint8 pixels -> float32 ((x/255 - mean)/std), zeros where the row lacks them."""
         here = present(rows, self.name)
         raw = np.zeros((len(rows), *shape), dtype=np.uint8)

@@ -26,7 +26,7 @@ import torch
 
 from ..config import SeriesConfig
 from ..shard_format import Rejected
-from .base import Rngs, Rows, sequences
+from .base import Builder, Rngs, Rows, sequences
 from .masking import text_positions
 from .patched import PatchModality
 
@@ -112,7 +112,7 @@ class Series(PatchModality):
     def decode(self, field: str, data: bytes) -> np.ndarray:
         return read_npy_series(data, field)
 
-    def prepare(self, values: np.ndarray, builder, rng: np.random.Generator) -> Tuple[np.ndarray, int]:
+    def prepare(self, values: np.ndarray, builder: Builder, rng: np.random.Generator) -> Tuple[np.ndarray, int]:
         cfg = builder.model.series
         steps, channels = values.shape
         if steps > cfg.max_length:
@@ -124,7 +124,7 @@ class Series(PatchModality):
         out[:steps, :channels] = standardised(values)
         return out, steps
 
-    def stack(self, rows: Rows, rngs: Rngs, batch: dict, builder) -> None:
+    def stack(self, rows: Rows, rngs: Rngs, batch: dict, builder: Builder) -> None:
         cfg = builder.model.series
         values, lengths = sequences(rows, self.name, (cfg.max_length, cfg.channels), np.float32)
         batch["inputs"]["series"] = torch.from_numpy(values)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import vocab
 from ..config import ModelConfig, TextConfig
 from ..shard_format import Rejected
-from .base import IGNORE_INDEX, Modality, Rngs, Rows, add_decode, check_tensor, element_mask, sequences
+from .base import Builder, IGNORE_INDEX, Modality, Rngs, Rows, add_decode, check_tensor, element_mask, sequences
 from .masking import text_positions
 from .transforms import crop_or_pad
 
@@ -69,13 +69,13 @@ class Text(Modality):
             raise ValueError("empty text")
         return np.frombuffer(data, dtype=np.uint8)
 
-    def prepare(self, value: np.ndarray, builder, rng: np.random.Generator) -> tuple:
+    def prepare(self, value: np.ndarray, builder: Builder, rng: np.random.Generator) -> tuple:
         return crop_or_pad(value, builder.model.text.max_length, builder.random_crop, rng)
 
     def positions(self, model: ModelConfig) -> int:
         return model.text.max_length
 
-    def stack(self, rows: Rows, rngs: Rngs, batch: dict, builder) -> None:
+    def stack(self, rows: Rows, rngs: Rngs, batch: dict, builder: Builder) -> None:
         length = builder.model.text.max_length
         raw, lengths = sequences(rows, self.name, (length,), np.int64)
         ids = np.where(np.arange(length) < lengths[:, None], raw + vocab.NUM_SPECIAL, vocab.PAD_ID)

@@ -12,7 +12,7 @@ import torch
 
 from ..config import VideoConfig
 from ..shard_format import Rejected
-from .base import Rngs, Rows
+from .base import Builder, Rngs, Rows
 from .patched import PixelModality
 from .transforms import video_frames
 
@@ -107,14 +107,14 @@ class Video(PixelModality):
     def decode(self, field: str, data: bytes) -> np.ndarray:
         return np.stack(list(mp4_frames(data, field=field))) if field == "mp4" else decode_npy_video(data)
 
-    def prepare(self, video: np.ndarray, builder, rng: np.random.Generator) -> np.ndarray:
+    def prepare(self, video: np.ndarray, builder: Builder, rng: np.random.Generator) -> np.ndarray:
         cfg = builder.model.video
         frames, height, width, channels = video.shape
         builder.note("video", f"{frames} frames, {channels}-channel {height}x{width}",
                      f"{cfg.frames} frames, {cfg.channels}-channel {cfg.size[0]}x{cfg.size[1]}", "model.video")
         return video_frames(video, cfg.frames, cfg.size, cfg.channels)
 
-    def stack(self, rows: Rows, rngs: Rngs, batch: dict, builder) -> None:
+    def stack(self, rows: Rows, rngs: Rngs, batch: dict, builder: Builder) -> None:
         cfg = builder.model.video
         pixels = self.pixels(rows, (cfg.frames, *cfg.size, cfg.channels), builder)
         batch["inputs"]["video"] = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 1, 4, 2, 3)))

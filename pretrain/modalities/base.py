@@ -9,6 +9,7 @@ the model, the objective, the evaluation, ``init_from`` and ``data_prep`` iterat
 
 from __future__ import annotations
 
+import io
 from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..config import DataConfig, ModelConfig
-from ..shard_format import MODALITY_FIELDS
+from ..shard_format import MODALITY_FIELDS, Rejected
 
 Rows = List[Optional[dict]]  # one decoded sample per batch row (None: a row that holds nothing)
 Rngs = Sequence[Optional[np.random.Generator]]  # one per batch row
@@ -88,7 +89,7 @@ class Modality:
 
     def prepare(self, value: Any, builder: Builder, rng: np.random.Generator) -> Any:
         """A decoded value -> the model's fixed shape (crops, resizes: ``rng`` makes their random choices)."""
-        return value
+        raise NotImplementedError
 
     def positions(self, model: ModelConfig) -> int:
         """Positions of one sample (what masking ratios are a fraction of)."""
@@ -136,6 +137,21 @@ class Modality:
     def check(self, field: str, data: bytes) -> None:
         """Decode a stored field in full (``data_prep validate``); raises ``Rejected`` naming the field."""
         raise NotImplementedError
+
+
+def load_npy(data: bytes, field: str) -> np.ndarray:
+    """The array in ``.npy`` bytes; pickled objects are refused (they could run code)."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError/EOFError/OSError for bad or truncated files
+        raise Rejected(field, f"cannot read .npy ({type(e).__name__}: {e})") from None
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``.npy`` bytes in C order, so that they depend only on the values."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def present(rows: Rows, name: str) -> np.ndarray:

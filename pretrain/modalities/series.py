@@ -26,7 +26,7 @@ import torch
 
 from ..config import SeriesConfig
 from ..shard_format import Rejected
-from .base import Builder, Rngs, Rows, sequences
+from .base import Builder, Rngs, Rows, load_npy, npy_bytes, sequences
 from .masking import text_positions
 from .patched import PatchModality
 
@@ -51,12 +51,8 @@ def series_array(array: np.ndarray, field: str) -> np.ndarray:
 
 
 def read_npy_series(data: bytes, field: str) -> np.ndarray:
-    """The series in ``.npy`` bytes; pickled objects are refused (they could run code)."""
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as e:  # numpy raises ValueError/EOFError/OSError for bad or truncated files
-        raise Rejected(field, f"cannot read .npy ({type(e).__name__}: {e})") from None
-    return series_array(array, field)
+    """The series in ``.npy`` bytes."""
+    return series_array(load_npy(data, field), field)
 
 
 def _is_number(cell: str) -> bool:
@@ -90,10 +86,8 @@ def read_csv_series(data: bytes, field: str) -> np.ndarray:
 
 
 def encode_series(values: np.ndarray) -> bytes:
-    """``series.npy`` bytes: float32 ``[T, C]``, C order (so the bytes depend only on the values)."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(values, dtype=np.float32), allow_pickle=False)
-    return buffer.getvalue()
+    """``series.npy`` bytes: float32 ``[T, C]``."""
+    return npy_bytes(values.astype(np.float32, copy=False))
 
 
 def standardised(values: np.ndarray) -> np.ndarray:

@@ -12,14 +12,14 @@ import torch
 
 from ..config import VideoConfig
 from ..shard_format import Rejected
-from .base import Builder, Rngs, Rows
+from .base import Builder, Rngs, Rows, load_npy, npy_bytes
 from .patched import PixelModality
 from .transforms import video_frames
 
 
 def decode_npy_video(data: bytes) -> np.ndarray:
     """A (T, H, W, C) or (T, H, W) uint8 array -> (T, H, W, C) uint8."""
-    video = np.load(io.BytesIO(data), allow_pickle=False)
+    video = load_npy(data, "npy")
     if video.ndim == 3:
         video = video[..., None]
     if video.ndim != 4 or video.dtype != np.uint8 or 0 in video.shape:
@@ -39,19 +39,13 @@ def check_video_array(array: np.ndarray, field: str = "video") -> np.ndarray:
 
 
 def read_npy_video(data: bytes, field: str = "video") -> np.ndarray:
-    """The (T, H, W, C) uint8 video in ``.npy`` bytes; pickled objects are refused (they could run code)."""
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as e:  # numpy raises ValueError/EOFError/OSError for bad or truncated files
-        raise Rejected(field, f"cannot read .npy ({type(e).__name__}: {e})") from None
-    return check_video_array(array, field)
+    """The (T, H, W, C) uint8 video in ``.npy`` bytes."""
+    return check_video_array(load_npy(data, field), field)
 
 
 def encode_npy(array: np.ndarray) -> bytes:
-    """``.npy`` bytes of a checked video array (C order, so the bytes depend only on the values)."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(check_video_array(array)), allow_pickle=False)
-    return buffer.getvalue()
+    """``.npy`` bytes of a checked video array."""
+    return npy_bytes(check_video_array(array))
 
 
 def mp4_frames(data: bytes, side: Optional[int] = None, field: str = "video") -> Iterator[np.ndarray]:
